@@ -1,0 +1,107 @@
+"""The `qcsight` command: dispatches each subcommand to the package that owns it.
+
+Subcommand modules are named by string and imported only when run, so `qcsight data`
+works on a device without torch and a missing extra is reported, not a traceback.
+qcsight_core never imports the other qcsight packages at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qcsight_core import __version__
+from qcsight_core.errors import QcsightError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("qcsight")
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    extra: str | None
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {
+    "data": Command("qcsight_core.data_cli", None, "index, split, fingerprint and synthesise datasets"),
+    "train": Command("qcsight_train.cli", "train", "train a model and export a bundle (local, torchrun, SageMaker)"),
+    "evaluate": Command("qcsight_train.evaluate_cli", "train", "evaluate a bundle on a labelled dataset"),
+    "batch": Command("qcsight_batch.cli", "batch", "score bulk imagery with a bundle; submit Batch Transform jobs"),
+    "agent": Command("qcsight_edge.cli", "edge", "run the edge agent: camera -> verdict -> MQTT"),
+    "bundle": Command("qcsight_core.bundle_cli", None, "inspect, verify, pack and unpack model bundles"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<10} {cmd.summary}" for name, cmd in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="qcsight",
+        description="qcsight: visual quality control for factory lines.",
+        epilog=f"commands:\n{lines}\n\nRun 'qcsight COMMAND --help' for a command's options.\n"
+        "Exit codes: 0 done, 1 failed, 2 usage error or missing extra.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"qcsight {__version__}")
+    parser.add_argument("command", nargs="?", metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
+    return parser
+
+
+def missing_extra_message(name: str, command: Command, missing: str) -> str:
+    return (
+        f"qcsight {name} needs the '{command.extra}' extra (module '{missing}' is not installed).\n"
+        f"Install it with: pip install 'qcsight[{command.extra}]'"
+    )
+
+
+def load_command(name: str) -> Any:
+    """Import a subcommand's module; raises ModuleNotFoundError for a missing dependency."""
+    return importlib.import_module(COMMANDS[name].module)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not args or args[0] in ("-h", "--help", "--version"):
+        parser.parse_args(args or ["--help"])
+        return EXIT_OK
+    name, rest = args[0], args[1:]
+    command = COMMANDS.get(name)
+    if command is None:
+        parser.print_usage(sys.stderr)
+        print(f"qcsight: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        module = load_command(name)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if command.extra is None or missing.startswith("qcsight_") or not missing:
+            raise
+        print(missing_extra_message(name, command, missing), file=sys.stderr)
+        return EXIT_USAGE
+    run = module.main
+    try:
+        return int(run(rest, prog=f"qcsight {name}"))
+    except QcsightError as exc:
+        log.debug("failed", exc_info=True)
+        print(f"qcsight {name}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"qcsight {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def configure_logging(verbose: int = 0) -> None:
+    """One line per record, to stderr; called once by each subcommand's main()."""
+    level = logging.DEBUG if verbose > 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""ONNX Runtime inference for a bundle: session options, warm-up, FP32/INT8 choice."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qcsight_core.bundle import Bundle
+from qcsight_core.errors import ConfigError, RunnerError
+from qcsight_core.verdict import softmax
+
+log = logging.getLogger(__name__)
+
+PRECISION_CHOICES = ("fp32", "int8", "auto")
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """Runtime settings.
+
+    Attributes:
+        precision: fp32, int8, or auto (int8 when the bundle has it).
+        intra_op_threads: threads inside one operator; 0 lets ONNX Runtime decide.
+        inter_op_threads: threads across operators (1 = sequential execution).
+        warmup_runs: inferences run at load so the first real frame is not slow.
+        providers: ONNX Runtime execution providers, in order of preference.
+    """
+
+    precision: str = "fp32"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    warmup_runs: int = 2
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError("precision", self.precision, f"one of {', '.join(PRECISION_CHOICES)}")
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ConfigError("threads", (self.intra_op_threads, self.inter_op_threads), "0 or more")
+
+
+class OnnxRunner:
+    """Runs a bundle's ONNX model on NCHW float32 batches and returns class probabilities."""
+
+    def __init__(self, bundle: Bundle, options: RunnerOptions | None = None) -> None:
+        import onnxruntime as ort
+
+        self.options = options or RunnerOptions()
+        self.bundle = bundle
+        self.precision = self._resolve_precision(bundle, self.options.precision)
+        self.model_path: Path = bundle.model_path(self.precision)
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = self.options.intra_op_threads
+        session_options.inter_op_num_threads = self.options.inter_op_threads
+        session_options.log_severity_level = 3
+        available = set(ort.get_available_providers())
+        providers = [p for p in self.options.providers if p in available] or ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(os.fspath(self.model_path), session_options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise RunnerError(f"{self.model_path}: ONNX Runtime cannot load the model: {exc}") from exc
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise RunnerError(f"{self.model_path}: expected one input, found {len(inputs)}")
+        self.input_name = inputs[0].name
+        spec = bundle.manifest.input
+        self.input_shape = (spec.channels, spec.height, spec.width)
+        self._logits = bundle.manifest.output == "logits"
+        for _ in range(self.options.warmup_runs):
+            self.run(np.zeros((1, *self.input_shape), dtype=np.float32))
+        log.info("loaded %s (%s, %s)", self.model_path.name, self.precision, ",".join(providers))
+
+    @staticmethod
+    def _resolve_precision(bundle: Bundle, precision: str) -> str:
+        if precision == "auto":
+            return "int8" if bundle.manifest.model("int8") else "fp32"
+        return precision
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 NxCxHxW -> float32 NxK class probabilities."""
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
+            raise RunnerError(f"input batch shape {batch.shape} does not match the model's (N, {self.input_shape})")
+        try:
+            (output,) = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        except Exception as exc:
+            raise RunnerError(f"{self.model_path}: inference failed: {exc}") from exc
+        output = np.asarray(output, dtype=np.float32)
+        return softmax(output) if self._logits else output

@@ -1,0 +1,1 @@
+"""qcsight_edge: the device agent (camera -> verdict -> MQTT); never imports torch or boto3."""

@@ -1,0 +1,1 @@
+"""Test helpers: generated images and a tiny real ONNX model bundle, no torch needed."""

@@ -1,0 +1,1 @@
+"""qcsight_train: transfer learning, evaluation and export of model bundles."""
