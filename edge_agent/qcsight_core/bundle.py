@@ -190,6 +190,8 @@ class Manifest:
                 files={str(k): str(v) for k, v in dict(data.get("files", {})).items()},
                 extra=dict(data.get("extra", {})),
             )
+        except BundleSchemaError as exc:
+            raise BundleSchemaError(f"{source}: {exc}") from exc
         except KeyError as exc:
             raise BundleSchemaError(f"{source}: required field {exc.args[0]!r} is missing") from exc
         except ConfigError as exc:
