@@ -68,7 +68,7 @@ def test_missing_file_is_refused_as_partial(tmp_path: Path) -> None:
 
 def test_missing_manifest_and_missing_path(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BundleFileMissingError, match="manifest.json is missing"):
+    with pytest.raises(BundleFileMissingError, match=r"manifest\.json is missing"):
         load_bundle(tmp_path / "empty")
     with pytest.raises(BundleFileMissingError, match="no such bundle"):
         load_bundle(tmp_path / "nowhere")

@@ -52,7 +52,11 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 
 @pytest.mark.parametrize(
     ("command", "blocked", "extra"),
-    [("train", {"torch"}, "train"), ("evaluate", {"torch", "matplotlib"}, "train"), ("agent", {"awscrt", "awsiot"}, "edge")],
+    [
+        ("train", {"torch"}, "train"),
+        ("evaluate", {"torch", "matplotlib"}, "train"),
+        ("agent", {"awscrt", "awsiot"}, "edge"),
+    ],
 )
 def test_missing_extra_names_the_extra_and_exits_2(command: str, blocked: set[str], extra: str) -> None:
     result = _run_blocked(blocked, [command, "--help"])

@@ -90,11 +90,11 @@ def test_bad_inputs_and_specs_are_refused() -> None:
         preprocess(np.zeros((8, 8, 5), np.uint8), spec)
     with pytest.raises(PreprocessError, match="empty batch"):
         preprocess_batch([], spec)
-    with pytest.raises(ConfigError, match="input.color"):
+    with pytest.raises(ConfigError, match=r"input\.color"):
         PreprocessSpec(color="YUV")
-    with pytest.raises(ConfigError, match="input.mean/std"):
+    with pytest.raises(ConfigError, match=r"input\.mean/std"):
         PreprocessSpec(color="GRAY")
-    with pytest.raises(ConfigError, match="input.height"):
+    with pytest.raises(ConfigError, match=r"input\.height"):
         PreprocessSpec(height=2)
 
 
