@@ -1,0 +1,189 @@
+"""Classification and defect-vs-good metrics in plain numpy (no torch), shared by export and evaluation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from qcsight_train.errors import EvaluationError
+
+# ceil(0.99 * 100) is 100 in floating point; this slack keeps "99 of 100" meaning 99.
+_COUNT_EPS = 1e-9
+
+
+def _as_indices(values: np.ndarray, classes: Sequence[str], name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.dtype.kind in "iu":
+        if array.size and (array.min() < 0 or array.max() >= len(classes)):
+            raise EvaluationError(f"{name}: class index out of range 0..{len(classes) - 1}")
+        return array.astype(np.int64)
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({str(v) for v in array.tolist()} - set(lookup))
+    if unknown:
+        raise EvaluationError(f"{name}: labels {unknown} are not among the classes {list(classes)}")
+    return np.array([lookup[str(v)] for v in array.tolist()], dtype=np.int64)
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else 0.0
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """KxK counts: row = true class, column = predicted class."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (y_true, y_pred), 1)
+    return matrix
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix.
+
+    Args:
+        y_true: true classes, as indices into classes or as class names.
+        y_pred: predicted classes, the same way.
+        classes: class names in index order.
+
+    Returns:
+        A JSON-ready dict. Balanced accuracy is the mean recall over the classes present in
+        y_true (as scikit-learn computes it); macro-F1 averages F1 over every class. A class
+        never predicted has precision 0, one absent from y_true recall 0 (and support 0).
+    """
+    true = _as_indices(y_true, classes, "y_true")
+    pred = _as_indices(y_pred, classes, "y_pred")
+    if true.shape != pred.shape:
+        raise EvaluationError(f"y_true has {true.size} entries but y_pred has {pred.size}")
+    if true.size == 0:
+        raise EvaluationError("no samples to compute metrics on")
+    matrix = confusion_matrix(true, pred, len(classes))
+    tp = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+    per_class: dict[str, dict[str, float | int]] = {}
+    recalls: list[float] = []
+    f1s: list[float] = []
+    for i, name in enumerate(classes):
+        precision = _ratio(tp[i], predicted[i])
+        recall = _ratio(tp[i], support[i])
+        f1 = _ratio(2 * precision * recall, precision + recall)
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(support[i])}
+        f1s.append(f1)
+        if support[i]:
+            recalls.append(recall)
+    return {
+        "classes": list(classes),
+        "samples": int(true.size),
+        "accuracy": float(tp.sum() / true.size),
+        "balanced_accuracy": float(np.mean(recalls)),
+        "macro_f1": float(np.mean(f1s)),
+        "per_class": per_class,
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def _binary_inputs(is_defect: np.ndarray, defect_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(is_defect).astype(bool).ravel()
+    scores = np.asarray(defect_score, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise EvaluationError(f"is_defect has {labels.size} entries but defect_score has {scores.size}")
+    if not np.all(np.isfinite(scores)):
+        raise EvaluationError("defect scores contain NaN or infinity")
+    return labels, scores
+
+
+def _cumulative_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True/false positives when calling "defect" at each distinct score, highest threshold first."""
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    # The last index of each run of equal scores: ties are decided together.
+    last = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_labels.size - 1]
+    tps = np.cumsum(sorted_labels)[last].astype(np.float64)
+    fps = (last + 1 - tps).astype(np.float64)
+    return tps, fps, sorted_scores[last]
+
+
+def binary_curves(is_defect: np.ndarray, defect_score: np.ndarray) -> dict[str, Any]:
+    """Defect-vs-good ROC and precision-recall curves and their areas.
+
+    Args:
+        is_defect: truth per image (True for any defect class).
+        defect_score: the defect score per image (higher means more likely defect).
+
+    Returns:
+        roc_auc (trapezoidal, ties counted half, equal to the Mann-Whitney statistic), pr_auc
+        (average precision: sum over thresholds of recall gain x precision, as scikit-learn),
+        the curves (roc: fpr/tpr/thresholds starting at (0, 0) with threshold None, i.e. +inf;
+        pr: precision/recall/thresholds from the highest threshold down), and the class counts.
+        An area that needs both classes is None when one is absent.
+    """
+    labels, scores = _binary_inputs(is_defect, defect_score)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    result: dict[str, Any] = {"positives": positives, "negatives": negatives, "roc_auc": None, "pr_auc": None,
+                              "roc": {"fpr": [], "tpr": [], "thresholds": []},
+                              "pr": {"precision": [], "recall": [], "thresholds": []}}
+    if labels.size == 0:
+        return result
+    tps, fps, thresholds = _cumulative_counts(labels, scores)
+    if positives and negatives:
+        fpr = np.r_[0.0, fps / negatives]
+        tpr = np.r_[0.0, tps / positives]
+        result["roc_auc"] = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+        result["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": [None, *thresholds.tolist()]}
+    if positives:
+        precision = tps / (tps + fps)
+        recall = tps / positives
+        result["pr_auc"] = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+        result["pr"] = {"precision": precision.tolist(), "recall": recall.tolist(), "thresholds": thresholds.tolist()}
+    return result
+
+
+def threshold_for_recall(is_defect: np.ndarray, defect_score: np.ndarray, target_recall: float) -> tuple[float, float]:
+    """The highest threshold whose defect recall reaches target_recall, and the good parts it rejects.
+
+    An image is a defect when its score is >= the threshold (as verdict.Decider decides), so
+    the threshold is the k-th highest defect score with k = ceil(target_recall x defects).
+
+    Returns:
+        (threshold, false_reject_rate): the fraction of good images scoring at or above the
+        threshold; NaN when there are no good images.
+
+    Raises:
+        EvaluationError: no defect images, or target_recall outside (0, 1].
+    """
+    if not 0.0 < target_recall <= 1.0:
+        raise EvaluationError(f"target defect recall {target_recall!r} must be in (0, 1]")
+    labels, scores = _binary_inputs(is_defect, defect_score)
+    defect_scores = np.sort(scores[labels])[::-1]
+    if defect_scores.size == 0:
+        raise EvaluationError("no defect images: a threshold for a defect recall cannot be chosen")
+    needed = max(1, math.ceil(target_recall * defect_scores.size - _COUNT_EPS))
+    threshold = float(defect_scores[needed - 1])
+    good_scores = scores[~labels]
+    false_reject = float(np.mean(good_scores >= threshold)) if good_scores.size else float("nan")
+    return threshold, false_reject
+
+
+def rates_at_threshold(is_defect: np.ndarray, defect_score: np.ndarray, threshold: float) -> dict[str, float | None]:
+    """Defect recall and good-part false-reject rate when calling score >= threshold a defect."""
+    labels, scores = _binary_inputs(is_defect, defect_score)
+    called = scores >= threshold
+    recall = float(np.mean(called[labels])) if labels.any() else None
+    false_reject = float(np.mean(called[~labels])) if (~labels).any() else None
+    return {"threshold": float(threshold), "defect_recall": recall, "false_reject_rate": false_reject}
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN/inf by None and numpy scalars/arrays by Python values, so json.dumps writes strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
