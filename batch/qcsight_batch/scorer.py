@@ -1,0 +1,365 @@
+"""Scoring a stream of images: decode workers -> batched ONNX Runtime -> verdicts -> result rows.
+
+The main process iterates the source lazily, cuts the keys into chunks of batch_size, and
+keeps at most chunks_in_flight of them submitted to a process pool. Each worker reads the
+bytes, decodes (at reduced resolution when a JPEG is much larger than the model input)
+and preprocesses its chunk with qcsight_core, returning one NCHW batch. The main process
+runs the batch through OnnxRunner, applies the Decider and appends the rows. Memory stays
+bounded by chunks_in_flight x batch_size images whatever the input's length.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import cv2
+import numpy as np
+
+from qcsight_batch.errors import SourceError, WorkerError
+from qcsight_batch.progress import NoProgress, Progress
+from qcsight_batch.sources import ImageSource
+from qcsight_batch.writer import KeySet, ModelInfo, ResultRow, ResultWriter, Tally
+from qcsight_core.bundle import Bundle
+from qcsight_core.errors import ConfigError, ImageError, PreprocessError
+from qcsight_core.imageio import decode_image
+from qcsight_core.preprocess import PreprocessSpec, preprocess_batch
+from qcsight_core.runner import OnnxRunner, RunnerOptions
+from qcsight_core.verdict import DEFECT, Decider
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_FILTER_GROUP = 1024
+_ORPHAN_CHECK_S = 1.0
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def ort_intra_threads(workers: int, cores: int) -> int:
+    """ONNX Runtime intra-op threads that leave the decode workers their own cores.
+
+    With W decode processes on C cores, each worker is one busy thread (OpenCV is held to
+    one thread in the workers), so the cores left for the model are C - W. Giving ONNX
+    Runtime more than that oversubscribes the machine: its pool threads spin-wait between
+    operators and then fight the decoders for the same cores, which is slower than either
+    alone. At least one thread, since inference must make progress even when W >= C.
+    """
+    return max(1, cores - workers)
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """How a scoring run uses the machine.
+
+    Attributes:
+        workers: decode processes; 0 decodes in the main process (small inputs, debugging).
+        batch_size: images per decode chunk and per ONNX Runtime call.
+        precision: fp32, int8 or auto (see qcsight_core.runner).
+        intra_op_threads: ONNX Runtime threads; 0 chooses ort_intra_threads(workers, cores).
+        chunks_in_flight: decoded or decoding chunks held at once; 0 means 2 x workers.
+        chunk_timeout_s: the longest wait for one chunk before the run fails.
+        reduced_decode: decode large JPEGs at 1/2, 1/4 or 1/8 size when the model input allows.
+    """
+
+    workers: int = 2
+    batch_size: int = 32
+    precision: str = "fp32"
+    intra_op_threads: int = 0
+    chunks_in_flight: int = 0
+    chunk_timeout_s: float = 300.0
+    reduced_decode: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.workers <= 256:
+            raise ConfigError("workers", self.workers, "an integer from 0 to 256")
+        if not 1 <= self.batch_size <= 4096:
+            raise ConfigError("batch_size", self.batch_size, "an integer from 1 to 4096")
+        if self.intra_op_threads < 0:
+            raise ConfigError("intra_op_threads", self.intra_op_threads, "0 (automatic) or more")
+        if self.chunks_in_flight < 0:
+            raise ConfigError("chunks_in_flight", self.chunks_in_flight, "0 (automatic) or more")
+        if self.chunk_timeout_s <= 0:
+            raise ConfigError("chunk_timeout_s", self.chunk_timeout_s, "a positive number of seconds")
+
+    @property
+    def in_flight(self) -> int:
+        return self.chunks_in_flight or max(2, 2 * self.workers)
+
+    def threads(self, cores: int | None = None) -> int:
+        return self.intra_op_threads or ort_intra_threads(self.workers, cores or available_cores())
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What a decode worker needs: the preprocessing spec and the reduced-decode floor."""
+
+    spec: PreprocessSpec
+    min_side: int | None
+    grayscale: bool
+
+    @classmethod
+    def for_spec(cls, spec: PreprocessSpec, reduced: bool = True) -> DecodeSettings:
+        """The smallest decoded shorter side that never makes preprocessing upscale.
+
+        stretch and letterbox scale each axis by at most size/side, so a shorter side of
+        max(height, width) is enough; shorter_side_crop first resizes the shorter side to
+        max(height, width) / crop_fraction.
+        """
+        if not reduced:
+            return cls(spec, None, spec.color == "GRAY")
+        need = max(spec.height, spec.width)
+        if spec.resize == "shorter_side_crop":
+            need = math.ceil(need / spec.crop_fraction)
+        return cls(spec, need, spec.color == "GRAY")
+
+
+@dataclass(frozen=True)
+class DecodedChunk:
+    """A chunk after decoding: the keys that made it into batch (in order) and those that failed."""
+
+    keys: tuple[str, ...]
+    batch: np.ndarray | None
+    errors: tuple[tuple[str, str], ...]
+
+
+def decode_chunk(keys: Sequence[str], source: ImageSource, settings: DecodeSettings) -> DecodedChunk:
+    """Read, decode and preprocess keys; a key that fails becomes an error with its reason."""
+    images: list[np.ndarray] = []
+    good: list[str] = []
+    errors: list[tuple[str, str]] = []
+    for key in keys:
+        try:
+            data = source.read(key)
+            images.append(decode_image(data, key, min_side=settings.min_side, grayscale=settings.grayscale))
+            good.append(key)
+        except (SourceError, ImageError) as exc:
+            errors.append((key, getattr(exc, "reason", None) or str(exc)))
+        except cv2.error as exc:  # OpenCV raises instead of returning None for some malformed files
+            errors.append((key, f"not a decodable image: {exc.err or exc}"))
+    if not images:
+        return DecodedChunk((), None, tuple(errors))
+    try:
+        batch = preprocess_batch(images, settings.spec)
+    except (PreprocessError, cv2.error):
+        # One odd image must not fail its neighbours: redo the chunk one image at a time.
+        kept: list[np.ndarray] = []
+        kept_keys: list[str] = []
+        for key, image in zip(good, images, strict=True):
+            try:
+                kept.append(preprocess_batch([image], settings.spec))
+                kept_keys.append(key)
+            except (PreprocessError, cv2.error) as exc:
+                errors.append((key, f"cannot preprocess: {exc}"))
+        if not kept:
+            return DecodedChunk((), None, tuple(errors))
+        batch, good = np.concatenate(kept), kept_keys
+    return DecodedChunk(tuple(good), batch, tuple(errors))
+
+
+# Per-process state of a decode worker, set once by _init_worker (ProcessPoolExecutor's idiom).
+_worker_state: tuple[ImageSource, DecodeSettings] | None = None
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    # A SIGKILLed scorer cannot shut its pool down; without this its workers would wait forever.
+    while True:
+        time.sleep(_ORPHAN_CHECK_S)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _init_worker(source: ImageSource, settings: DecodeSettings) -> None:
+    global _worker_state
+    # One OpenCV thread per worker: parallelism comes from the processes, and OpenCV's own
+    # pool would oversubscribe the cores left for ONNX Runtime.
+    cv2.setNumThreads(1)
+    # Ctrl-C goes to the whole process group; the main process decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_state = (source, settings)
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+
+
+def _decode_in_worker(keys: Sequence[str]) -> DecodedChunk:
+    if _worker_state is None:
+        raise WorkerError("decode worker was not initialised")
+    source, settings = _worker_state
+    return decode_chunk(keys, source, settings)
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of up to size items, consuming items lazily."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def pending_keys(keys: Iterable[str], done: KeySet) -> Iterator[str]:
+    """The keys not in done (looked up a group at a time, vectorised)."""
+    if not len(done):
+        yield from keys
+        return
+    for group in batched(keys, _FILTER_GROUP):
+        seen = done.contains_many(group)
+        yield from (key for key, skip in zip(group, seen, strict=True) if not skip)
+
+
+def _start_method() -> str:
+    # forkserver: workers fork from a clean server process rather than from this one, which
+    # holds ONNX Runtime and possibly boto3 threads (fork would copy their locks mid-state);
+    # cheaper than spawn once the server is up. spawn where forkserver does not exist.
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+@dataclass
+class RunStats:
+    """What one run did (the resumed rows are not included)."""
+
+    tally: Tally = field(default_factory=Tally)
+    elapsed_s: float = 0.0
+    skipped: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.tally.rows / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class Scorer:
+    """Wires decode workers, the ONNX runner and the decision policy to a source and a writer."""
+
+    def __init__(self, bundle: Bundle, config: ScorerConfig | None = None, runner: OnnxRunner | None = None) -> None:
+        self.config = config or ScorerConfig()
+        self.bundle = bundle
+        self.intra_op_threads = self.config.threads()
+        self.runner = runner or OnnxRunner(
+            bundle,
+            RunnerOptions(precision=self.config.precision, intra_op_threads=self.intra_op_threads, inter_op_threads=1),
+        )
+        self.decider = Decider(bundle.manifest)
+        self.model = ModelInfo.from_manifest(bundle.manifest, self.runner.precision)
+        self.settings = DecodeSettings.for_spec(bundle.manifest.input, self.config.reduced_decode)
+
+    def run(
+        self,
+        source: ImageSource,
+        writer: ResultWriter,
+        done: KeySet | None = None,
+        progress: Progress | None = None,
+    ) -> RunStats:
+        """Score every key of source not in done, appending one row per image to writer (already open)."""
+        stats = RunStats()
+        report = progress or NoProgress()
+        chunks = batched(pending_keys(source.iter_keys(), done or KeySet()), self.config.batch_size)
+        start = time.perf_counter()
+        log.info(
+            "scoring %s with %s %s (%s): %d decode workers, batch %d, %d ONNX Runtime threads",
+            source.describe(), self.model.name, self.model.version, self.model.precision,
+            self.config.workers, self.config.batch_size, self.intra_op_threads,
+        )
+        try:
+            if self.config.workers == 0:
+                cv2.setNumThreads(1)
+                for keys in chunks:
+                    self._emit(decode_chunk(keys, source, self.settings), writer, stats, report)
+            else:
+                self._run_pool(source, chunks, writer, stats, report)
+        finally:
+            stats.elapsed_s = time.perf_counter() - start
+        return stats
+
+    def _run_pool(
+        self, source: ImageSource, chunks: Iterator[list[str]], writer: ResultWriter, stats: RunStats,
+        report: Progress,
+    ) -> None:
+        context = multiprocessing.get_context(_start_method())
+        if context.get_start_method() == "forkserver":
+            # Workers fork with OpenCV, numpy and qcsight_core already imported.
+            context.set_forkserver_preload(["qcsight_batch.scorer"])
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=self.config.workers, mp_context=context, initializer=_init_worker,
+            initargs=(source, self.settings),
+        )
+        pending: deque[concurrent.futures.Future[DecodedChunk]] = deque()
+        clean = False
+        try:
+            for keys in chunks:
+                pending.append(pool.submit(_decode_in_worker, keys))
+                while len(pending) >= self.config.in_flight:
+                    self._emit(self._collect(pending.popleft()), writer, stats, report)
+            while pending:
+                self._emit(self._collect(pending.popleft()), writer, stats, report)
+            clean = True
+        finally:
+            # After a failure do not wait for workers that may be stuck; cancel what has not started.
+            pool.shutdown(wait=clean, cancel_futures=True)
+
+    def _collect(self, future: concurrent.futures.Future[DecodedChunk]) -> DecodedChunk:
+        try:
+            return future.result(timeout=self.config.chunk_timeout_s)
+        except concurrent.futures.TimeoutError as exc:
+            raise WorkerError(f"a decode chunk took longer than {self.config.chunk_timeout_s:.0f}s") from exc
+        except BrokenProcessPool as exc:
+            raise WorkerError(
+                "a decode worker died (killed, out of memory, or crashed inside the image decoder)"
+            ) from exc
+
+    def score_chunk(self, chunk: DecodedChunk) -> list[ResultRow]:
+        """Rows for one decoded chunk: errors as error rows, the batch through the model."""
+        rows = [ResultRow.failed(key, reason, self.model) for key, reason in chunk.errors]
+        if chunk.batch is not None and chunk.keys:
+            verdicts = self.decider.decide_batch(self.runner.run(chunk.batch))
+            rows.extend(ResultRow.scored(k, v, self.model) for k, v in zip(chunk.keys, verdicts, strict=True))
+        return rows
+
+    def _emit(self, chunk: DecodedChunk, writer: ResultWriter, stats: RunStats, report: Progress) -> None:
+        rows = self.score_chunk(chunk)
+        writer.write(rows)
+        for row in rows:
+            stats.tally.add(row.verdict, row.label)
+        report.advance(len(chunk.keys), len(chunk.errors))
+
+
+def summarize(
+    stats: RunStats, resumed: Tally, model: ModelInfo, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The run summary: counts over the whole output (resumed rows included), rates for this run."""
+    total = resumed.merge(stats.tally)
+    scored = total.rows - total.errors
+    return {
+        "rows": total.rows,
+        "scored": scored,
+        "errors": total.errors,
+        "by_verdict": dict(sorted(total.by_verdict.items())),
+        "by_class": dict(sorted(total.by_class.items())),
+        "defect_rate": round(total.by_verdict[DEFECT] / scored, 6) if scored else None,
+        "resumed_rows": resumed.rows,
+        "this_run": {
+            "rows": stats.tally.rows,
+            "errors": stats.tally.errors,
+            "elapsed_s": round(stats.elapsed_s, 3),
+            "images_per_s": round(stats.images_per_s, 2),
+        },
+        "model": {"name": model.name, "version": model.version, "precision": model.precision},
+        **(extra or {}),
+    }
