@@ -187,12 +187,11 @@ class IpcPublisher:
         """The IPC client connects when it is built; this only checks the link is still up.
 
         Raises:
-            NotConnectedError: the publisher was closed or the nucleus dropped the connection
-                (the nucleus restarts the component in that case).
+            NotConnectedError: the publisher was closed or the nucleus dropped the connection;
+                reconnecting takes a new session (connect_ipc).
         """
         if not self.connected:
-            raise NotConnectedError("the Greengrass IPC connection is closed; the nucleus restarts the component "
-                                    "to reconnect")
+            raise NotConnectedError("the Greengrass IPC connection is closed; open a new session with connect_ipc")
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> Future[None]:
         done: Future[None] = Future()
@@ -300,7 +299,11 @@ class GreengrassConfig:
                             self._on_validate)
 
     def close(self) -> None:
-        """Close the subscriptions (the IPC connection belongs to its session)."""
+        """Close the subscriptions.
+
+        Call it before closing the session: once the session's executor is shut down the SDK can
+        no longer deliver the stream-closed callbacks.
+        """
         with self._lock:
             operations, self._operations = self._operations, []
         for operation in operations:

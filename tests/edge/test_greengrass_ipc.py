@@ -12,6 +12,7 @@ import logging
 import queue
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,6 +136,18 @@ def test_missing_socket_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "no-nucleus.socket"
     with pytest.raises(GreengrassError, match=rf"cannot reach the Greengrass nucleus IPC socket {path}"):
         connect_ipc(TIMEOUT, environ={SOCKET_ENV: str(path), TOKEN_ENV: SVCUID})
+
+
+def test_a_nucleus_that_never_answers_times_out() -> None:
+    with tempfile.TemporaryDirectory(prefix="qcs-gg-") as folder, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        path = f"{folder}/ipc.socket"
+        silent.bind(path)
+        silent.listen(1)
+        started = time.monotonic()
+        with pytest.raises(GreengrassError, match=r"did not accept the IPC connection within 0.3s"):
+            connect_ipc(0.3, environ={SOCKET_ENV: path, TOKEN_ENV: SVCUID})
+        assert time.monotonic() - started < 2.0
 
 
 # --- publishing -----------------------------------------------------------------------------------
