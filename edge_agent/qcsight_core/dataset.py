@@ -397,6 +397,8 @@ def _manifest_label(record: Mapping[str, Any], attribute: str | None) -> str:
     name = metadata.get("class-name")
     if isinstance(name, str) and name:
         return name
+    if attribute == "anomaly-label" and record.get(attribute) in (0, 1):
+        return ("normal", "anomaly")[int(record[attribute])]  # Lookout for Vision's fixed meaning of 0/1
     if "class-map" in metadata:
         raise DataError(f"'{attribute}' is a multi-label result; qcsight needs one class per image")
     raise DataError(f"'{attribute}-metadata' has no class-name")
@@ -581,8 +583,8 @@ def write_index(index: DatasetIndex, path: Path) -> Path:
     """Write path,label,group,split as a CSV that load_index reads back.
 
     Images under the CSV's directory are written relative to it (the folder can move as a
-    whole); others keep their absolute path.
-    A group that is just the sample's own path is written empty (load_index restores it).
+    whole); others keep their absolute path. A group that is just the sample's own path is
+    written empty (load_index restores it).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def _scratch(rng: np.random.Generator, size: int, contrast: float) -> tuple[Arra
     soft = _stroke(points, size, int(rng.integers(1, 4)))
     fade = np.clip(0.75 + 0.35 * _smooth_noise(rng, size, 4), 0.5, 1.0)
     sign = 1.0 if rng.random() < 0.6 else -1.0
-    amplitude = sign * (contrast * rng.uniform(1.5, 2.5) + rng.uniform(25, 50))
+    amplitude = sign * (contrast * rng.uniform(1.5, 2.5) + rng.uniform(30, 55))
     return amplitude * soft * fade, soft > 0.3
 
 
@@ -176,11 +176,11 @@ def _ellipse_distance(rng: np.random.Generator, size: int, radius: float) -> Arr
 
 
 def _spot(rng: np.random.Generator, size: int, contrast: float) -> tuple[Array, Array]:
-    distance = _ellipse_distance(rng, size, rng.uniform(0.05, 0.13) * size)
+    distance = _ellipse_distance(rng, size, rng.uniform(0.06, 0.14) * size)
     edge = 1.0 - distance + 0.35 * _smooth_noise(rng, size, max(2, size // 12))
     soft = np.clip(edge * rng.uniform(2.0, 5.0), 0.0, 1.0)
     sign = -1.0 if rng.random() < 0.7 else 1.0
-    amplitude = sign * (contrast * rng.uniform(0.8, 1.6) + rng.uniform(15, 35))
+    amplitude = sign * (contrast * rng.uniform(1.0, 1.8) + rng.uniform(20, 40))
     return amplitude * soft, soft > 0.5
 
 

@@ -219,6 +219,13 @@ def test_lookout_for_vision_manifest(tmp_path: Path) -> None:
                 "type": "groundtruth/image-classification",
             },
         }))
+    write_image(tmp_path / "imgs" / "a2.jpg", seed=77)
+    lines.append(json.dumps({  # no class-name: Lookout's 1 still means anomaly
+        "source-ref": "s3://lookout-bucket/circuitboard/train/a2.jpg",
+        "anomaly-label": 1,
+        "anomaly-label-metadata": {"job-name": "labeling-job/circuitboard", "human-annotated": "yes",
+                                   "type": "groundtruth/image-classification"},
+    }))
     manifest = tmp_path / "train.manifest"
     manifest.write_text("\n".join(lines) + "\n")
 
@@ -226,7 +233,8 @@ def test_lookout_for_vision_manifest(tmp_path: Path) -> None:
 
     assert index.format == "lookout"
     assert index.classes == ("anomaly", "normal")
-    assert index.counts() == {"": {"anomaly": 1, "normal": 2}}
+    assert index.counts() == {"": {"anomaly": 2, "normal": 2}}
+    assert index.skipped == ()
 
 
 def test_fingerprint_tracks_content_and_labels_not_order_or_location(tmp_path: Path) -> None:
@@ -283,3 +291,23 @@ def test_subset_keeps_all_classes_and_rejects_unknown_split(tmp_path: Path) -> N
     assert sum(len(index.subset(s).samples) for s in ("train", "val", "test")) == 9
     with pytest.raises(ConfigError, match="split"):
         index.subset("holdout")
+
+
+def test_manifest_with_two_jobs_needs_label_attribute_and_multilabel_is_skipped(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", seed=1)
+    write_image(tmp_path / "b.png", seed=2)
+    chained = json.loads(_gt_line("a.png", "scratch", 1, job="first-pass"))
+    chained.update(json.loads(_gt_line("a.png", "good", 0, job="review")))
+    multilabel = {"source-ref": "b.png", "tags": [0, 1], "tags-metadata": {
+        "job-name": "labeling-job/tags", "class-map": {"0": "scratch", "1": "dent"}, "human-annotated": "yes",
+        "type": "groundtruth/image-classification-multilabel"}}
+    manifest = tmp_path / "out.manifest"
+    manifest.write_text(json.dumps(chained) + "\n" + json.dumps(multilabel) + "\n")
+
+    ambiguous = load_index(manifest)
+    assert ambiguous.samples == ()
+    assert "several label attributes ['first-pass', 'review']" in ambiguous.skipped[0].reason
+    assert "multi-label" in ambiguous.skipped[1].reason
+
+    chosen = load_index(manifest, label_attribute="review")
+    assert [s.label for s in chosen.samples] == ["good"]
