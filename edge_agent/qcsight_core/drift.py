@@ -1,0 +1,115 @@
+"""Input statistics and drift (PSI) against a bundle's reference histograms, defined once.
+
+The device measures brightness and confidence of what it sees; training stores the same
+measures of its validation data as the bundle manifest's ``reference``::
+
+    "reference": {"confidence": {"edges": [...], "counts": [...]},
+                  "brightness": {"edges": [...], "counts": [...]}}
+
+Both ends must compute them the same way, so both call this module: statistics are taken on
+the preprocessed pixels (prepare_pixels output, model input size), which makes them
+independent of the camera's resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from qcsight_core.errors import BundleSchemaError
+
+# A bin with no samples on one side would make PSI infinite; proportions are floored here.
+PSI_FLOOR = 1e-4
+REFERENCE_KEYS = ("confidence", "brightness")
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """Brightness (mean grey level 0..255), contrast (grey standard deviation) and
+    sharpness (variance of the Laplacian) of one image at model input size."""
+
+    brightness: float
+    contrast: float
+    sharpness: float
+
+
+def input_statistics(pixels: np.ndarray, color: str) -> InputStats:
+    """Statistics of prepare_pixels() output (uint8 HxWxC in the spec's colour order)."""
+    if pixels.ndim == 3 and pixels.shape[2] == 3:
+        code = cv2.COLOR_RGB2GRAY if color == "RGB" else cv2.COLOR_BGR2GRAY
+        grey = cv2.cvtColor(pixels, code)
+    else:
+        grey = pixels.reshape(pixels.shape[0], pixels.shape[1])
+    mean, std = cv2.meanStdDev(grey)
+    laplacian = cv2.Laplacian(grey, cv2.CV_64F)
+    return InputStats(float(mean[0, 0]), float(std[0, 0]), float(laplacian.var()))
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Fixed bin edges and counts; values outside the edges fall in the first or last bin."""
+
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.edges) < 2 or len(self.counts) != len(self.edges) - 1:
+            raise BundleSchemaError(
+                f"reference histogram: {len(self.edges)} edges need {max(len(self.edges) - 1, 1)} counts, "
+                f"got {len(self.counts)}"
+            )
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise BundleSchemaError("reference histogram: edges must increase strictly")
+        if any(c < 0 for c in self.counts):
+            raise BundleSchemaError("reference histogram: counts must be 0 or more")
+
+    def to_dict(self) -> dict[str, list[float] | list[int]]:
+        return {"edges": list(self.edges), "counts": list(self.counts)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], name: str = "reference") -> Histogram:
+        try:
+            return cls(tuple(float(e) for e in data["edges"]), tuple(int(c) for c in data["counts"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleSchemaError(f"{name}: expected {{'edges': [...], 'counts': [...]}}: {exc}") from exc
+
+
+def bin_index(edges: Sequence[float] | np.ndarray, values: np.ndarray | float) -> np.ndarray:
+    """The bin of each value, np.histogram's rule ([a, b), the last bin closed), clipped to the ends."""
+    inner = np.asarray(edges, dtype=np.float64)[1:-1]
+    index: np.ndarray = np.searchsorted(inner, np.asarray(values, dtype=np.float64), side="right")
+    return index
+
+
+def histogram(values: Sequence[float] | np.ndarray, edges: Sequence[float]) -> Histogram:
+    """Counts of values over edges (what training writes as a reference)."""
+    counts = np.bincount(bin_index(edges, np.asarray(values, dtype=np.float64)), minlength=len(edges) - 1)
+    return Histogram(tuple(float(e) for e in edges), tuple(int(c) for c in counts))
+
+
+def psi(expected: Sequence[float] | np.ndarray, actual: Sequence[float] | np.ndarray,
+        floor: float = PSI_FLOOR) -> float:
+    """Population stability index of actual counts against expected counts over the same bins.
+
+    PSI = sum((a_i - e_i) * ln(a_i / e_i)) over bin proportions, each floored at `floor`.
+    Rule of thumb: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 a real shift.
+    """
+    e = np.asarray(expected, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    if e.shape != a.shape or e.sum() <= 0 or a.sum() <= 0:
+        raise ValueError("psi needs two non-empty histograms over the same bins")
+    e = np.maximum(e / e.sum(), floor)
+    a = np.maximum(a / a.sum(), floor)
+    value = float(np.sum((a - e) * np.log(a / e)))
+    return value if math.isfinite(value) else 0.0
+
+
+def reference_histograms(reference: Mapping[str, Any]) -> dict[str, Histogram]:
+    """The reference histograms a manifest carries (missing keys are simply absent)."""
+    return {key: Histogram.from_dict(reference[key], f"reference.{key}") for key in REFERENCE_KEYS
+            if isinstance(reference.get(key), Mapping)}

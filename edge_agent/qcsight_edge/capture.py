@@ -1,0 +1,474 @@
+"""Frame sources: OpenCV cameras/streams/files (with reconnect), a hot folder, and a synthetic demo source.
+
+Every source answers read(timeout_s) within about timeout_s with a Frame or None, and is told
+finish(frame, ok) once the frame was judged, so the hot folder can move the file to done/ or
+failed/. A frame that cannot be decoded arrives as a Frame with `error` set: the pipeline
+counts it; it never stops the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from qcsight_core.errors import ImageError
+from qcsight_core.imageio import is_image_path, read_image
+from qcsight_edge.config import SourceConfig
+from qcsight_edge.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+# Hot-folder writers that cannot write atomically in place use one of these suffixes (or a
+# leading dot) while writing and rename the file when it is complete.
+PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".uploading", ".crdownload")
+DONE_DIR, FAILED_DIR = "done", "failed"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One picture from a source.
+
+    Attributes:
+        frame_id: unique per device (uuid hex), used for the alert and the stored image name.
+        image: uint8 HxW or HxWx3 BGR; None when the source could not decode it (see error).
+        source_ref: where it came from (a file name, the camera URI), for people reading alerts.
+        error: why the frame is unusable, when it is.
+        token: the source's own handle (the hot folder's file path).
+        captured_at: monotonic seconds when the pipeline received it (latency starts here).
+    """
+
+    frame_id: str
+    image: np.ndarray | None
+    source_ref: str
+    error: str | None = None
+    token: Any = field(default=None, compare=False)
+    captured_at: float = 0.0
+
+
+def new_frame_id() -> str:
+    return uuid.uuid4().hex
+
+
+class FrameSource(Protocol):
+    """Where frames come from (a Camera in the general sense).
+
+    lossless sources (the hot folder: each file is a part, and unread files simply wait on
+    disk) make the pipeline wait for queue space; lossy ones (cameras) have their oldest
+    queued frames dropped when inference falls behind.
+    """
+
+    lossless: bool
+
+    def read(self, timeout_s: float) -> Frame | None:
+        """The next frame, or None when none came within about timeout_s."""
+
+    @property
+    def exhausted(self) -> bool:
+        """True when the source will never give another frame (a video file at its end)."""
+
+    def finish(self, frame: Frame, ok: bool) -> None:
+        """The frame was judged (ok) or could not be (not ok)."""
+
+    def close(self) -> None:
+        """Release the device/handles."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for status messages."""
+
+
+class _Pacer:
+    """Spaces frames at most max_fps apart (0 = no cap)."""
+
+    def __init__(self, max_fps: float) -> None:
+        self.interval = 1.0 / max_fps if max_fps > 0 else 0.0
+        self.next_due = 0.0
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep until the next frame is due; False when that is further away than timeout_s."""
+        if self.interval <= 0:
+            return True
+        delay = self.next_due - time.monotonic()
+        if delay > timeout_s:
+            time.sleep(max(0.0, timeout_s))
+            return False
+        if delay > 0:
+            time.sleep(delay)
+        return True
+
+    def due(self) -> bool:
+        return self.interval <= 0 or time.monotonic() >= self.next_due
+
+    def mark(self) -> None:
+        if self.interval > 0:
+            now = time.monotonic()
+            # On schedule: exactly one interval later (no drift). Late: due now, so a stall never
+            # turns into a burst of catch-up frames.
+            self.next_due = max(self.next_due + self.interval, now) if self.next_due else now + self.interval
+
+
+class VideoCaptureLike(Protocol):
+    """The part of cv2.VideoCapture the camera source uses."""
+
+    def isOpened(self) -> bool: ...  # OpenCV's name
+
+    def read(self) -> tuple[bool, np.ndarray | None]: ...
+
+    def grab(self) -> bool: ...
+
+    def retrieve(self) -> tuple[bool, np.ndarray | None]: ...
+
+    def release(self) -> None: ...
+
+
+def _opencv_capture(uri: str | int) -> VideoCaptureLike:
+    import cv2
+
+    capture: VideoCaptureLike = cv2.VideoCapture(uri)
+    return capture
+
+
+def is_live_uri(uri: str | int) -> bool:
+    """A device index or a URL is live (reconnect when lost); a local file ends."""
+    return isinstance(uri, int) or "://" in uri or not Path(uri).is_file()
+
+
+class OpenCvCamera:
+    """A USB camera (index), an RTSP/HTTP stream (URL) or a video file, through cv2.VideoCapture.
+
+    A live source that fails to open or stops giving frames is released and reopened with
+    exponential backoff (reconnect_initial_s doubling up to reconnect_max_s), so a camera that is
+    unplugged and plugged back, or a stream that restarts, comes back by itself. A file is read
+    once (or looped with loop=True), paced at max_fps; a live source is grabbed continuously and
+    only every (1/max_fps) s retrieved, so the frames judged are fresh rather than stale buffer.
+    """
+
+    lossless = False
+
+    def __init__(self, config: SourceConfig,
+                 capture_factory: Callable[[str | int], VideoCaptureLike] = _opencv_capture,
+                 live: bool | None = None) -> None:
+        if config.uri is None:
+            raise SourceError("camera source: uri is required")
+        self.uri: str | int = config.uri
+        self.config = config
+        self.live = is_live_uri(self.uri) if live is None else live
+        self._factory = capture_factory
+        self._capture: VideoCaptureLike | None = None
+        self._pacer = _Pacer(config.max_fps)
+        self._backoff = config.reconnect_initial_s
+        self._next_attempt = 0.0
+        self._ended = False
+        self.connects = 0
+        self.disconnects = 0
+        self.failed_opens = 0
+        self.frames = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self._ended
+
+    @property
+    def connected(self) -> bool:
+        return self._capture is not None
+
+    def _open(self) -> bool:
+        try:
+            capture = self._factory(self.uri)
+            opened = capture.isOpened()
+        except Exception as exc:  # OpenCV backends raise assorted errors for missing devices
+            log.debug("camera %s: open raised %s", self.uri, exc)
+            opened, capture = False, None
+        if not opened:
+            if capture is not None:
+                capture.release()
+            self.failed_opens += 1
+            self._schedule_retry(f"cannot open {self.uri}")
+            return False
+        self._capture = capture
+        self.connects += 1
+        self._backoff = self.config.reconnect_initial_s
+        if self.connects > 1:
+            log.info("camera %s: reconnected", self.uri)
+        return True
+
+    def _schedule_retry(self, reason: str) -> None:
+        self._next_attempt = time.monotonic() + self._backoff
+        log.warning("camera %s: %s; retrying in %.1f s", self.uri, reason, self._backoff)
+        self._backoff = min(self._backoff * 2, self.config.reconnect_max_s)
+
+    def _lost(self, reason: str) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+        if not self.live and not self.config.loop:
+            self._ended = True
+            log.info("camera %s: end of file after %d frames", self.uri, self.frames)
+            return
+        if self.live:
+            self.disconnects += 1
+            self._schedule_retry(reason)
+        else:
+            self._next_attempt = 0.0  # looping a file: reopen at once
+
+    def read(self, timeout_s: float) -> Frame | None:
+        if self._ended:
+            time.sleep(min(timeout_s, 0.05))
+            return None
+        if self._capture is None:
+            wait = self._next_attempt - time.monotonic()
+            if wait > 0:
+                time.sleep(min(wait, timeout_s))
+                return None
+            if not self._open():
+                return None
+        assert self._capture is not None  # for mypy: _open() set it
+        if self.live:
+            return self._read_live(timeout_s)
+        if not self._pacer.wait(timeout_s):
+            return None
+        ok, image = self._capture.read()
+        return self._frame(ok, image)
+
+    def _read_live(self, timeout_s: float) -> Frame | None:
+        assert self._capture is not None
+        deadline = time.monotonic() + timeout_s
+        while not self._pacer.due():
+            # grab() keeps the driver's buffer drained without decoding frames nobody judges.
+            if not self._capture.grab():
+                self._lost("stream gave no frame")
+                return None
+            if time.monotonic() >= deadline:
+                return None
+        ok, image = self._capture.read()
+        return self._frame(ok, image)
+
+    def _frame(self, ok: bool, image: np.ndarray | None) -> Frame | None:
+        if not ok or image is None:
+            self._lost("stream gave no frame")
+            return None
+        self._pacer.mark()
+        self.frames += 1
+        frame_id = new_frame_id()
+        if image.dtype != np.uint8 or image.size == 0 or image.ndim not in (2, 3):
+            return Frame(frame_id, None, str(self.uri), error=f"unusable frame {image.shape} {image.dtype}")
+        return Frame(frame_id, image, str(self.uri))
+
+    def finish(self, frame: Frame, ok: bool) -> None:
+        pass  # nothing to hand back for a live picture
+
+    def close(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"kind": "camera", "connected": self.connected, "frames": self.frames, "connects": self.connects,
+                "disconnects": self.disconnects, "failed_opens": self.failed_opens}
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    stable_since: float
+
+
+class HotFolderSource:
+    """Image files dropped by the line into an inbox directory; each file is one part.
+
+    Partial files are never read. Two conventions are honoured:
+      * rename on complete: names starting with '.' or ending in .part/.partial/.tmp/.uploading
+        are ignored; the writer renames the finished file to its final name (atomic on one
+        filesystem);
+      * otherwise a file is read only after its size and mtime have stayed the same for settle_s
+        (seen on successive scans).
+    Files are taken oldest first (mtime, then name). After judgement a file moves to done/,
+    and one that cannot be decoded or judged to failed/ (both inside the inbox). Files still in the
+    inbox when the agent stops are read again on the next start.
+    """
+
+    lossless = True
+
+    def __init__(self, inbox: Path, settle_s: float = 0.5, poll_s: float = 0.2) -> None:
+        self.inbox = inbox
+        self.settle_s = settle_s
+        self.poll_s = poll_s
+        self.done_dir = inbox / DONE_DIR
+        self.failed_dir = inbox / FAILED_DIR
+        try:
+            for directory in (inbox, self.done_dir, self.failed_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SourceError(f"{inbox}: cannot create the hot folder: {exc.strerror or exc}") from exc
+        self._seen: dict[str, _Seen] = {}
+        self._ready: list[str] = []
+        self._in_flight: set[str] = set()
+        self._lock = threading.Lock()
+        self._last_scan = -1e9
+        self.read_count = 0
+        self.done_count = 0
+        self.failed_count = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return False
+
+    @staticmethod
+    def is_partial_name(name: str) -> bool:
+        return name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES)
+
+    def scan(self) -> list[str]:
+        """Update what is on disk; returns the names ready to read, oldest first."""
+        now = time.monotonic()
+        self._last_scan = now
+        present: dict[str, tuple[int, int]] = {}
+        try:
+            entries = list(os.scandir(self.inbox))
+        except OSError as exc:
+            raise SourceError(f"{self.inbox}: cannot list the hot folder: {exc.strerror or exc}") from exc
+        for entry in entries:
+            if self.is_partial_name(entry.name) or not is_image_path(entry.name):
+                continue
+            try:
+                if not entry.is_file():
+                    continue
+                stat = entry.stat()
+            except FileNotFoundError:
+                continue  # renamed or removed between listing and stat
+            present[entry.name] = (stat.st_size, stat.st_mtime_ns)
+        ready: list[tuple[int, str]] = []
+        with self._lock:
+            for name in list(self._seen):
+                if name not in present:
+                    del self._seen[name]
+            for name, (size, mtime_ns) in present.items():
+                seen = self._seen.get(name)
+                if seen is None or (seen.size, seen.mtime_ns) != (size, mtime_ns):
+                    self._seen[name] = seen = _Seen(size, mtime_ns, now)
+                if now - seen.stable_since >= self.settle_s and size > 0 and name not in self._in_flight:
+                    ready.append((mtime_ns, name))
+            self._ready = [name for _, name in sorted(ready)]
+            return list(self._ready)
+
+    def read(self, timeout_s: float) -> Frame | None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                name = self._ready.pop(0) if self._ready else None
+                if name is not None:
+                    self._in_flight.add(name)
+            if name is not None:
+                return self._load(name)
+            wait = self._last_scan + self.poll_s - time.monotonic()
+            if wait > 0:
+                if time.monotonic() + wait > deadline:
+                    time.sleep(max(0.0, deadline - time.monotonic()))
+                    return None
+                time.sleep(wait)
+            self.scan()
+            if not self._ready and time.monotonic() >= deadline:
+                return None
+
+    def _load(self, name: str) -> Frame:
+        path = self.inbox / name
+        self.read_count += 1
+        try:
+            image = read_image(path)
+        except ImageError as exc:
+            return Frame(new_frame_id(), None, name, error=str(exc), token=path)
+        return Frame(new_frame_id(), image, name, token=path)
+
+    def finish(self, frame: Frame, ok: bool) -> None:
+        path = frame.token
+        if not isinstance(path, Path):
+            return
+        target_dir = self.done_dir if ok else self.failed_dir
+        target = target_dir / path.name
+        if target.exists():
+            target = target_dir / f"{path.stem}.{frame.frame_id[:8]}{path.suffix}"
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            # Left in flight on purpose: re-reading it would judge the same part again and again.
+            log.error("hot folder: cannot move %s to %s: %s", path, target_dir, exc)
+            return
+        if ok:
+            self.done_count += 1
+        else:
+            self.failed_count += 1
+        with self._lock:
+            self._in_flight.discard(path.name)
+            self._seen.pop(path.name, None)
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            waiting = len(self._seen) - len(self._in_flight)
+        return {"kind": "hotfolder", "read": self.read_count, "done": self.done_count, "failed": self.failed_count,
+                "waiting": max(0, waiting)}
+
+
+class SyntheticSource:
+    """Rendered surface images (qcsight_core.synth) for the demo, some with defects, at max_fps.
+
+    A fixed pool of pictures is rendered once and cycled, so the source costs no CPU per frame
+    and memory stays bounded.
+    """
+
+    lossless = False
+
+    def __init__(self, config: SourceConfig, pool_size: int = 64) -> None:
+        from qcsight_core import synth
+
+        rng = np.random.default_rng(config.seed)
+        self._pool: list[tuple[np.ndarray, str]] = []
+        for _ in range(pool_size):
+            defect = rng.random() < config.defect_rate
+            label = str(rng.choice(synth.DEFECT_CLASSES)) if defect else synth.GOOD_CLASS
+            picture = synth.render(rng, label, size=config.size)
+            self._pool.append((picture.image, label))
+        self._pacer = _Pacer(config.max_fps)
+        self._index = 0
+        self.frames = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return False
+
+    def read(self, timeout_s: float) -> Frame | None:
+        if not self._pacer.wait(timeout_s):
+            return None
+        image, label = self._pool[self._index]
+        self._index = (self._index + 1) % len(self._pool)
+        self._pacer.mark()
+        self.frames += 1
+        return Frame(new_frame_id(), image, f"synthetic:{label}")
+
+    def finish(self, frame: Frame, ok: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {"kind": "synthetic", "frames": self.frames}
+
+
+def open_source(config: SourceConfig) -> FrameSource:
+    """The source a configuration names."""
+    if config.kind == "camera":
+        return OpenCvCamera(config)
+    if config.kind == "hotfolder":
+        return HotFolderSource(Path(str(config.uri)), config.settle_s, config.poll_s)
+    return SyntheticSource(config)

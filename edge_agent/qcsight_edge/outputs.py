@@ -1,0 +1,252 @@
+"""What the agent says: the line's reject signal (local), and alerts/metrics/status into the durable outbox."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Protocol
+
+import cv2
+import numpy as np
+
+from qcsight_core import messages
+from qcsight_core.errors import QcsightError
+from qcsight_core.imageio import encode_jpeg
+from qcsight_core.topics import line_signal_topic, topic
+from qcsight_core.verdict import DEFECT, UNCERTAIN, Verdict
+from qcsight_edge.clock import Clock, iso_utc
+from qcsight_edge.config import AlertConfig, LineSignalConfig
+from qcsight_edge.imagestore import ImageStore
+from qcsight_edge.publisher import Publisher
+
+if TYPE_CHECKING:
+    from qcsight_edge.capture import Frame
+    from qcsight_edge.models import LoadedModel
+    from qcsight_edge.pipeline import Judgement
+
+log = logging.getLogger(__name__)
+
+KIND_BY_SCHEMA = {messages.METRICS: "metrics", messages.ALERT: "alerts", messages.STATUS: "status"}
+
+
+class Outbox(Protocol):
+    """The part of qcsight_edge.outbox.Outbox the agent writes through."""
+
+    def next_seq(self) -> int: ...
+
+    def enqueue(self, topic: str, payload: bytes, message_id: str, kind: str) -> bool: ...
+
+
+class MessageSink:
+    """Builds each message (envelope with the outbox's next seq), validates it and stores it in the outbox.
+
+    Nothing goes to the network from here: the sender drains the outbox. One lock keeps seq
+    order equal to storage order when several threads emit.
+    """
+
+    def __init__(self, outbox: Outbox, thing: str, clock: Clock, on_stored: Callable[[], None] | None = None) -> None:
+        self.outbox = outbox
+        self.thing = thing
+        self.clock = clock
+        self.on_stored = on_stored
+        self._lock = threading.Lock()
+        self.emitted: dict[str, int] = {"metrics": 0, "alerts": 0, "status": 0}
+        self.dropped = 0
+
+    def emit(self, schema: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Store one message; returns it as stored. Raises MessageError if body breaks the schema."""
+        kind = KIND_BY_SCHEMA[schema]
+        with self._lock:
+            message = messages.envelope(schema, self.thing, self.outbox.next_seq())
+            message["time"] = iso_utc(self.clock.time())
+            message.update(body)
+            payload = messages.encode(message)
+            stored = self.outbox.enqueue(topic(self.thing, kind), payload, message["message_id"], kind)
+            if stored:
+                self.emitted[kind] += 1
+            else:
+                self.dropped += 1
+        if stored and self.on_stored is not None:
+            self.on_stored()
+        return message
+
+
+class LineSignal(Protocol):
+    """Tells the line controller to reject a part; must return quickly (it runs on the inference thread)."""
+
+    def reject(self, payload: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CallbackLineSignal:
+    """Calls a function for each reject: a GPIO driver, a PLC client, or a test's list."""
+
+    def __init__(self, callback: Callable[[Mapping[str, Any]], None]) -> None:
+        self._callback = callback
+
+    def reject(self, payload: Mapping[str, Any]) -> None:
+        self._callback(payload)
+
+    def close(self) -> None:
+        pass
+
+
+class LogLineSignal:
+    """Writes each reject to the log (the stand-in when no line controller is wired)."""
+
+    def reject(self, payload: Mapping[str, Any]) -> None:
+        log.info("REJECT frame=%s status=%s label=%s score=%.3f", payload.get("frame_id"), payload.get("status"),
+                 payload.get("label"), float(payload.get("score", 0.0)))
+
+    def close(self) -> None:
+        pass
+
+
+class PublisherLineSignal:
+    """Publishes each reject on the local line topic through a Publisher (a broker on the line's network).
+
+    Delivery is QoS 1 but not awaited: a reject that cannot be delivered within its moment is
+    useless to the line, so failures are logged and counted, never queued for later.
+    """
+
+    def __init__(self, publisher: Publisher, thing: str, connect_timeout_s: float = 5.0) -> None:
+        self._publisher = publisher
+        self.topic = line_signal_topic(thing)
+        self.failed = 0
+        self._connect_timeout_s = connect_timeout_s
+
+    def reject(self, payload: Mapping[str, Any]) -> None:
+        data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        try:
+            future = self._publisher.publish(self.topic, data, 1)
+        except Exception as exc:  # a transport's error must not stop inference
+            self._failed(exc)
+            return
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[None]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failed += 1
+        log.warning("line signal on %s not delivered: %s", self.topic, exc)
+
+    def close(self) -> None:
+        self._publisher.close(self._connect_timeout_s)
+
+
+def line_payload(frame_id: str, source_ref: str, verdict: Verdict, model_version: str, clock: Clock) -> dict[str, Any]:
+    return {"frame_id": frame_id, "source": source_ref, "reject": True, "status": verdict.status,
+            "label": verdict.label, "score": round(verdict.score, 6), "model_version": model_version,
+            "time": iso_utc(clock.time())}
+
+
+def thumbnail(image: np.ndarray, max_side: int, quality: int) -> dict[str, Any]:
+    """A JPEG no larger than max_side on its longer side, base64, as the alert's `thumbnail` object."""
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    small = image
+    if scale < 1.0:
+        small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    data = encode_jpeg(small, quality)
+    return {"format": "jpeg", "width": int(small.shape[1]), "height": int(small.shape[0]),
+            "data": base64.b64encode(data).decode("ascii")}
+
+
+def alert_body(frame_id: str, source_ref: str, verdict: Verdict, classes: tuple[str, ...], model: Mapping[str, str],
+               thumb: Mapping[str, Any] | None, image_ref: str | None) -> dict[str, Any]:
+    """The qcsight.alert/1 fields after the envelope."""
+    body: dict[str, Any] = {
+        "alert_id": messages.new_message_id(),
+        "frame_id": frame_id,
+        "source": source_ref,
+        "model": dict(model),
+        "verdict": {"status": verdict.status, "label": verdict.label, "score": round(verdict.score, 6),
+                    "confidence": round(verdict.confidence, 6), "scores": verdict.scores(classes)},
+    }
+    if thumb is not None:
+        body["thumbnail"] = dict(thumb)
+    if image_ref is not None:
+        body["image_ref"] = image_ref
+    return body
+
+
+class RateLimitedLog:
+    """At most one log record per key per interval, with how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -1e9) < self._interval:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return
+            self._last[key] = now
+            suppressed = self._suppressed.pop(key, 0)
+        suffix = f" ({suppressed} similar suppressed)" if suppressed else ""
+        self._logger.warning(message + suffix, *args)
+
+
+class VerdictOutputs:
+    """For each judged frame: the reject signal to the line, then (for alerts) the stored image and the alert.
+
+    The line signal goes first and directly, because the part is moving; the alert goes to the
+    outbox. The full frame is kept in the image store, the thumbnail shows what the model judged
+    (the ROI crop).
+    """
+
+    def __init__(self, sink: MessageSink, line_signal: LineSignal, image_store: ImageStore | None,
+                 alerts: AlertConfig, line: LineSignalConfig, clock: Clock) -> None:
+        self.sink = sink
+        self.line_signal = line_signal
+        self.image_store = image_store
+        self.alerts = alerts
+        self.line = line
+        self.clock = clock
+        self.signals = 0
+        self.alert_count = 0
+        self.alert_failures = 0
+        self._warn = RateLimitedLog(log)
+
+    def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None:
+        verdict = judgement.verdict
+        if verdict.status == DEFECT or (verdict.status == UNCERTAIN and self.line.on_uncertain):
+            try:
+                self.line_signal.reject(line_payload(frame.frame_id, frame.source_ref, verdict, model.version,
+                                                     self.clock))
+                self.signals += 1
+            except Exception as exc:  # the line signal must never stop judging
+                self._warn.warning("line-signal", "line signal failed: %s", exc)
+        if verdict.status == DEFECT or (verdict.status == UNCERTAIN and self.alerts.on_uncertain):
+            self._alert(frame, judgement, model)
+
+    def _alert(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None:
+        image_ref = None
+        if self.image_store is not None and frame.image is not None:
+            try:
+                image_ref = self.image_store.save(frame.frame_id, frame.image)
+            except QcsightError as exc:
+                self._warn.warning("image-store", "alert %s sent without its image: %s", frame.frame_id, exc)
+        try:
+            thumb = thumbnail(judgement.judged, self.alerts.thumbnail_max_side, self.alerts.thumbnail_quality)
+            body = alert_body(frame.frame_id, frame.source_ref, judgement.verdict, model.bundle.manifest.classes,
+                              model.ident, thumb, image_ref)
+            self.sink.emit(messages.ALERT, body)
+            self.alert_count += 1
+        except QcsightError as exc:
+            self.alert_failures += 1
+            log.error("alert for frame %s not stored: %s", frame.frame_id, exc)

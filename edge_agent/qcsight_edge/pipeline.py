@@ -1,0 +1,290 @@
+"""Capture thread -> bounded frame queue -> ROI crop -> preprocess -> ONNX Runtime -> verdict -> outputs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from qcsight_core.drift import InputStats, input_statistics
+from qcsight_core.errors import QcsightError
+from qcsight_core.preprocess import normalize, prepare_pixels
+from qcsight_core.verdict import Verdict
+from qcsight_edge.capture import Frame, FrameSource
+from qcsight_edge.clock import Clock
+from qcsight_edge.config import Roi
+from qcsight_edge.metrics import MetricsRecorder
+from qcsight_edge.models import LoadedModel, ModelManager
+from qcsight_edge.outputs import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+
+class FrameQueue:
+    """A bounded FIFO between capture and inference.
+
+    put() on a full queue drops the OLDEST frame (a camera's newest picture is the one worth
+    judging) and returns it so its source can be told; put_wait() instead waits for room, for
+    lossless sources whose frames must all be judged.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("queue size must be at least 1")
+        self.maxsize = maxsize
+        self._items: deque[Frame] = deque()
+        self._cond = threading.Condition()
+        self.dropped = 0
+
+    def put(self, frame: Frame) -> Frame | None:
+        with self._cond:
+            dropped = None
+            if len(self._items) >= self.maxsize:
+                dropped = self._items.popleft()
+                self.dropped += 1
+            self._items.append(frame)
+            self._cond.notify()
+            return dropped
+
+    def put_wait(self, frame: Frame, timeout_s: float) -> bool:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._items) < self.maxsize, timeout_s):
+                return False
+            self._items.append(frame)
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout_s: float) -> Frame | None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._items), timeout_s):
+                return None
+            frame = self._items.popleft()
+            self._cond.notify_all()
+            return frame
+
+    def drain(self) -> list[Frame]:
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            return items
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What one frame became: the verdict, the statistics of what the model saw, and that image."""
+
+    verdict: Verdict
+    stats: InputStats
+    judged: np.ndarray
+
+
+def crop(image: np.ndarray, roi: Roi | None) -> np.ndarray:
+    """The ROI of image (clipped to the frame); raises QcsightError when nothing of it is inside."""
+    if roi is None:
+        return image
+    h, w = image.shape[:2]
+    x0, y0 = min(roi.x, w), min(roi.y, h)
+    x1, y1 = min(roi.x + roi.width, w), min(roi.y + roi.height, h)
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        raise QcsightError(f"roi {roi.x},{roi.y} {roi.width}x{roi.height} lies outside the {w}x{h} frame")
+    return image[y0:y1, x0:x1]
+
+
+def judge(model: LoadedModel, image: np.ndarray, roi: Roi | None) -> Judgement:
+    """Crop, preprocess (the one qcsight_core path), run and decide one image."""
+    region = crop(image, roi)
+    spec = model.bundle.manifest.input
+    pixels = prepare_pixels(region, spec)
+    stats = input_statistics(pixels, spec.color)
+    probs = model.runner.run(normalize(pixels, spec)[None])
+    return Judgement(model.decider.decide(probs[0]), stats, region)
+
+
+class VerdictSink(Protocol):
+    """Where judged frames go (alerts, line signal, image store)."""
+
+    def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None: ...
+
+
+@dataclass
+class PipelineCounters:
+    captured: int = 0
+    judged: int = 0
+    errors: int = 0
+    dropped: int = 0
+
+
+class Pipeline:
+    """Runs one source through the current model on two threads (capture, inference).
+
+    Args:
+        source: the frame source.
+        models: the running model and its hot swap.
+        sink: receives every judged frame.
+        metrics: the current metrics window.
+        clock: time for latencies.
+        roi: the crop applied before preprocessing.
+        queue_size: frames waiting for inference at most.
+        on_model_change: called on the inference thread right after a new model was swapped in,
+            with the old and the new model, before the next frame is judged.
+        read_timeout_s: the longest one source read blocks, which bounds how fast stop() is noticed.
+    """
+
+    def __init__(self, source: FrameSource, models: ModelManager, sink: VerdictSink, metrics: MetricsRecorder,
+                 clock: Clock, roi: Roi | None = None, queue_size: int = 4,
+                 on_model_change: Callable[[LoadedModel, LoadedModel], None] | None = None,
+                 read_timeout_s: float = 0.2) -> None:
+        self.source = source
+        self.models = models
+        self.sink = sink
+        self.metrics = metrics
+        self.clock = clock
+        self.roi = roi
+        self.queue = FrameQueue(queue_size)
+        self.counters = PipelineCounters()
+        self._on_model_change = on_model_change
+        self._read_timeout_s = read_timeout_s
+        self._stop = threading.Event()
+        self._capture_done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._counter_lock = threading.Lock()
+        self._warn = RateLimitedLog(log)
+        self._active = models.current
+        self.fatal: BaseException | None = None
+
+    # ---------------------------------------------------------------- one frame
+
+    def process(self, frame: Frame) -> Judgement | None:
+        """Judge one frame and hand it on; corrupt frames and failures are counted, never raised."""
+        new = self.models.take_pending()
+        if new is not None:
+            self._model_changed(new)
+        model = self._active
+        if frame.image is None:
+            self._failed(frame, frame.error or "no image")
+            return None
+        try:
+            judgement = judge(model, frame.image, self.roi)
+        except (QcsightError, cv2.error, ValueError) as exc:
+            self._failed(frame, str(exc))
+            return None
+        latency = max(0.0, self.clock.monotonic() - frame.captured_at)
+        verdict = judgement.verdict
+        self.metrics.record(verdict.status, verdict.label, verdict.confidence, latency, judgement.stats)
+        with self._counter_lock:
+            self.counters.judged += 1
+        try:
+            self.sink.on_verdict(frame, judgement, model)
+        finally:
+            self.source.finish(frame, True)
+        return judgement
+
+    @property
+    def active_model(self) -> LoadedModel:
+        """The model judging frames now (the manager's current one is swapped in only between frames)."""
+        return self._active
+
+    def _model_changed(self, new: LoadedModel) -> None:
+        old, self._active = self._active, new
+        log.info("model swapped: %s %s -> %s %s", old.name, old.version, new.name, new.version)
+        if self._on_model_change is not None:
+            self._on_model_change(old, new)
+
+    def _failed(self, frame: Frame, reason: str) -> None:
+        self.metrics.error()
+        with self._counter_lock:
+            self.counters.errors += 1
+        self._warn.warning("frame-error", "frame %s from %s not judged: %s", frame.frame_id, frame.source_ref, reason)
+        self.source.finish(frame, False)
+
+    # ---------------------------------------------------------------- threads
+
+    def start(self) -> None:
+        self._threads = [
+            threading.Thread(target=self._guard, args=(self._capture_loop,), name="qcsight-capture", daemon=True),
+            threading.Thread(target=self._guard, args=(self._inference_loop,), name="qcsight-inference", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _guard(self, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except BaseException as exc:  # a bug must stop the agent visibly, not leave a silent thread behind
+            log.exception("%s failed", threading.current_thread().name)
+            self.fatal = exc
+            self._stop.set()
+
+    def _capture_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.source.exhausted:
+                    break
+                frame = self.source.read(self._read_timeout_s)
+                if frame is None:
+                    continue
+                frame = replace(frame, captured_at=self.clock.monotonic())
+                with self._counter_lock:
+                    self.counters.captured += 1
+                if self.source.lossless:
+                    while not self.queue.put_wait(frame, self._read_timeout_s):
+                        if self._stop.is_set():
+                            return  # the file stays where it is and is read on the next start
+                else:
+                    dropped = self.queue.put(frame)
+                    if dropped is not None:
+                        self.metrics.dropped()
+                        with self._counter_lock:
+                            self.counters.dropped += 1
+                        self.source.finish(dropped, False)
+        finally:
+            self._capture_done.set()
+
+    def _inference_loop(self) -> None:
+        while True:
+            if self._stop.is_set():
+                return
+            frame = self.queue.get(self._read_timeout_s)
+            if frame is None:
+                if self._capture_done.is_set() and not len(self.queue):
+                    return
+                continue
+            self.process(frame)
+
+    @property
+    def finished(self) -> bool:
+        """True when both threads ended (stopped, the source is exhausted and drained, or a fatal error)."""
+        return bool(self._threads) and not any(t.is_alive() for t in self._threads)
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Stop reading, finish the frame in flight, and join; frames still queued are not judged.
+
+        Returns False if a thread did not end within timeout_s (a source read stuck in a driver).
+        """
+        self._stop.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        leftover = self.queue.drain()
+        if leftover:
+            log.info("stopping: %d queued frames not judged", len(leftover))
+        self.source.close()
+        return not any(t.is_alive() for t in self._threads)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._counter_lock:
+            return {"captured": self.counters.captured, "judged": self.counters.judged,
+                    "errors": self.counters.errors, "dropped": self.counters.dropped, "queued": len(self.queue)}
+

@@ -1,0 +1,116 @@
+"""Metrics windows: contents of a hand-built window, PSI against a hand-computed case, bounded reservoirs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from qcsight_core import messages
+from qcsight_core.drift import InputStats, bin_index, histogram, input_statistics, psi
+from qcsight_edge.clock import ManualClock
+from qcsight_edge.metrics import MetricsRecorder, MetricsWindow, Reservoir
+
+REFERENCE = {
+    "confidence": {"edges": [0.0, 0.25, 0.5, 0.75, 1.0], "counts": [1, 1, 1, 1]},
+    "brightness": {"edges": [0.0, 100.0, 200.0, 255.0], "counts": [0, 5, 5]},
+}
+
+
+def test_psi_matches_a_hand_computed_case() -> None:
+    # Reference: 4 equal bins (0.25 each). Observed counts 2,1,1,0 -> 0.5, 0.25, 0.25, 0 (floored to 1e-4).
+    expected = 0.25 * math.log(0.5 / 0.25) + 0.0 + 0.0 + (1e-4 - 0.25) * math.log(1e-4 / 0.25)
+    assert psi([1, 1, 1, 1], [2, 1, 1, 0]) == pytest.approx(expected, rel=1e-9)
+    assert expected == pytest.approx(2.128516, abs=1e-6)
+    assert psi([5, 5], [50, 50]) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        psi([1, 1], [0, 0])
+
+
+def test_binning_follows_numpy_histogram_and_clips_outliers() -> None:
+    edges = [0.0, 0.25, 0.5, 0.75, 1.0]
+    values = np.array([-3.0, 0.0, 0.25, 0.49, 0.5, 0.99, 1.0, 7.0])
+    assert bin_index(edges, values).tolist() == [0, 0, 1, 1, 2, 3, 3, 3]
+    inside = values[(values >= 0) & (values <= 1)]
+    assert list(histogram(inside, edges).counts) == np.histogram(inside, edges)[0].tolist()
+
+
+def test_input_statistics_by_hand() -> None:
+    flat = np.full((16, 16, 3), 77, np.uint8)
+    assert input_statistics(flat, "RGB") == InputStats(77.0, 0.0, 0.0)
+    board = ((np.indices((16, 16)).sum(axis=0) % 2) * 255).astype(np.uint8)[:, :, None]
+    stats = input_statistics(board, "GRAY")
+    assert stats.brightness == pytest.approx(127.5)
+    assert stats.contrast == pytest.approx(127.5)
+    # Laplacian of a 1-pixel checkerboard is +-4*255 everywhere (reflect-101 borders keep the pattern).
+    assert stats.sharpness == pytest.approx((4 * 255) ** 2)
+
+
+def test_window_contents_by_hand() -> None:
+    window = MetricsWindow(start_mono=10.0, start_wall=1_700_000_000.0, reference=REFERENCE, reservoir_size=16)
+    rows = [  # status, label, confidence, latency s, brightness
+        ("good", "good", 0.1, 0.010, 50.0),
+        ("defect", "scratch", 0.2, 0.020, 150.0),
+        ("defect", "spot", 0.3, 0.030, 150.0),
+        ("uncertain", "spot", 0.6, 0.040, 250.0),
+    ]
+    for status, label, confidence, latency, brightness in rows:
+        window.record(status, label, confidence, latency, InputStats(brightness, 10.0, 100.0))
+    window.errors += 2
+    window.dropped += 3
+    body = window.body(end_mono=70.0, end_wall=1_700_000_060.0, model={"name": "tiny", "version": "7"})
+
+    assert body["window"] == {"start": "2023-11-14T22:13:20.000Z", "end": "2023-11-14T22:14:20.000Z", "seconds": 60.0}
+    assert body["counts"] == {"frames": 4, "good": 1, "defect": 2, "uncertain": 1, "dropped": 3, "errors": 2}
+    assert body["by_class"] == {"good": 1, "scratch": 1, "spot": 2}
+    assert body["defect_rate"] == 0.5
+    conf = np.array([0.1, 0.2, 0.3, 0.6])
+    assert body["confidence"] == pytest.approx({"p05": np.quantile(conf, 0.05), "p50": 0.25,
+                                                "p95": np.quantile(conf, 0.95)}, abs=1e-6)
+    assert body["latency_ms"] == pytest.approx({"p50": 25.0, "p95": 38.5, "p99": 39.7})
+    assert body["input"] == {"brightness": 150.0, "contrast": 10.0, "sharpness": 100.0}
+    # confidence: counts 2,1,1,0 over 4 equal reference bins -> the hand-computed PSI above.
+    assert body["drift"]["confidence_psi"] == pytest.approx(2.128516, abs=1e-6)
+    # brightness: reference 0, .5, .5; observed 1, 2, 1 -> .25, .5, .25.
+    e = [1e-4, 0.5, 0.5]
+    a = [0.25, 0.5, 0.25]
+    by_hand = sum((ai - ei) * math.log(ai / ei) for ai, ei in zip(a, e, strict=True))
+    assert body["drift"]["brightness_psi"] == pytest.approx(by_hand, abs=1e-6)
+    message = {**messages.envelope(messages.METRICS, "line1", 1), **body}
+    assert messages.validate(message) == messages.METRICS
+
+
+def test_empty_window_is_valid_and_reports_no_drift() -> None:
+    window = MetricsWindow(0.0, 1_700_000_000.0, REFERENCE)
+    body = window.body(60.0, 1_700_000_060.0, {"name": "m", "version": "1"})
+    assert body["counts"]["frames"] == 0 and body["defect_rate"] == 0.0 and body["drift"] == {}
+    messages.validate({**messages.envelope(messages.METRICS, "line1", 1), **body})
+
+
+def test_reservoir_is_bounded_and_exact_while_small() -> None:
+    small = Reservoir(8)
+    for v in (5.0, 1.0, 3.0):
+        small.add(v)
+    assert small.quantiles((0.5,)) == (3.0,)
+    big = Reservoir(256, seed=1)
+    values = np.random.default_rng(0).random(200_000)
+    for v in values:
+        big.add(float(v))
+    assert big.values().shape == (256,) and big.seen == 200_000
+    p50, p99 = big.quantiles((0.5, 0.99))
+    assert abs(p50 - 0.5) < 0.1 and p99 > 0.9
+
+
+def test_recorder_rotates_windows_on_the_clock() -> None:
+    clock = ManualClock()
+    recorder = MetricsRecorder(clock, 32, REFERENCE)
+    recorder.record("good", "good", 0.9, 0.01, InputStats(100, 1, 1))
+    clock.advance(60)
+    first = recorder.rotate()
+    assert first.frames == 1 and first.start_mono == 0.0
+    assert recorder.window_start == 60.0
+    recorder.dropped(2)
+    second = recorder.rotate({})
+    assert second.dropped == 2 and second.reference == REFERENCE
+    assert recorder.rotate().reference == {}
