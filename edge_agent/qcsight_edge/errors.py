@@ -17,6 +17,18 @@ class NotConnectedError(PublishError):
     """The transport has no live connection; the message stays in the outbox."""
 
 
+class PublishRejectedError(PublishError):
+    """The peer answered and refused the message (e.g. an MQTT5 PUBACK with NOT_AUTHORIZED).
+
+    Retrying will not help until the peer's policy changes; the message stays in the outbox.
+    """
+
+    def __init__(self, topic: str, reason: str) -> None:
+        self.topic = topic
+        self.reason = reason
+        super().__init__(f"publish to {topic} refused: {reason}")
+
+
 class OutboxError(EdgeError):
     """The durable outbox cannot store or read messages."""
 
