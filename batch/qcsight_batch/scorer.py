@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _FILTER_GROUP = 1024
 _ORPHAN_CHECK_S = 1.0
+_INHERITED_ENV_PREFIXES = ("AWS_", "QCSIGHT_")
 
 
 def available_cores() -> int:
@@ -177,23 +179,41 @@ def decode_chunk(keys: Sequence[str], source: ImageSource, settings: DecodeSetti
 _worker_state: tuple[ImageSource, DecodeSettings] | None = None
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
-    # A SIGKILLed scorer cannot shut its pool down; without this its workers would wait forever.
-    while True:
-        time.sleep(_ORPHAN_CHECK_S)
-        if os.getppid() != parent_pid:
-            os._exit(1)
+def _exit_when_orphaned() -> None:
+    """Exit when the scoring process is gone: a SIGKILLed scorer cannot shut its pool down.
+
+    The parent's sentinel is a pipe the scoring process holds open; it reads as ready (EOF)
+    once that process dies. getppid() would not do: under forkserver the parent is the fork
+    server, which itself lives on as long as any worker does.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    while not multiprocessing.connection.wait([parent.sentinel], timeout=_ORPHAN_CHECK_S):
+        pass
+    os._exit(1)
 
 
-def _init_worker(source: ImageSource, settings: DecodeSettings) -> None:
+def _worker_environment() -> dict[str, str]:
+    """The variables a worker's S3 client reads, as the parent has them now."""
+    return {k: v for k, v in os.environ.items() if k.startswith(_INHERITED_ENV_PREFIXES)}
+
+
+def _init_worker(source: ImageSource, settings: DecodeSettings, environment: dict[str, str]) -> None:
     global _worker_state
+    # forkserver children inherit the server's environment from when it started, not this
+    # run's: apply the parent's AWS settings (endpoint, region, credentials) explicitly.
+    for name in [k for k in os.environ if k.startswith(_INHERITED_ENV_PREFIXES)]:
+        if name not in environment:
+            del os.environ[name]
+    os.environ.update(environment)
     # One OpenCV thread per worker: parallelism comes from the processes, and OpenCV's own
     # pool would oversubscribe the cores left for ONNX Runtime.
     cv2.setNumThreads(1)
     # Ctrl-C goes to the whole process group; the main process decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_state = (source, settings)
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_when_orphaned, name="qcsight-orphan-watch", daemon=True).start()
 
 
 def _decode_in_worker(keys: Sequence[str]) -> DecodedChunk:
@@ -298,7 +318,7 @@ class Scorer:
             context.set_forkserver_preload(["qcsight_batch.scorer"])
         pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=self.config.workers, mp_context=context, initializer=_init_worker,
-            initargs=(source, self.settings),
+            initargs=(source, self.settings, _worker_environment()),
         )
         pending: deque[concurrent.futures.Future[DecodedChunk]] = deque()
         clean = False

@@ -203,6 +203,7 @@ class InferenceServer:
         self.config = config or ServerConfig()
         self._server = _BoundedServer(self.config, model)
         self._thread: threading.Thread | None = None
+        self._serving = threading.Event()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -216,7 +217,11 @@ class InferenceServer:
 
     def serve_forever(self) -> None:
         log.info("serving %s %s on %s", self._server.model.info.name, self._server.model.info.version, self.url)
-        self._server.serve_forever(poll_interval=0.5)
+        self._serving.set()
+        try:
+            self._server.serve_forever(poll_interval=0.2)
+        finally:
+            self._serving.clear()
 
     def start(self) -> InferenceServer:
         self._thread = threading.Thread(target=self.serve_forever, name="qcsight-inference-server", daemon=True)
@@ -224,9 +229,13 @@ class InferenceServer:
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop accepting, close the socket and wait (bounded) for the serving thread."""
+        """Stop accepting, close the socket and wait (bounded) for the serving thread.
+
+        Safe to call from a signal handler's helper thread while serve_forever() runs on the main one.
+        """
+        if self._serving.is_set():
+            self._server.shutdown()  # returns once serve_forever's loop has seen the request (one poll)
         if self._thread is not None:
-            self._server.shutdown()
             self._thread.join(timeout_s)
         self._server.server_close()
 

@@ -274,10 +274,13 @@ class S3PrefixSource:
     bucket: str
     prefix: str
     images_only: bool = False
+    page_size: int = _S3_PAGE_SIZE
 
     def iter_keys(self) -> Iterator[str]:
         paginator = s3_client().get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix, PaginationConfig={"PageSize": _S3_PAGE_SIZE})
+        pages = paginator.paginate(
+            Bucket=self.bucket, Prefix=self.prefix, PaginationConfig={"PageSize": self.page_size}
+        )
         try:
             for page in pages:
                 for obj in page.get("Contents", ()):
