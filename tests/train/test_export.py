@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +62,15 @@ def _train(model: torch.nn.Module, pairs: list[tuple[str, str]]) -> torch.nn.Mod
         torch.nn.functional.cross_entropy(model(batch), target).backward()
         optimiser.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model gains nothing from threads, and on a shared 2-core runner OpenMP spinning makes it 10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
