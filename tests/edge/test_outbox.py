@@ -53,6 +53,9 @@ def test_fifo_claim_release_ack(tmp_path: Path) -> None:
         assert [m.message_id for m in outbox.claim(10)] == [ids[1]]
         assert outbox.ack([first[0].row_id, first[1].row_id]) == 2
         assert outbox.ack([first[0].row_id]) == 0  # a second ack of the same row changes nothing
+        # Acks commit without a disk flush; every other write must still be synced (2 = FULL).
+        assert outbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert outbox._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         stats = outbox.stats()
         assert (stats.depth, stats.sent, stats.enqueued, stats.in_flight) == (3, 2, 5, 3)
         assert stats.bytes == sum(len(m.payload) for m in second)
