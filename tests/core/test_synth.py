@@ -19,9 +19,9 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_same_seed_writes_byte_identical_files_and_a_larger_count_extends(tmp_path: Path) -> None:
-    first = generate(tmp_path / "a", 18, seed=7, size=64)
-    generate(tmp_path / "b", 18, seed=7, size=64)
+def test_same_seed_writes_byte_identical_files_whatever_the_workers_and_a_larger_count_extends(tmp_path: Path) -> None:
+    first = generate(tmp_path / "a", 18, seed=7, size=64, workers=3)
+    generate(tmp_path / "b", 18, seed=7, size=64, workers=1)
     generate(tmp_path / "c", 18, seed=8, size=64)
     generate(tmp_path / "d", 24, seed=7, size=64)
 
