@@ -168,9 +168,7 @@ class Pipeline:
 
     def process(self, frame: Frame) -> Judgement | None:
         """Judge one frame and hand it on; corrupt frames and failures are counted, never raised."""
-        new = self.models.take_pending()
-        if new is not None:
-            self._model_changed(new)
+        self.swap_if_ready()
         model = self._active
         if frame.image is None:
             self._failed(frame, frame.error or "no image")
@@ -195,6 +193,12 @@ class Pipeline:
     def active_model(self) -> LoadedModel:
         """The model judging frames now (the manager's current one is swapped in only between frames)."""
         return self._active
+
+    def swap_if_ready(self) -> None:
+        """Make a newly loaded model the active one; called only between frames (on the inference thread)."""
+        new = self.models.take_pending()
+        if new is not None:
+            self._model_changed(new)
 
     def _model_changed(self, new: LoadedModel) -> None:
         old, self._active = self._active, new
@@ -260,6 +264,7 @@ class Pipeline:
             if frame is None:
                 if self._capture_done.is_set() and not len(self.queue):
                     return
+                self.swap_if_ready()  # an idle line still gets (and announces) its new model
                 continue
             self.process(frame)
 
