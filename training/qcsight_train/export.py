@@ -404,7 +404,7 @@ class _Export:
         if max_diff <= tolerance and not mismatched:
             return record
         row, column = np.unravel_index(int(diff.argmax()), diff.shape)
-        shown = "; ".join(f"{Path(p).name}: torch={t} onnx={o}" for p, t, o in mismatched[:5])
+        shown = "; ".join(f"{_short(p)}: torch={t} onnx={o}" for p, t, o in mismatched[:5])
         more = f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else ""
         classes_text = (f"predicted classes differ on {len(mismatched)} image(s): {shown}{more}" if mismatched
                         else "predicted classes agree")
@@ -580,6 +580,11 @@ def reference_histograms(probabilities: np.ndarray, brightness: np.ndarray) -> d
         "images": len(brightness),
         "source": "validation",
     }
+
+
+def _short(path: str) -> str:
+    """The class folder and file name: enough to find an image, short enough for an error message."""
+    return "/".join(Path(path).parts[-2:])
 
 
 def _manifest_summary(summary: Mapping[str, Any], scored: ScoredImages) -> dict[str, Any]:
