@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from qcsight_core.bundle import Bundle, load_bundle
+from qcsight_core.dataset import Sample
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import PreprocessSpec, normalize, prepare_pixels, preprocess_batch
 from qcsight_core.runner import OnnxRunner, RunnerOptions
@@ -274,7 +275,8 @@ def test_int8_dropped_when_the_allowed_drop_is_negative(exported: Exported, tmp_
 def test_no_defects_in_validation_falls_back_to_the_default_threshold(exported: Exported, tmp_path: Path) -> None:
     # An earlier bundle in output_dir is replaced once the new one is complete.
     out = make_tiny_bundle(tmp_path / "bundle").path
-    goods = [(p, label) for p, label in exported.validation if label == "good"]
+    # Dataset Samples are accepted as well as (path, label) pairs.
+    goods = [Sample(p, label, group=p, split="val") for p, label in exported.validation if label == "good"]
     tarball = tmp_path / "elsewhere" / "model.tar.gz"
     bundle = export_bundle(exported.model, output_dir=out, spec=SPEC, classes=CLASSES, defect_classes=DEFECTS,
                            architecture="tiny-conv", name="parts", version="10", run_id="run-4",
