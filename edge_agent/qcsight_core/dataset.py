@@ -505,7 +505,9 @@ def _split_stratum(stratum: str, groups: list[str], members: Mapping[str, list[S
                    assignment: dict[str, str], fractions: Mapping[str, float], seed: int) -> None:
     # Seeded per stratum, so adding images of one class does not reshuffle the others.
     rng = np.random.default_rng([seed, zlib.crc32(stratum.encode("utf-8"))])
-    size = {g: len(members[g]) for g in groups}
+    # Only the stratum's own class counts: a group mixing one rare sample with many common ones
+    # must not fill the rare class's quota.
+    size = {g: sum(1 for s in members[g] if s.label == stratum) for g in groups}
     total = sum(size.values())
     target = {s: fractions[s] * total for s in SPLITS}
     count = dict.fromkeys(SPLITS, 0)
@@ -527,9 +529,11 @@ def _split_stratum(stratum: str, groups: list[str], members: Mapping[str, list[S
             room = max(1.0, target[split] - count[split])
             fitting = [g for g in free if size[g] <= room]
             place(fitting[0] if fitting else min(free, key=lambda g: size[g]), split)
-    # Largest groups first (shuffled among equal sizes) fill the targets most evenly.
-    for group in sorted(free, key=lambda g: -size[g]):
-        split = max(active, key=lambda s: (target[s] - count[s], -SPLITS.index(s)))
+    # In random order, each group goes where the largest share of the target is still missing
+    # once half the group is counted. Largest-first would balance counts a touch better, but it
+    # would send the biggest near-duplicate clusters to train whatever the seed.
+    for group in list(free):
+        split = max(active, key=lambda s: ((target[s] - count[s] - size[group] / 2) / target[s], -SPLITS.index(s)))
         place(group, split)
 
 
