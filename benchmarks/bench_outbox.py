@@ -10,8 +10,9 @@ as the edge tests) and measures, over the same transport and in-flight window:
 3. outage: the broker is stopped, N messages pile up in the outbox, the broker comes back;
    how long the backlog takes to drain (reconnect included), as messages/s.
 
-Prints messages/s and the ratios to the raw baseline. Needs the ``edge`` and ``dev`` extras and
-the ``mosquitto`` binary. Example::
+Prints messages/s and the ratios to the raw baseline. Every ``put`` waits for one disk flush
+(synchronous=FULL), so the store rate follows the disk: on a shared VM it moves run to run.
+Needs the ``edge`` and ``dev`` extras and the ``mosquitto`` binary. Example::
 
     .venv/bin/python benchmarks/bench_outbox.py --messages 2000 --window 32
 """
