@@ -122,3 +122,14 @@ def test_bad_fractions_are_refused(val: float, test: float) -> None:
     index = DatasetIndex((Sample("/d/a.png", "c", "a"),), ("c",))
     with pytest.raises(ConfigError):
         split_index(index, val=val, test=test)
+
+
+def test_a_mixed_group_does_not_fill_the_rare_class_quota() -> None:
+    samples = [Sample(f"/d/rare/{i}.png", "rare", f"r{i}") for i in range(19)]
+    samples += [Sample("/d/mix/rare.png", "rare", "mixed")]
+    samples += [Sample(f"/d/mix/{i}.png", "common", "mixed") for i in range(40)]
+    samples += [Sample(f"/d/common/{i}.png", "common", f"c{i}") for i in range(200)]
+    index = DatasetIndex(tuple(samples), ("common", "rare"))
+    for seed in range(10):
+        counts = split_index(index, seed=seed).counts()
+        assert 2 <= counts["test"]["rare"] <= 4 and 2 <= counts["val"]["rare"] <= 4, (seed, counts)
