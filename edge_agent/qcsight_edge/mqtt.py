@@ -53,7 +53,8 @@ class MqttSettings:
         keep_alive_s: MQTT keep-alive (IoT Core accepts 30-1200 s).
         connect_timeout_s: how long one connection attempt (TCP+TLS+CONNACK) may take.
         ack_timeout_s: how long a sent publish may wait for its PUBACK before it fails.
-        min_reconnect_delay_s, max_reconnect_delay_s: the SDK's exponential reconnect backoff bounds.
+        min_reconnect_delay_s, max_reconnect_delay_s: the SDK's exponential reconnect backoff bounds
+            (MQTT5: full jitter; MQTT 3.1.1: whole seconds, at least 1, and no jitter in the SDK).
         max_in_flight: publishes awaiting PUBACK at once; more fail at once instead of queueing.
         iot_core_limits: MQTT5 only: throttle to IoT Core's per-connection limits (100 publishes/s,
             512 KB/s) on the client, so a backlog drains at the rate IoT Core accepts instead of
