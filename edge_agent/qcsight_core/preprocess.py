@@ -171,6 +171,16 @@ def prepare_pixels(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """uint8 HxWxC (or NxHxWxC) at model size to float32 CxHxW (or NxCxHxW), scaled by mean/std."""
+    if pixels.ndim in (3, 4) and pixels.shape[-1] == spec._scale.size:
+        # Straight into the channel-first output, one channel at a time: the same float32
+        # multiply-then-add as below, bit for bit, without the float HWC temporaries and the
+        # transposing copy (several times faster; batch scoring spends its CPU here).
+        batch = pixels if pixels.ndim == 4 else pixels[None]
+        out = np.empty((batch.shape[0], batch.shape[3], *batch.shape[1:3]), dtype=np.float32)
+        for channel in range(batch.shape[3]):
+            np.multiply(batch[..., channel], spec._scale[channel], out=out[:, channel], dtype=np.float32)
+            out[:, channel] += spec._shift[channel]
+        return out if pixels.ndim == 4 else out[0]
     scaled = pixels.astype(np.float32) * spec._scale + spec._shift
     if scaled.ndim == 3:
         return np.ascontiguousarray(scaled.transpose(2, 0, 1))
