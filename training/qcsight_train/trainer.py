@@ -1,0 +1,286 @@
+"""One training run: model, loaders, optimiser and schedule, the epoch loop with checkpoints and resumption.
+
+Head-only epochs first (the pretrained backbone frozen, its BatchNorm statistics kept), then
+the whole network. AdamW with linear warm-up and cosine decay, stepped per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from qcsight_train import checkpoint
+from qcsight_train.augment import AlbumentationsAugment
+from qcsight_train.config import TrainConfig
+from qcsight_train.data import ImageDataset, ShardSampler, Splits, WeightedShardSampler, class_weights
+from qcsight_train.distributed import DistInfo, all_gather, barrier
+from qcsight_train.engine import (
+    EpochStats,
+    EvalResult,
+    Precision,
+    choose_precision,
+    epoch_line,
+    evaluate,
+    train_one_epoch,
+)
+from qcsight_train.models import create_model, head_prefix, preprocess_spec
+
+log = logging.getLogger(__name__)
+epoch_log = logging.getLogger("qcsight_train.epoch")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What the epoch loop leaves behind.
+
+    Attributes:
+        best_path: best.pt in the checkpoint directory (the weights with the best val macro-F1).
+        best_epoch: 1-based epoch of those weights.
+        best_macro_f1: their validation macro-F1.
+        history: one dict per finished epoch (this run's and the resumed run's).
+        resumed_from: epochs already done when this process started (0 for a fresh run).
+        world_size: processes that trained.
+    """
+
+    best_path: Path
+    best_epoch: int
+    best_macro_f1: float
+    history: tuple[dict[str, Any], ...]
+    resumed_from: int
+    world_size: int
+    epochs: int = field(default=0)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms and biases; the backbone at lr * backbone_lr_scale."""
+    prefix = head_prefix(cfg.arch)
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(h, d): [] for h in (True, False) for d in (True, False)}
+    for name, param in model.named_parameters():
+        groups[(name.startswith(prefix), param.ndim > 1)].append(param)
+    param_groups = [
+        {"params": params, "lr": cfg.lr * (1.0 if is_head else cfg.backbone_lr_scale),
+         "weight_decay": cfg.weight_decay if decay else 0.0, "name": ("head" if is_head else "backbone")}
+        for (is_head, decay), params in groups.items() if params
+    ]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up to each group's lr, then cosine decay to min_lr_ratio of it."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_phase(model: nn.Module, cfg: TrainConfig, head_only: bool) -> None:
+    """Train the head alone (backbone frozen, BatchNorm statistics kept) or the whole network."""
+    prefix = head_prefix(cfg.arch)
+    for name, param in model.named_parameters():
+        param.requires_grad_(not head_only or name.startswith(prefix))
+    model.train()
+    if head_only:
+        model.eval()
+        model.get_submodule(prefix.rstrip(".")).train()
+
+
+def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP over the parameters that train in this phase (rebuilt when the backbone unfreezes)."""
+    if not info.distributed:
+        return model
+    device_ids = [info.local_rank] if info.torch_device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _loader(dataset: ImageDataset, sampler: DistributedSampler[int] | WeightedShardSampler | ShardSampler,
+            batch_size: int, cfg: TrainConfig, info: DistInfo,
+            train: bool) -> DataLoader[Any]:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.workers,
+                      pin_memory=info.torch_device.type == "cuda", drop_last=train and len(sampler) > batch_size,
+                      persistent_workers=False)
+
+
+@dataclass
+class _Loop:
+    """The objects of one run, built once; the loop below only drives them."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    model: nn.Module
+    train_set: ImageDataset
+    train_sampler: DistributedSampler[int] | WeightedShardSampler
+    train_loader: DataLoader[Any]
+    val_loader: DataLoader[Any]
+    criterion: nn.Module
+    val_criterion: nn.Module
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    precision: Precision
+    num_classes: int
+
+
+def _build(cfg: TrainConfig, splits: Splits, info: DistInfo) -> _Loop:
+    device = info.torch_device
+    precision = choose_precision(cfg.amp, device, cfg.channels_last)
+    num_classes = len(splits.classes)
+    seed_everything(cfg.seed)  # the same new head on every rank
+    if info.is_main:  # one download at a time; the other ranks then read the cache
+        model = create_model(cfg.arch, num_classes, cfg.weights)
+        barrier(info)
+    else:
+        barrier(info)
+        model = create_model(cfg.arch, num_classes, cfg.weights)
+    if info.distributed and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]  # not on CPU/gloo
+    model.to(device)
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+    spec = preprocess_spec(cfg.arch, cfg.img_size, cfg.resize)
+    train_set = ImageDataset(splits.train, splits.classes, spec, AlbumentationsAugment(cfg.augment), cfg.seed)
+    val_set = ImageDataset(splits.val, splits.classes, spec)
+    weights = class_weights(train_set.labels, num_classes, cfg.balance_power)
+    sampler: DistributedSampler[int] | WeightedShardSampler
+    if cfg.balance == "sampler":
+        sampler = WeightedShardSampler(train_set.labels, weights, rank=info.rank, world_size=info.world_size,
+                                       seed=cfg.seed)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=cfg.seed)
+    train_loader = _loader(train_set, sampler, cfg.batch_size, cfg, info, train=True)
+    val_loader = _loader(val_set, ShardSampler(len(val_set), rank=info.rank, world_size=info.world_size),
+                         cfg.batch_size * 2, cfg, info, train=False)
+    loss_weights = weights.to(device) if cfg.balance == "loss" else None
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
+    torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout differs per rank from here on
+    return _Loop(cfg, info, model, train_set, sampler, train_loader, val_loader,
+                 nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.label_smoothing), nn.CrossEntropyLoss(),
+                 optimizer, scheduler, scaler, precision, num_classes)
+
+
+def identity(cfg: TrainConfig, splits: Splits, info: DistInfo) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by this run."""
+    return {"arch": cfg.arch, "classes": list(splits.classes), "img_size": cfg.img_size, "epochs": cfg.epochs,
+            "freeze_epochs": cfg.freeze_epochs, "batch_size": cfg.batch_size, "world_size": info.world_size,
+            "balance": cfg.balance, "data_fingerprint": splits.fingerprint}
+
+
+def _resume(loop: _Loop, directory: Path, ident: dict[str, Any]) -> tuple[int, list[dict[str, Any]], float, int]:
+    """Restore last.pt if this run has one: (epochs done, history, best macro-F1, best epoch)."""
+    path = directory / checkpoint.LAST
+    payload = checkpoint.load(path) if loop.cfg.resume else None
+    if payload is None:
+        return 0, [], -1.0, 0
+    checkpoint.check_identity(payload, ident, path)
+    loop.model.load_state_dict(payload["model"])
+    loop.optimizer.load_state_dict(payload["optimizer"])
+    loop.scheduler.load_state_dict(payload["scheduler"])
+    if loop.scaler is not None and payload.get("scaler"):
+        loop.scaler.load_state_dict(payload["scaler"])
+    states = payload.get("rng", [])
+    if len(states) == loop.info.world_size:
+        checkpoint.set_rng_state(states[loop.info.rank])
+    done = int(payload["epoch"])
+    log.info("resuming from %s: %d of %d epochs done, best val macro-F1 %.4f at epoch %d", path, done,
+             loop.cfg.epochs, payload["best_macro_f1"], payload["best_epoch"])
+    return done, list(payload["history"]), float(payload["best_macro_f1"]), int(payload["best_epoch"])
+
+
+def fit(cfg: TrainConfig, splits: Splits, info: DistInfo, checkpoint_dir: Path) -> TrainResult:
+    """Train for cfg.epochs (continuing a checkpointed run), checkpointing after every epoch.
+
+    Only rank 0 writes; every rank reads the checkpoint when resuming.
+    """
+    loop = _build(cfg, splits, info)
+    ident = identity(cfg, splits, info)
+    done, history, best_f1, best_epoch = _resume(loop, checkpoint_dir, ident)
+    if done:
+        epoch_log.info("resumed at epoch %d/%d", done + 1, cfg.epochs)
+    phase: str | None = None
+    runner: nn.Module = loop.model
+    for epoch in range(done, cfg.epochs):
+        head_only = epoch < cfg.freeze_epochs
+        if phase != ("head" if head_only else "full"):
+            phase = "head" if head_only else "full"
+            set_phase(loop.model, cfg, head_only)
+            runner = wrap(loop.model, info)
+            log.info("epoch %d: training %s", epoch + 1, "the head only" if head_only else "the whole network")
+        else:
+            set_phase(loop.model, cfg, head_only)
+        loop.train_sampler.set_epoch(epoch)
+        loop.train_set.set_epoch(epoch)
+        stats = train_one_epoch(runner, loop.train_loader, loop.criterion, loop.optimizer, loop.scheduler,
+                                info=info, precision=loop.precision, scaler=loop.scaler)
+        result = evaluate(loop.model, loop.val_loader, loop.val_criterion, loop.num_classes, info=info,
+                          precision=loop.precision)
+        lr = _head_lr(loop.optimizer)
+        history.append(_record(epoch + 1, phase, stats, result, lr))
+        if info.is_main:
+            epoch_log.info(epoch_line(epoch + 1, cfg.epochs, stats, result, lr))
+        if result.macro_f1 > best_f1:
+            best_f1, best_epoch = result.macro_f1, epoch + 1
+            if info.is_main:
+                checkpoint.save_atomic({"format": checkpoint.FORMAT, "model": _cpu_state(loop.model),
+                                        "epoch": best_epoch, "macro_f1": best_f1, "identity": ident},
+                                       checkpoint_dir / checkpoint.BEST)
+        _save_last(loop, checkpoint_dir, ident, epoch + 1, history, best_f1, best_epoch)
+    barrier(info)
+    return TrainResult(checkpoint_dir / checkpoint.BEST, best_epoch, best_f1, tuple(history), done, info.world_size,
+                       cfg.epochs)
+
+
+def _save_last(loop: _Loop, directory: Path, ident: dict[str, Any], epochs_done: int, history: list[dict[str, Any]],
+               best_f1: float, best_epoch: int) -> None:
+    states = all_gather(loop.info, checkpoint.rng_state())  # every rank joins; rank 0 writes
+    if not loop.info.is_main:
+        return
+    checkpoint.save_atomic({
+        "format": checkpoint.FORMAT, "identity": ident, "epoch": epochs_done,
+        "model": _cpu_state(loop.model), "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(),
+        "scaler": loop.scaler.state_dict() if loop.scaler is not None else {},
+        "rng": states, "history": history, "best_macro_f1": best_f1, "best_epoch": best_epoch,
+    }, directory / checkpoint.LAST)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def _head_lr(optimizer: torch.optim.Optimizer) -> float:
+    for group in optimizer.param_groups:
+        if group.get("name") == "head":
+            return float(group["lr"])
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def _record(epoch: int, phase: str, stats: EpochStats, result: EvalResult, lr: float) -> dict[str, Any]:
+    return {"epoch": epoch, "phase": phase, "train_loss": stats.loss, "val_loss": result.loss,
+            "val_acc": result.accuracy, "val_macro_f1": result.macro_f1, "lr": lr,
+            "images_per_s": stats.images_per_s, "seconds": stats.seconds, "images": stats.images,
+            "per_rank_images": list(stats.per_rank_images)}
