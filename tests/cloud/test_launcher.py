@@ -659,14 +659,20 @@ def test_help_answers_the_question(capsys: pytest.CaptureFixture[str]) -> None:
         assert text in out
 
 
-def test_dispatch_through_the_qcsight_command(moto: tuple[str, Recording], checkout: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_dispatch_through_the_qcsight_command_ships_this_checkout(moto: tuple[str, Recording],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from qcsight_core.cli import main as qcsight
 
     _, recording = moto
-    assert qcsight(["train", *train_argv(checkout), "--dry-run"]) == 0
-    assert json.loads(capsys.readouterr().out)["operation"] == "CreateTrainingJob"
+    code = qcsight(["train", "--sagemaker", "--role", ROLE, "--data", "s3://qc-data/train/",
+                    "--output-s3", "s3://qc-out/models", "--epochs", "3", "--dry-run"])
+    assert code == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["operation"] == "CreateTrainingJob"
+    assert dry["request"]["HyperParameters"] == {"epochs": "3"}
     assert recording.total == 0
+    source = next(u for u in dry["uploads"] if u["what"] == "source")
+    assert int(source["files"]) > 10  # the real qcsight_core and qcsight_train, not a stub tree
 
 
 # --------------------------------------------------------------------------- pieces
@@ -684,8 +690,16 @@ def test_source_package_is_reproducible_and_leaves_the_rest_home(checkout: Path,
                 or ".egg-info" in f]
 
 
-def test_default_source_dir_is_this_checkout() -> None:
+def test_this_checkout_packs_the_code_the_job_needs(tmp_path: Path) -> None:
     assert launcher.default_source_dir() == REPO_ROOT
+    package = launcher.package_source(REPO_ROOT, tmp_path)
+    for needed in ("training/sagemaker_entry.py", "training/qcsight_train/cli.py", "edge_agent/qcsight_core/bundle.py",
+                   "edge_agent/qcsight_core/preprocess.py", "pyproject.toml"):
+        assert needed in package.files
+    assert not [f for f in package.files if f.startswith(("tests/", ".venv/", ".git/")) or f.endswith(".pyc")]
+    names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in package.requirements}
+    assert {"onnxruntime", "onnx", "albumentations", "opencv-python-headless", "numpy"} <= names
+    assert not names & {"torch", "torchvision", "sagemaker", "boto3", "pytest"}
 
 
 def test_wait_polls_until_done_and_reports_failure_and_timeout() -> None:
