@@ -37,16 +37,15 @@ KIND_BY_SCHEMA = {messages.METRICS: "metrics", messages.ALERT: "alerts", message
 class Outbox(Protocol):
     """The part of qcsight_edge.outbox.Outbox the agent writes through."""
 
-    def next_seq(self) -> int: ...
-
-    def enqueue(self, topic: str, payload: bytes, message_id: str, kind: str) -> bool: ...
+    def put(self, topic: str, kind: str, build: Callable[[int], tuple[str, bytes]]) -> tuple[int, bool]: ...
 
 
 class MessageSink:
     """Builds each message (envelope with the outbox's next seq), validates it and stores it in the outbox.
 
-    Nothing goes to the network from here: the sender drains the outbox. One lock keeps seq
-    order equal to storage order when several threads emit.
+    Nothing goes to the network from here: the sender drains the outbox. Seq and message are
+    stored in one outbox transaction, so seq order is storage order whichever thread emits, and
+    a message that fails validation uses no seq.
     """
 
     def __init__(self, outbox: Outbox, thing: str, clock: Clock, on_stored: Callable[[], None] | None = None) -> None:
@@ -61,19 +60,24 @@ class MessageSink:
     def emit(self, schema: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """Store one message; returns it as stored. Raises MessageError if body breaks the schema."""
         kind = KIND_BY_SCHEMA[schema]
-        with self._lock:
-            message = messages.envelope(schema, self.thing, self.outbox.next_seq())
+        built: dict[str, Any] = {}
+
+        def build(seq: int) -> tuple[str, bytes]:
+            message = messages.envelope(schema, self.thing, seq)
             message["time"] = iso_utc(self.clock.time())
             message.update(body)
-            payload = messages.encode(message)
-            stored = self.outbox.enqueue(topic(self.thing, kind), payload, message["message_id"], kind)
+            built.update(message)
+            return message["message_id"], messages.encode(message)
+
+        _, stored = self.outbox.put(topic(self.thing, kind), kind, build)
+        with self._lock:
             if stored:
                 self.emitted[kind] += 1
             else:
                 self.dropped += 1
         if stored and self.on_stored is not None:
             self.on_stored()
-        return message
+        return built
 
 
 class LineSignal(Protocol):

@@ -1,4 +1,10 @@
-"""Capture thread -> bounded frame queue -> ROI crop -> preprocess -> ONNX Runtime -> verdict -> outputs."""
+"""Capture -> bounded frame queue -> ROI crop + preprocess -> ONNX Runtime -> verdict -> outputs.
+
+Three threads: capture (reads the source), prepare (crop, preprocess, input statistics) and
+inference (run, decide, hand on). Preparing the next frame while the current one is in ONNX
+Runtime keeps the model busy; only frames about to be judged are prepared, because the
+drop-oldest queue sits before the prepare stage.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import cv2
 import numpy as np
 
 from qcsight_core.drift import InputStats, input_statistics
 from qcsight_core.errors import QcsightError
-from qcsight_core.preprocess import normalize, prepare_pixels
+from qcsight_core.preprocess import PreprocessSpec, normalize, prepare_pixels
 from qcsight_core.verdict import Verdict
 from qcsight_edge.capture import Frame, FrameSource
 from qcsight_edge.clock import Clock
@@ -26,11 +32,13 @@ from qcsight_edge.outputs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-class FrameQueue:
-    """A bounded FIFO between capture and inference.
 
-    put() on a full queue drops the OLDEST frame (a camera's newest picture is the one worth
+class BoundedQueue(Generic[T]):
+    """A bounded FIFO between two threads.
+
+    put() on a full queue drops the OLDEST item (a camera's newest picture is the one worth
     judging) and returns it so its source can be told; put_wait() instead waits for room, for
     lossless sources whose frames must all be judged.
     """
@@ -39,37 +47,37 @@ class FrameQueue:
         if maxsize < 1:
             raise ValueError("queue size must be at least 1")
         self.maxsize = maxsize
-        self._items: deque[Frame] = deque()
+        self._items: deque[T] = deque()
         self._cond = threading.Condition()
         self.dropped = 0
 
-    def put(self, frame: Frame) -> Frame | None:
+    def put(self, item: T) -> T | None:
         with self._cond:
             dropped = None
             if len(self._items) >= self.maxsize:
                 dropped = self._items.popleft()
                 self.dropped += 1
-            self._items.append(frame)
-            self._cond.notify()
+            self._items.append(item)
+            self._cond.notify_all()
             return dropped
 
-    def put_wait(self, frame: Frame, timeout_s: float) -> bool:
+    def put_wait(self, item: T, timeout_s: float) -> bool:
         with self._cond:
             if not self._cond.wait_for(lambda: len(self._items) < self.maxsize, timeout_s):
                 return False
-            self._items.append(frame)
+            self._items.append(item)
             self._cond.notify_all()
             return True
 
-    def get(self, timeout_s: float) -> Frame | None:
+    def get(self, timeout_s: float) -> T | None:
         with self._cond:
             if not self._cond.wait_for(lambda: bool(self._items), timeout_s):
                 return None
-            frame = self._items.popleft()
+            item = self._items.popleft()
             self._cond.notify_all()
-            return frame
+            return item
 
-    def drain(self) -> list[Frame]:
+    def drain(self) -> list[T]:
         with self._cond:
             items = list(self._items)
             self._items.clear()
@@ -79,6 +87,21 @@ class FrameQueue:
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
+
+
+FrameQueue = BoundedQueue[Frame]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A frame made ready for one preprocessing spec, or the reason it cannot be."""
+
+    frame: Frame
+    spec: PreprocessSpec | None = None
+    region: np.ndarray | None = None
+    stats: InputStats | None = None
+    batch: np.ndarray | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,14 +125,32 @@ def crop(image: np.ndarray, roi: Roi | None) -> np.ndarray:
     return image[y0:y1, x0:x1]
 
 
+def prepare(frame: Frame, spec: PreprocessSpec, roi: Roi | None) -> Prepared:
+    """Crop and preprocess (the one qcsight_core path); a corrupt frame comes back with `error`, never raises."""
+    if frame.image is None:
+        return Prepared(frame, error=frame.error or "no image")
+    try:
+        region = crop(frame.image, roi)
+        pixels = prepare_pixels(region, spec)
+        stats = input_statistics(pixels, spec.color)
+        batch = normalize(pixels, spec)[None]
+    except (QcsightError, cv2.error, ValueError) as exc:
+        return Prepared(frame, error=str(exc))
+    return Prepared(frame, spec, region, stats, batch)
+
+
 def judge(model: LoadedModel, image: np.ndarray, roi: Roi | None) -> Judgement:
-    """Crop, preprocess (the one qcsight_core path), run and decide one image."""
-    region = crop(image, roi)
-    spec = model.bundle.manifest.input
-    pixels = prepare_pixels(region, spec)
-    stats = input_statistics(pixels, spec.color)
-    probs = model.runner.run(normalize(pixels, spec)[None])
-    return Judgement(model.decider.decide(probs[0]), stats, region)
+    """Crop, preprocess, run and decide one image (raises QcsightError when it cannot)."""
+    ready = prepare(Frame("-", image, "-"), model.bundle.manifest.input, roi)
+    if ready.error is not None:
+        raise QcsightError(ready.error)
+    return _run(model, ready)
+
+
+def _run(model: LoadedModel, ready: Prepared) -> Judgement:
+    assert ready.batch is not None and ready.stats is not None and ready.region is not None
+    probs = model.runner.run(ready.batch)
+    return Judgement(model.decider.decide(probs[0]), ready.stats, ready.region)
 
 
 class VerdictSink(Protocol):
@@ -127,7 +168,7 @@ class PipelineCounters:
 
 
 class Pipeline:
-    """Runs one source through the current model on two threads (capture, inference).
+    """Runs one source through the current model on three threads (capture, prepare, inference).
 
     Args:
         source: the frame source.
@@ -136,10 +177,11 @@ class Pipeline:
         metrics: the current metrics window.
         clock: time for latencies.
         roi: the crop applied before preprocessing.
-        queue_size: frames waiting for inference at most.
+        queue_size: frames waiting for inference at most (one more may be prepared, one in the model).
         on_model_change: called on the inference thread right after a new model was swapped in,
             with the old and the new model, before the next frame is judged.
-        read_timeout_s: the longest one source read blocks, which bounds how fast stop() is noticed.
+        read_timeout_s: the longest one source read or queue wait blocks, which bounds how fast
+            stop() is noticed.
     """
 
     def __init__(self, source: FrameSource, models: ModelManager, sink: VerdictSink, metrics: MetricsRecorder,
@@ -152,12 +194,14 @@ class Pipeline:
         self.metrics = metrics
         self.clock = clock
         self.roi = roi
-        self.queue = FrameQueue(queue_size)
+        self.queue: BoundedQueue[Frame] = BoundedQueue(queue_size)
+        self._ready: BoundedQueue[Prepared] = BoundedQueue(1)
         self.counters = PipelineCounters()
         self._on_model_change = on_model_change
         self._read_timeout_s = read_timeout_s
         self._stop = threading.Event()
         self._capture_done = threading.Event()
+        self._prepare_done = threading.Event()
         self._threads: list[threading.Thread] = []
         self._counter_lock = threading.Lock()
         self._warn = RateLimitedLog(log)
@@ -169,13 +213,20 @@ class Pipeline:
     def process(self, frame: Frame) -> Judgement | None:
         """Judge one frame and hand it on; corrupt frames and failures are counted, never raised."""
         self.swap_if_ready()
+        return self._judge(prepare(frame, self._active.bundle.manifest.input, self.roi))
+
+    def _judge(self, ready: Prepared) -> Judgement | None:
         model = self._active
-        if frame.image is None:
-            self._failed(frame, frame.error or "no image")
+        spec = model.bundle.manifest.input
+        if ready.error is None and ready.spec != spec:
+            ready = prepare(ready.frame, spec, self.roi)  # prepared for the model that was just replaced
+        frame = ready.frame
+        if ready.error is not None:
+            self._failed(frame, ready.error)
             return None
         try:
-            judgement = judge(model, frame.image, self.roi)
-        except (QcsightError, cv2.error, ValueError) as exc:
+            judgement = _run(model, ready)
+        except (QcsightError, ValueError) as exc:
             self._failed(frame, str(exc))
             return None
         latency = max(0.0, self.clock.monotonic() - frame.captured_at)
@@ -198,13 +249,10 @@ class Pipeline:
         """Make a newly loaded model the active one; called only between frames (on the inference thread)."""
         new = self.models.take_pending()
         if new is not None:
-            self._model_changed(new)
-
-    def _model_changed(self, new: LoadedModel) -> None:
-        old, self._active = self._active, new
-        log.info("model swapped: %s %s -> %s %s", old.name, old.version, new.name, new.version)
-        if self._on_model_change is not None:
-            self._on_model_change(old, new)
+            old, self._active = self._active, new
+            log.info("model swapped: %s %s -> %s %s", old.name, old.version, new.name, new.version)
+            if self._on_model_change is not None:
+                self._on_model_change(old, new)
 
     def _failed(self, frame: Frame, reason: str) -> None:
         self.metrics.error()
@@ -218,6 +266,7 @@ class Pipeline:
     def start(self) -> None:
         self._threads = [
             threading.Thread(target=self._guard, args=(self._capture_loop,), name="qcsight-capture", daemon=True),
+            threading.Thread(target=self._guard, args=(self._prepare_loop,), name="qcsight-prepare", daemon=True),
             threading.Thread(target=self._guard, args=(self._inference_loop,), name="qcsight-inference", daemon=True),
         ]
         for thread in self._threads:
@@ -233,9 +282,7 @@ class Pipeline:
 
     def _capture_loop(self) -> None:
         try:
-            while not self._stop.is_set():
-                if self.source.exhausted:
-                    break
+            while not self._stop.is_set() and not self.source.exhausted:
                 frame = self.source.read(self._read_timeout_s)
                 if frame is None:
                     continue
@@ -243,34 +290,53 @@ class Pipeline:
                 with self._counter_lock:
                     self.counters.captured += 1
                 if self.source.lossless:
-                    while not self.queue.put_wait(frame, self._read_timeout_s):
-                        if self._stop.is_set():
-                            return  # the file stays where it is and is read on the next start
-                else:
-                    dropped = self.queue.put(frame)
-                    if dropped is not None:
-                        self.metrics.dropped()
-                        with self._counter_lock:
-                            self.counters.dropped += 1
-                        self.source.finish(dropped, False)
+                    if not self._put_wait(self.queue, frame):
+                        return  # stopping: the file stays where it is and is read on the next start
+                    continue
+                dropped = self.queue.put(frame)
+                if dropped is not None:
+                    self.metrics.dropped()
+                    with self._counter_lock:
+                        self.counters.dropped += 1
+                    self.source.finish(dropped, False)
         finally:
             self._capture_done.set()
 
-    def _inference_loop(self) -> None:
-        while True:
+    def _put_wait(self, queue: BoundedQueue[T], item: T) -> bool:
+        while not queue.put_wait(item, self._read_timeout_s):
             if self._stop.is_set():
-                return
-            frame = self.queue.get(self._read_timeout_s)
-            if frame is None:
-                if self._capture_done.is_set() and not len(self.queue):
+                return False
+        return True
+
+    def _prepare_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                frame = self.queue.get(self._read_timeout_s)
+                if frame is None:
+                    if self._capture_done.is_set() and not len(self.queue):
+                        return
+                    continue
+                # Read once: the inference thread may swap models meanwhile and re-prepares if so.
+                spec = self._active.bundle.manifest.input
+                if not self._put_wait(self._ready, prepare(frame, spec, self.roi)):
+                    return
+        finally:
+            self._prepare_done.set()
+
+    def _inference_loop(self) -> None:
+        while not self._stop.is_set():
+            ready = self._ready.get(self._read_timeout_s)
+            if ready is None:
+                if self._prepare_done.is_set() and not len(self._ready):
                     return
                 self.swap_if_ready()  # an idle line still gets (and announces) its new model
                 continue
-            self.process(frame)
+            self.swap_if_ready()
+            self._judge(ready)
 
     @property
     def finished(self) -> bool:
-        """True when both threads ended (stopped, the source is exhausted and drained, or a fatal error)."""
+        """True when every thread ended (stopped, the source is exhausted and drained, or a fatal error)."""
         return bool(self._threads) and not any(t.is_alive() for t in self._threads)
 
     def stop(self, timeout_s: float = 10.0) -> bool:
@@ -282,14 +348,14 @@ class Pipeline:
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        leftover = self.queue.drain()
+        leftover = len(self.queue.drain()) + len(self._ready.drain())
         if leftover:
-            log.info("stopping: %d queued frames not judged", len(leftover))
+            log.info("stopping: %d queued frames not judged", leftover)
         self.source.close()
         return not any(t.is_alive() for t in self._threads)
 
     def snapshot(self) -> dict[str, Any]:
         with self._counter_lock:
             return {"captured": self.counters.captured, "judged": self.counters.judged,
-                    "errors": self.counters.errors, "dropped": self.counters.dropped, "queued": len(self.queue)}
-
+                    "errors": self.counters.errors, "dropped": self.counters.dropped,
+                    "queued": len(self.queue) + len(self._ready)}
