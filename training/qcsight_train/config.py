@@ -323,7 +323,7 @@ def build_config(*layers: Mapping[str, Any]) -> TrainConfig:
     """Merge flat settings, later layers winning, into a validated TrainConfig."""
     merged: dict[str, Any] = {}
     for layer in layers:
-        merged.update(layer)
+        merged.update(flatten(layer, "settings"))
     augment = AugmentConfig(**{k: v for k, v in merged.items() if k in AUGMENT_FIELDS})
     top = {k: v for k, v in merged.items() if k in TRAIN_FIELDS}
     return TrainConfig(**top, augment=augment)
