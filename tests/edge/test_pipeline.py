@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcsight_core.errors import BundleIntegrityError
+from qcsight_core.errors import BundleIntegrityError, QcsightError
 from qcsight_edge.capture import Frame, OpenCvCamera
 from qcsight_edge.clock import ManualClock, SystemClock
 from qcsight_edge.config import ModelConfig, Roi, SourceConfig
@@ -182,3 +182,50 @@ def test_load_model_refuses_a_tampered_bundle(tmp_path: Path) -> None:
     (tmp_path / "b" / "model.onnx").write_bytes(b"not a model")
     with pytest.raises(BundleIntegrityError):
         load_model(ModelConfig(bundle=tmp_path / "b"))
+
+
+def int8_bundle(directory: Path) -> Path:
+    """The tiny bundle plus a real static INT8 (QDQ) model quantized by ONNX Runtime, listed in the manifest."""
+    from dataclasses import replace
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from qcsight_core.bundle import ModelFile, write_bundle
+    from qcsight_core.preprocess import preprocess
+
+    bundle = make_tiny_bundle(directory)
+
+    class Calibration(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            spec = bundle.manifest.input  # calibrate on what the device feeds it: preprocessed parts, dark to bright
+            self.batches = iter([{"input": preprocess(grey(v), spec)} for v in range(0, 256, 15)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    quantize_static(str(directory / "model.onnx"), str(directory / "model.int8.onnx"), Calibration(),
+                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    models = (*bundle.manifest.models, ModelFile("model.int8.onnx", precision="int8"))
+    write_bundle(directory, replace(bundle.manifest, models=models))
+    return directory
+
+
+def test_int8_runs_when_the_bundle_has_it_and_the_config_allows(tmp_path: Path) -> None:
+    path = int8_bundle(tmp_path / "b")
+    auto = load_model(ModelConfig(bundle=path, precision="auto", warmup_runs=1))
+    fp32 = load_model(ModelConfig(bundle=path, precision="fp32", warmup_runs=1))
+    assert (auto.runner.precision, auto.runner.model_path.name) == ("int8", "model.int8.onnx")
+    assert (fp32.runner.precision, fp32.runner.model_path.name) == ("fp32", "model.onnx")
+    for value in (20, 240):
+        image = grey(value)
+        assert pipeline_verdict(auto, image) == pipeline_verdict(fp32, image)
+    plain = model_at(tmp_path / "plain")
+    assert plain.runner.precision == "fp32"  # auto without an INT8 file
+    with pytest.raises(QcsightError, match="int8"):
+        load_model(ModelConfig(bundle=tmp_path / "plain", precision="int8"))
+
+
+def pipeline_verdict(model: LoadedModel, image: np.ndarray) -> str:
+    judgement = make_pipeline(model, NullSource(), Collect()).process(Frame("x", image, "cam"))
+    assert judgement is not None
+    return judgement.verdict.status
