@@ -37,7 +37,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from qcsight_batch.scorer import DecodedChunk, Scorer, ScorerConfig, available_cores
+from qcsight_batch.decode import DecodedChunk
+from qcsight_batch.scorer import Scorer, ScorerConfig, available_cores
 from qcsight_batch.sources import DirSource
 from qcsight_core.bundle import Bundle, DecisionPolicy, Manifest, ModelFile, write_bundle
 from qcsight_core.preprocess import PreprocessSpec
@@ -113,8 +114,8 @@ def build_bundle(folder: Path) -> tuple[Bundle, Any]:
 
 
 # ---------------------------------------------------------------- measurements
-class TreeMemory:
-    """Samples the summed RSS of a process and all its descendants; keeps the peak."""
+class TreeSampler:
+    """Samples a process and all its descendants: peak summed RSS, and CPU time (last value seen per process)."""
 
     def __init__(self, pid: int, interval_s: float = 0.05) -> None:
         import psutil
@@ -123,8 +124,13 @@ class TreeMemory:
         self._interval = interval_s
         self.peak_rss = 0
         self.peak_processes = 0
+        self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self._cpu.values())
 
     def _run(self) -> None:
         import psutil
@@ -132,17 +138,19 @@ class TreeMemory:
         while not self._stop.is_set():
             try:
                 processes = [self._root, *self._root.children(recursive=True)]
-                total = 0
-                for process in processes:
-                    with contextlib.suppress(psutil.Error):
-                        total += process.memory_info().rss
-                if total > self.peak_rss:
-                    self.peak_rss, self.peak_processes = total, len(processes)
             except psutil.Error:
                 return
+            total = 0
+            for process in processes:
+                with contextlib.suppress(psutil.Error):
+                    total += process.memory_info().rss
+                    times = process.cpu_times()
+                    self._cpu[process.pid] = times.user + times.system
+            if total > self.peak_rss:
+                self.peak_rss, self.peak_processes = total, len(processes)
             self._stop.wait(self._interval)
 
-    def __enter__(self) -> TreeMemory:
+    def __enter__(self) -> TreeSampler:
         self._thread.start()
         return self
 
@@ -158,7 +166,7 @@ def run_cli(bundle: Path, images: str, output: Path, workers: int, batch: int, e
                "--no-count", *extra]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    with TreeMemory(process.pid) as memory:
+    with TreeSampler(process.pid) as memory:
         _, stderr = process.communicate(timeout=900)
     wall = time.perf_counter() - start
     if process.returncode != 0:
@@ -167,11 +175,16 @@ def run_cli(bundle: Path, images: str, output: Path, workers: int, batch: int, e
     return {"images_per_s": summary["this_run"]["images_per_s"], "rows": summary["rows"],
             "errors": summary["errors"], "run_s": summary["this_run"]["elapsed_s"], "wall_s": round(wall, 2),
             "intra_op_threads": summary["intra_op_threads"], "peak_tree_rss_mb": round(memory.peak_rss / 2**20, 1),
-            "processes": memory.peak_processes}
+            "processes": memory.peak_processes,
+            # Whole-command CPU (start-up and model load included), sampled: robust to other users' load.
+            "cpu_ms_per_image": round(memory.cpu_s * 1000 / max(1, summary["rows"]), 2)}
 
 
-def naive_baseline(model: Any, files: list[Path], threads: int) -> float:
-    """PIL + torchvision transforms + torch eager, one image at a time (no_grad, eval mode)."""
+def naive_baseline(model: Any, files: list[Path], threads: int) -> tuple[float, float]:
+    """PIL + torchvision transforms + torch eager, one image at a time (no_grad, eval mode).
+
+    Returns images/s and CPU ms per image (this process, all its threads).
+    """
     import torch
 
     torch.set_num_threads(threads)
@@ -184,11 +197,12 @@ def naive_baseline(model: Any, files: list[Path], threads: int) -> float:
     ])
     with torch.no_grad():
         model(transform(Image.open(files[0]).convert("RGB"))[None])  # warm-up
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for path in files:
             logits = model(transform(Image.open(path).convert("RGB"))[None])
             torch.softmax(logits, dim=1)
-        return len(files) / (time.perf_counter() - start)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return len(files) / elapsed, cpu * 1000 / len(files)
 
 
 class _NoModelScorer(Scorer):
@@ -300,23 +314,30 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     figures["qcsight"] = qcsight
 
     print("model ceiling ...", flush=True)
-    model_all = max(model_ceiling(bundle, cores, args.batch_size) for _ in range(args.repeats))
-    model_used = max(model_ceiling(bundle, qcsight["intra_op_threads"], args.batch_size) for _ in range(args.repeats))
+    # The model alone at its best: every thread count from 1 to the core count (on a busy machine
+    # more ONNX Runtime threads can be slower: its pool spin-waits).
+    model_by_threads = {
+        threads: max(model_ceiling(bundle, threads, args.batch_size) for _ in range(args.repeats))
+        for threads in sorted({1, cores})
+    }
+    model_all = max(model_by_threads.values())
 
     print("naive baseline (PIL + torchvision + torch eager, batch 1) ...", flush=True)
-    naive_default = naive_baseline(torch_model, files[: args.naive_images], conditions["torch_default_threads"])
-    naive_one = naive_baseline(torch_model, files[: args.naive_images], 1)
+    naive_default, naive_default_cpu = naive_baseline(torch_model, files[: args.naive_images],
+                                                      conditions["torch_default_threads"])
+    naive_one, naive_one_cpu = naive_baseline(torch_model, files[: args.naive_images], 1)
     naive = max(naive_default, naive_one)
     figures["naive"] = {
         f"torch_{conditions['torch_default_threads']}_threads_images_per_s": round(naive_default, 2),
+        f"torch_{conditions['torch_default_threads']}_threads_cpu_ms_per_image": round(naive_default_cpu, 2),
         "torch_1_thread_images_per_s": round(naive_one, 2),
+        "torch_1_thread_cpu_ms_per_image": round(naive_one_cpu, 2),
         "images": min(args.naive_images, len(files)),
     }
     figures["ceilings"] = {
         "decode_preprocess_images_per_s": decode["images_per_s"],
         "decode_preprocess_runs": decode["all_runs_images_per_s"],
-        f"model_{cores}_threads_images_per_s": round(model_all, 1),
-        f"model_{qcsight['intra_op_threads']}_threads_images_per_s": round(model_used, 1),
+        **{f"model_{t}_threads_images_per_s": round(v, 1) for t, v in model_by_threads.items()},
     }
     lower = min(decode["images_per_s"], model_all)
     # On C cores the pipeline does both stages' work, so even perfect overlap is bounded by
@@ -324,6 +345,8 @@ def _bench(args: argparse.Namespace, work: Path) -> int:
     combined = 1 / (1 / decode["images_per_s"] + 1 / model_all)
     figures["ratios"] = {
         "qcsight_vs_naive_best": round(qcsight["images_per_s"] / naive, 2),
+        "qcsight_vs_naive_default_threads": round(qcsight["images_per_s"] / naive_default, 2),
+        "naive_cpu_per_image_vs_qcsight": round(min(naive_default_cpu, naive_one_cpu) / qcsight["cpu_ms_per_image"], 2),
         "qcsight_vs_lower_ceiling": round(qcsight["images_per_s"] / lower, 3),
         "lower_ceiling": "decode+preprocess" if decode["images_per_s"] <= model_all else "model",
         "qcsight_vs_serial_bound": round(qcsight["images_per_s"] / combined, 3),

@@ -26,8 +26,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from qcsight_batch.decode import DecodeSettings
 from qcsight_batch.errors import RequestError, UnsupportedAcceptError, UnsupportedContentTypeError
-from qcsight_batch.scorer import DecodeSettings, batched
+from qcsight_batch.scorer import batched
 from qcsight_batch.writer import ModelInfo, ResultRow
 from qcsight_core.bundle import load_bundle
 from qcsight_core.errors import ConfigError, ImageError, PreprocessError

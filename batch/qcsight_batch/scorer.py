@@ -12,30 +12,31 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import math
 import multiprocessing
-import multiprocessing.connection
 import os
-import signal
-import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import cv2
-import numpy as np
 
-from qcsight_batch.errors import SourceError, WorkerError
+from qcsight_batch.decode import (
+    DecodedChunk,
+    DecodeSettings,
+    decode_chunk,
+    decode_in_worker,
+    init_worker,
+    worker_environment,
+)
+from qcsight_batch.errors import WorkerError
 from qcsight_batch.progress import NoProgress, Progress
 from qcsight_batch.sources import ImageSource
 from qcsight_batch.writer import KeySet, ModelInfo, ResultRow, ResultWriter, Tally
 from qcsight_core.bundle import Bundle
-from qcsight_core.errors import ConfigError, ImageError, PreprocessError
-from qcsight_core.imageio import decode_image
-from qcsight_core.preprocess import PreprocessSpec, preprocess_batch
+from qcsight_core.errors import ConfigError
 from qcsight_core.runner import OnnxRunner, RunnerOptions
 from qcsight_core.verdict import DEFECT, Decider
 
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _FILTER_GROUP = 1024
-_ORPHAN_CHECK_S = 1.0
-_INHERITED_ENV_PREFIXES = ("AWS_", "QCSIGHT_")
 
 
 def available_cores() -> int:
@@ -106,121 +105,6 @@ class ScorerConfig:
 
     def threads(self, cores: int | None = None) -> int:
         return self.intra_op_threads or ort_intra_threads(self.workers, cores or available_cores())
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """What a decode worker needs: the preprocessing spec and the reduced-decode floor."""
-
-    spec: PreprocessSpec
-    min_side: int | None
-    grayscale: bool
-
-    @classmethod
-    def for_spec(cls, spec: PreprocessSpec, reduced: bool = True) -> DecodeSettings:
-        """The smallest decoded shorter side that never makes preprocessing upscale.
-
-        stretch and letterbox scale each axis by at most size/side, so a shorter side of
-        max(height, width) is enough; shorter_side_crop first resizes the shorter side to
-        max(height, width) / crop_fraction.
-        """
-        if not reduced:
-            return cls(spec, None, spec.color == "GRAY")
-        need = max(spec.height, spec.width)
-        if spec.resize == "shorter_side_crop":
-            need = math.ceil(need / spec.crop_fraction)
-        return cls(spec, need, spec.color == "GRAY")
-
-
-@dataclass(frozen=True)
-class DecodedChunk:
-    """A chunk after decoding: the keys that made it into batch (in order) and those that failed."""
-
-    keys: tuple[str, ...]
-    batch: np.ndarray | None
-    errors: tuple[tuple[str, str], ...]
-
-
-def decode_chunk(keys: Sequence[str], source: ImageSource, settings: DecodeSettings) -> DecodedChunk:
-    """Read, decode and preprocess keys; a key that fails becomes an error with its reason."""
-    images: list[np.ndarray] = []
-    good: list[str] = []
-    errors: list[tuple[str, str]] = []
-    for key in keys:
-        try:
-            data = source.read(key)
-            images.append(decode_image(data, key, min_side=settings.min_side, grayscale=settings.grayscale))
-            good.append(key)
-        except (SourceError, ImageError) as exc:
-            errors.append((key, getattr(exc, "reason", None) or str(exc)))
-        except cv2.error as exc:  # OpenCV raises instead of returning None for some malformed files
-            errors.append((key, f"not a decodable image: {exc.err or exc}"))
-    if not images:
-        return DecodedChunk((), None, tuple(errors))
-    try:
-        batch = preprocess_batch(images, settings.spec)
-    except (PreprocessError, cv2.error):
-        # One odd image must not fail its neighbours: redo the chunk one image at a time.
-        kept: list[np.ndarray] = []
-        kept_keys: list[str] = []
-        for key, image in zip(good, images, strict=True):
-            try:
-                kept.append(preprocess_batch([image], settings.spec))
-                kept_keys.append(key)
-            except (PreprocessError, cv2.error) as exc:
-                errors.append((key, f"cannot preprocess: {exc}"))
-        if not kept:
-            return DecodedChunk((), None, tuple(errors))
-        batch, good = np.concatenate(kept), kept_keys
-    return DecodedChunk(tuple(good), batch, tuple(errors))
-
-
-# Per-process state of a decode worker, set once by _init_worker (ProcessPoolExecutor's idiom).
-_worker_state: tuple[ImageSource, DecodeSettings] | None = None
-
-
-def _exit_when_orphaned() -> None:
-    """Exit when the scoring process is gone: a SIGKILLed scorer cannot shut its pool down.
-
-    The parent's sentinel is a pipe the scoring process holds open; it reads as ready (EOF)
-    once that process dies. getppid() would not do: under forkserver the parent is the fork
-    server, which itself lives on as long as any worker does.
-    """
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-    while not multiprocessing.connection.wait([parent.sentinel], timeout=_ORPHAN_CHECK_S):
-        pass
-    os._exit(1)
-
-
-def _worker_environment() -> dict[str, str]:
-    """The variables a worker's S3 client reads, as the parent has them now."""
-    return {k: v for k, v in os.environ.items() if k.startswith(_INHERITED_ENV_PREFIXES)}
-
-
-def _init_worker(source: ImageSource, settings: DecodeSettings, environment: dict[str, str]) -> None:
-    global _worker_state
-    # forkserver children inherit the server's environment from when it started, not this
-    # run's: apply the parent's AWS settings (endpoint, region, credentials) explicitly.
-    for name in [k for k in os.environ if k.startswith(_INHERITED_ENV_PREFIXES)]:
-        if name not in environment:
-            del os.environ[name]
-    os.environ.update(environment)
-    # One OpenCV thread per worker: parallelism comes from the processes, and OpenCV's own
-    # pool would oversubscribe the cores left for ONNX Runtime.
-    cv2.setNumThreads(1)
-    # Ctrl-C goes to the whole process group; the main process decides how to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_state = (source, settings)
-    threading.Thread(target=_exit_when_orphaned, name="qcsight-orphan-watch", daemon=True).start()
-
-
-def _decode_in_worker(keys: Sequence[str]) -> DecodedChunk:
-    if _worker_state is None:
-        raise WorkerError("decode worker was not initialised")
-    source, settings = _worker_state
-    return decode_chunk(keys, source, settings)
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -314,17 +198,17 @@ class Scorer:
     ) -> None:
         context = multiprocessing.get_context(_start_method())
         if context.get_start_method() == "forkserver":
-            # Workers fork with OpenCV, numpy and qcsight_core already imported.
-            context.set_forkserver_preload(["qcsight_batch.scorer"])
+            # Workers fork with OpenCV, numpy and qcsight_core's image code already imported.
+            context.set_forkserver_preload(["qcsight_batch.decode"])
         pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=self.config.workers, mp_context=context, initializer=_init_worker,
-            initargs=(source, self.settings, _worker_environment()),
+            max_workers=self.config.workers, mp_context=context, initializer=init_worker,
+            initargs=(source, self.settings, worker_environment()),
         )
         pending: deque[concurrent.futures.Future[DecodedChunk]] = deque()
         clean = False
         try:
             for keys in chunks:
-                pending.append(pool.submit(_decode_in_worker, keys))
+                pending.append(pool.submit(decode_in_worker, keys))
                 while len(pending) >= self.config.in_flight:
                     self._emit(self._collect(pending.popleft()), writer, stats, report)
             while pending:

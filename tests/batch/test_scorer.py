@@ -10,14 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from qcsight_batch.scorer import (
-    DecodeSettings,
-    Scorer,
-    ScorerConfig,
-    decode_chunk,
-    ort_intra_threads,
-    pending_keys,
-)
+from qcsight_batch.decode import DecodeSettings, decode_chunk
+from qcsight_batch.scorer import Scorer, ScorerConfig, ort_intra_threads, pending_keys
 from qcsight_batch.sources import DirSource
 from qcsight_batch.writer import JsonlWriter, KeySet, ResultRow, key_digest, read_rows
 from qcsight_core.bundle import Bundle

@@ -1,0 +1,144 @@
+"""Decode workers: read, decode and preprocess chunks of images in processes that never load ONNX Runtime.
+
+This module is what the fork server preloads, so it imports only OpenCV, numpy and the
+qcsight_core image code; each worker costs a Python with those, not another copy of ONNX
+Runtime.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from qcsight_batch.errors import SourceError, WorkerError
+from qcsight_batch.sources import ImageSource
+from qcsight_core.errors import ImageError, PreprocessError
+from qcsight_core.imageio import decode_image
+from qcsight_core.preprocess import PreprocessSpec, preprocess_batch
+
+_ORPHAN_CHECK_S = 1.0
+_INHERITED_ENV_PREFIXES = ("AWS_", "QCSIGHT_")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What a decode worker needs: the preprocessing spec and the reduced-decode floor."""
+
+    spec: PreprocessSpec
+    min_side: int | None
+    grayscale: bool
+
+    @classmethod
+    def for_spec(cls, spec: PreprocessSpec, reduced: bool = True) -> DecodeSettings:
+        """The smallest decoded shorter side that never makes preprocessing upscale.
+
+        stretch and letterbox scale each axis by at most size/side, so a shorter side of
+        max(height, width) is enough; shorter_side_crop first resizes the shorter side to
+        max(height, width) / crop_fraction.
+        """
+        if not reduced:
+            return cls(spec, None, spec.color == "GRAY")
+        need = max(spec.height, spec.width)
+        if spec.resize == "shorter_side_crop":
+            need = math.ceil(need / spec.crop_fraction)
+        return cls(spec, need, spec.color == "GRAY")
+
+
+@dataclass(frozen=True)
+class DecodedChunk:
+    """A chunk after decoding: the keys that made it into batch (in order) and those that failed."""
+
+    keys: tuple[str, ...]
+    batch: np.ndarray | None
+    errors: tuple[tuple[str, str], ...]
+
+
+def decode_chunk(keys: Sequence[str], source: ImageSource, settings: DecodeSettings) -> DecodedChunk:
+    """Read, decode and preprocess keys; a key that fails becomes an error with its reason."""
+    images: list[np.ndarray] = []
+    good: list[str] = []
+    errors: list[tuple[str, str]] = []
+    for key in keys:
+        try:
+            data = source.read(key)
+            images.append(decode_image(data, key, min_side=settings.min_side, grayscale=settings.grayscale))
+            good.append(key)
+        except (SourceError, ImageError) as exc:
+            errors.append((key, getattr(exc, "reason", None) or str(exc)))
+        except cv2.error as exc:  # OpenCV raises instead of returning None for some malformed files
+            errors.append((key, f"not a decodable image: {exc.err or exc}"))
+    if not images:
+        return DecodedChunk((), None, tuple(errors))
+    try:
+        batch = preprocess_batch(images, settings.spec)
+    except (PreprocessError, cv2.error):
+        # One odd image must not fail its neighbours: redo the chunk one image at a time.
+        kept: list[np.ndarray] = []
+        kept_keys: list[str] = []
+        for key, image in zip(good, images, strict=True):
+            try:
+                kept.append(preprocess_batch([image], settings.spec))
+                kept_keys.append(key)
+            except (PreprocessError, cv2.error) as exc:
+                errors.append((key, f"cannot preprocess: {exc}"))
+        if not kept:
+            return DecodedChunk((), None, tuple(errors))
+        batch, good = np.concatenate(kept), kept_keys
+    return DecodedChunk(tuple(good), batch, tuple(errors))
+
+
+# Per-process state of a decode worker, set once by _init_worker (ProcessPoolExecutor's idiom).
+_worker_state: tuple[ImageSource, DecodeSettings] | None = None
+
+
+def _exit_when_orphaned() -> None:
+    """Exit when the scoring process is gone: a SIGKILLed scorer cannot shut its pool down.
+
+    The parent's sentinel is a pipe the scoring process holds open; it reads as ready (EOF)
+    once that process dies. getppid() would not do: under forkserver the parent is the fork
+    server, which itself lives on as long as any worker does.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    while not multiprocessing.connection.wait([parent.sentinel], timeout=_ORPHAN_CHECK_S):
+        pass
+    os._exit(1)
+
+
+def worker_environment() -> dict[str, str]:
+    """The variables a worker's S3 client reads, as the parent has them now."""
+    return {k: v for k, v in os.environ.items() if k.startswith(_INHERITED_ENV_PREFIXES)}
+
+
+def init_worker(source: ImageSource, settings: DecodeSettings, environment: dict[str, str]) -> None:
+    global _worker_state
+    # forkserver children inherit the server's environment from when it started, not this
+    # run's: apply the parent's AWS settings (endpoint, region, credentials) explicitly.
+    for name in [k for k in os.environ if k.startswith(_INHERITED_ENV_PREFIXES)]:
+        if name not in environment:
+            del os.environ[name]
+    os.environ.update(environment)
+    # One OpenCV thread per worker: parallelism comes from the processes, and OpenCV's own
+    # pool would oversubscribe the cores left for ONNX Runtime.
+    cv2.setNumThreads(1)
+    # Ctrl-C goes to the whole process group; the main process decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_state = (source, settings)
+    threading.Thread(target=_exit_when_orphaned, name="qcsight-orphan-watch", daemon=True).start()
+
+
+def decode_in_worker(keys: Sequence[str]) -> DecodedChunk:
+    if _worker_state is None:
+        raise WorkerError("decode worker was not initialised")
+    source, settings = _worker_state
+    return decode_chunk(keys, source, settings)
