@@ -129,9 +129,17 @@ class VideoCaptureLike(Protocol):
     def release(self) -> None: ...
 
 
+STREAM_TIMEOUT_MS = 5000
+
+
 def _opencv_capture(uri: str | int) -> VideoCaptureLike:
     import cv2
 
+    if isinstance(uri, str) and "://" in uri:
+        # A stream that stalls would otherwise block read() for FFmpeg's default (30 s or forever).
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS]
+        stream: VideoCaptureLike = cv2.VideoCapture(uri, cv2.CAP_ANY, params)
+        return stream
     capture: VideoCaptureLike = cv2.VideoCapture(uri)
     return capture
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -107,6 +113,44 @@ def test_camera_that_disappears_comes_back_with_backoff(tmp_path: Path) -> None:
     assert len(gaps) == 3
     assert gaps[0] >= 0.035 and gaps[1] >= 0.07 and gaps[2] >= 0.09
     assert gaps[2] < 1.0
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def http_camera(folder: Path, port: int = 0) -> Iterator[int]:
+    """A network camera: an HTTP server streaming a real video file (OpenCV reads it through FFmpeg)."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(_QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_network_camera_that_goes_away_is_reconnected_when_it_returns(tmp_path: Path) -> None:
+    write_video(tmp_path / "cam.avi", [50, 100, 150])
+    config = SourceConfig(kind="camera", max_fps=0, reconnect_initial_s=0.2, reconnect_max_s=0.4)
+    with http_camera(tmp_path) as port:
+        camera = OpenCvCamera(replace(config, uri=f"http://127.0.0.1:{port}/cam.avi"))
+        assert camera.live
+        first = read_all(camera, 3)
+    # The server is gone: the end of its stream is a lost camera, and reopening is refused.
+    deadline = time.monotonic() + 5.0
+    while camera.failed_opens < 2 and time.monotonic() < deadline:
+        assert camera.read(0.05) is None
+    assert camera.disconnects == 1 and camera.failed_opens >= 2 and not camera.connected
+    with http_camera(tmp_path, port):
+        second = read_all(camera, 3)
+    values = [round(float(f.image.mean()) / 50) for f in first + second if f.image is not None]
+    assert values == [1, 2, 3, 1, 2, 3]
+    assert camera.connects == 2 and not camera.exhausted
 
 
 def test_live_camera_that_never_opens_keeps_retrying_without_blocking(tmp_path: Path) -> None:
