@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -27,14 +28,20 @@ class Command:
     module: str
     extra: str | None
     summary: str
+    requires: tuple[str, ...] = ()  # top-level modules of the extra, checked before anything runs
 
 
 COMMANDS: dict[str, Command] = {
     "data": Command("qcsight_core.data_cli", None, "index, split, fingerprint and synthesise datasets"),
-    "train": Command("qcsight_train.cli", "train", "train a model and export a bundle (local, torchrun, SageMaker)"),
-    "evaluate": Command("qcsight_train.evaluate_cli", "train", "evaluate a bundle on a labelled dataset"),
+    "train": Command(
+        "qcsight_train.cli", "train", "train a model and export a bundle (local, torchrun, SageMaker)",
+        ("torch", "torchvision", "albumentations", "onnx"),
+    ),
+    "evaluate": Command(
+        "qcsight_train.evaluate_cli", "train", "evaluate a bundle on a labelled dataset", ("matplotlib", "onnx")
+    ),
     "batch": Command("qcsight_batch.cli", "batch", "score bulk imagery with a bundle; submit Batch Transform jobs"),
-    "agent": Command("qcsight_edge.cli", "edge", "run the edge agent: camera -> verdict -> MQTT"),
+    "agent": Command("qcsight_edge.cli", "edge", "run the edge agent: camera -> verdict -> MQTT", ("awscrt", "awsiot")),
     "bundle": Command("qcsight_core.bundle_cli", None, "inspect, verify, pack and unpack model bundles"),
 }
 
@@ -60,6 +67,17 @@ def missing_extra_message(name: str, command: Command, missing: str) -> str:
     )
 
 
+def missing_module(command: Command) -> str | None:
+    """The first of the command's required modules that cannot be found, without importing any."""
+    for module in command.requires:
+        try:
+            if importlib.util.find_spec(module) is None:
+                return module
+        except (ImportError, ValueError):
+            return module
+    return None
+
+
 def load_command(name: str) -> Any:
     """Import a subcommand's module; raises ModuleNotFoundError for a missing dependency."""
     return importlib.import_module(COMMANDS[name].module)
@@ -76,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         parser.print_usage(sys.stderr)
         print(f"qcsight: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return EXIT_USAGE
+    absent = missing_module(command)
+    if absent is not None and command.extra is not None:
+        print(missing_extra_message(name, command, absent), file=sys.stderr)
         return EXIT_USAGE
     try:
         module = load_command(name)
