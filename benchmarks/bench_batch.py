@@ -14,7 +14,7 @@ One run measures, on synthetic 1280x1024 JPEGs of parts:
 with torch.onnx.export into a bundle written by qcsight_core.bundle.write_bundle; the torch
 copy runs the baseline. The benchmark imports torch; qcsight_batch never does.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_batch.py --images 2000 --json bench_batch.json
+    nice -n 10 .venv/bin/python benchmarks/bench_batch.py --json bench_batch.json
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def link_copies(source: Path, target: Path, count: int) -> None:
 # ---------------------------------------------------------------- main
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=1500, help="1280x1024 JPEGs for the throughput runs")
+    p.add_argument("--images", type=int, default=3000, help="1280x1024 JPEGs for the throughput runs")
     p.add_argument("--naive-images", type=int, default=60, help="images for each (slow) naive baseline run")
     p.add_argument("--repeats", type=int, default=2,
                    help="runs of qcsight and of each ceiling; the best is kept (on a shared machine, "
