@@ -141,6 +141,7 @@ def test_torchrun_two_processes_train_together_and_only_rank_0_writes(dataset: P
     assert "rank 0/2 (local 0) joined the gloo process group" in text
     assert "rank 1/2 (local 1) joined the gloo process group" in text
     assert _epoch_lines(text) == [(1, 2), (2, 2)]  # rank 1 does not log them a second time
+    assert "all 2 ranks hold identical weights" in text  # gradients were really averaged across the two
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     per_rank = summary["per_rank_images"]

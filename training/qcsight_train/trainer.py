@@ -6,6 +6,7 @@ the whole network. AdamW with linear warm-up and cosine decay, stepped per batch
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -33,6 +34,7 @@ from qcsight_train.engine import (
     evaluate,
     train_one_epoch,
 )
+from qcsight_train.errors import TrainError
 from qcsight_train.models import create_model, head_prefix, preprocess_spec
 
 log = logging.getLogger(__name__)
@@ -228,6 +230,8 @@ def fit(cfg: TrainConfig, splits: Splits, info: DistInfo, checkpoint_dir: Path) 
         if phase != ("head" if head_only else "full"):
             phase = "head" if head_only else "full"
             set_phase(loop.model, cfg, head_only)
+            del runner
+            gc.collect()  # the previous DDP's reducer must release its gradient hooks before a new one attaches
             runner = wrap(loop.model, info)
             log.info("epoch %d: training %s", epoch + 1, "the head only" if head_only else "the whole network")
         else:
@@ -249,9 +253,25 @@ def fit(cfg: TrainConfig, splits: Splits, info: DistInfo, checkpoint_dir: Path) 
                                         "epoch": best_epoch, "macro_f1": best_f1, "identity": ident},
                                        checkpoint_dir / checkpoint.BEST)
         _save_last(loop, checkpoint_dir, ident, epoch + 1, history, best_f1, best_epoch)
-    barrier(info)
+    check_ranks_agree(loop.model, info)
     return TrainResult(checkpoint_dir / checkpoint.BEST, best_epoch, best_f1, tuple(history), done, info.world_size,
                        cfg.epochs)
+
+
+def check_ranks_agree(model: nn.Module, info: DistInfo) -> None:
+    """DDP keeps every rank's weights identical; a difference means a broken reduction, so refuse to export.
+
+    Raises:
+        TrainError: the ranks' parameters differ.
+    """
+    if not info.distributed:
+        return
+    with torch.no_grad():
+        total = sum(float(p.double().sum()) + 1e-3 * float(p.double().abs().sum()) for p in model.parameters())
+    sums = all_gather(info, total)
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        raise TrainError(f"the ranks' weights differ after training (checksums {sums}); DDP did not keep them in sync")
+    log.info("all %d ranks hold identical weights (checksum %.6g)", info.world_size, sums[0])
 
 
 def _save_last(loop: _Loop, directory: Path, ident: dict[str, Any], epochs_done: int, history: list[dict[str, Any]],
@@ -264,7 +284,8 @@ def _save_last(loop: _Loop, directory: Path, ident: dict[str, Any], epochs_done:
         "model": _cpu_state(loop.model), "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict(),
         "scaler": loop.scaler.state_dict() if loop.scaler is not None else {},
-        "rng": states, "history": history, "best_macro_f1": best_f1, "best_epoch": best_epoch,
+        "rng": states, "sampler_epoch": epochs_done, "history": history,
+        "best_macro_f1": best_f1, "best_epoch": best_epoch,
     }, directory / checkpoint.LAST)
 
 

@@ -1,0 +1,232 @@
+"""Training figures for training/README.md: quality and time on real data, 1 process vs torchrun, kill and resume.
+
+Every run is the `qcsight train` command a user would type (printed before it starts), under
+`nice -n 10`, in its own output directory below --workdir; the figures come from the run's
+summary.json and evaluation/metrics.json. The machine's load average is recorded with each run,
+because on a shared box it decides the wall time more than the recipe does.
+
+Runs (--runs, comma-separated):
+  mt          magnetic tile, one process, split by near-duplicate group
+  mt-ddp      the same under `torchrun --nproc_per_node=2` (half the batch per process: same global batch)
+  mt-resume   the same as mt, SIGKILLed in the middle of an epoch, then started again with the same command
+  elpv        elpv solar cells (good = probability 0, defect = 1), one process
+
+Example:
+  nice -n 10 .venv/bin/python benchmarks/bench_train.py \\
+      --magnetic-tile /work/shared/data/magnetic_tile --elpv /tmp/elpv --workdir /tmp/qctrain --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = ("mt", "mt-ddp", "mt-resume", "elpv")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The settings a benchmark run passes to `qcsight train` (chosen on the validation split)."""
+
+    epochs: int
+    img_size: int
+    batch_size: int
+    extra: tuple[str, ...] = ()
+
+    def flags(self, batch_size: int | None = None) -> list[str]:
+        return ["--epochs", str(self.epochs), "--img-size", str(self.img_size),
+                "--batch-size", str(batch_size or self.batch_size), *self.extra]
+
+
+def _python() -> str:
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def train_command(data: str, output: Path, recipe: Recipe, *, groups: str | None, processes: int,
+                  extra: Sequence[str] = ()) -> list[str]:
+    base = ["nice", "-n", "10", _python()]
+    if processes > 1:
+        base += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--standalone"]
+    batch = max(1, recipe.batch_size // processes)
+    command = [*base, "-m", "qcsight_train.cli", "--data", data, "--output", str(output),
+               *recipe.flags(batch), *extra]
+    if groups:
+        command += ["--groups", groups]
+    return command
+
+
+def _env(processes: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if processes > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // processes))
+    return env
+
+
+def run_training(command: list[str], log_path: Path, processes: int, *, kill_when: KillPoint | None = None
+                 ) -> dict[str, Any]:
+    """Run one command to the end (or until kill_when fires); returns wall time, exit code and load."""
+    print("$", shlex.join(command), flush=True)
+    load_before = os.getloadavg()
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    with log_path.open("a") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(processes),
+                                start_new_session=True)
+        killed = False
+        try:
+            while proc.poll() is None:
+                if kill_when is not None and kill_when.reached(log_path):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the whole session: torchrun's workers too
+                    killed = True
+                    proc.wait(timeout=60)
+                    break
+                time.sleep(2)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
+    # CPU seconds of the run and every process it waited for (torchrun's workers, DataLoader workers):
+    # on a shared machine this, not the wall time, says what the recipe costs.
+    return {"command": shlex.join(command), "exit_code": proc.returncode, "killed": killed,
+            "cpu_seconds": round(cpu, 1), "wall_seconds": round(time.perf_counter() - start, 1),
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    """Kill once `epoch=<after_epoch>/` has been logged and `delay_s` more seconds have passed (mid-epoch)."""
+
+    after_epoch: int
+    delay_s: float
+    _seen_at: list[float]
+
+    def reached(self, log_path: Path) -> bool:
+        if not self._seen_at:
+            text = log_path.read_text(errors="replace")
+            if f"epoch={self.after_epoch}/" not in text:
+                return False
+            self._seen_at.append(time.monotonic())
+        return time.monotonic() - self._seen_at[0] >= self.delay_s
+
+
+def figures(output: Path) -> dict[str, Any]:
+    summary = json.loads((output / "summary.json").read_text())
+    metrics = json.loads((output / "evaluation" / "metrics.json").read_text())
+    history = json.loads((output / "history.json").read_text())
+    per_class = metrics["classification"]["per_class"]
+    return {
+        "split": summary["evaluation"]["split"], "images": metrics["images"],
+        "accuracy": round(metrics["classification"]["accuracy"], 4),
+        "balanced_accuracy": round(metrics["classification"]["balanced_accuracy"], 4),
+        "macro_f1": round(metrics["classification"]["macro_f1"], 4),
+        "defect_recall_at_threshold": metrics["at_bundle_threshold"].get("defect_recall"),
+        "false_reject_rate_at_threshold": metrics["at_bundle_threshold"].get("false_reject_rate"),
+        "uncertain_rate": metrics["at_bundle_threshold"].get("uncertain_rate"),
+        "top1_accuracy": round(metrics["top1_accuracy"], 4),
+        "defect_threshold": summary["evaluation"]["defect_threshold"],
+        "roc_auc": metrics["binary"].get("roc_auc"),
+        "per_class_f1": {name: round(v["f1"], 3) for name, v in per_class.items()},
+        "best_epoch": summary["best_epoch"], "best_val_macro_f1": round(summary["best_val_macro_f1"], 4),
+        "epochs": summary["epochs"], "resumed_from": summary["resumed_from"], "world_size": summary["world_size"],
+        "train_seconds": round(summary["train_seconds"], 1), "export_seconds": round(summary["export_seconds"], 1),
+        "images_per_s_full_epochs": round(summary["images_per_s"], 1),
+        "epoch_lines": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()
+                         if k in ("epoch", "val_macro_f1", "val_loss", "train_loss", "images_per_s")} for h in history],
+    }
+
+
+def bench(name: str, args: argparse.Namespace, recipe: Recipe) -> dict[str, Any]:
+    out = args.workdir / name
+    log_path = args.workdir / f"{name}.log"
+    mt = str(args.magnetic_tile) if args.magnetic_tile else ""
+    groups = str(args.groups or (args.magnetic_tile / "near_dup_groups.csv")) if args.magnetic_tile else None
+    extra = list(args.extra)
+    if name == "elpv":
+        command = train_command(str(args.elpv), out, recipe, groups=None, processes=1, extra=extra)
+        return {"run": name, **run_training(command, log_path, 1), **figures(out)}
+    if name == "mt-ddp":
+        command = train_command(mt, out, recipe, groups=groups, processes=2, extra=extra)
+        return {"run": name, **run_training(command, log_path, 2), **figures(out)}
+    command = train_command(mt, out, recipe, groups=groups, processes=1, extra=extra)
+    if name == "mt":
+        return {"run": name, **run_training(command, log_path, 1), **figures(out)}
+    kill = KillPoint(after_epoch=args.kill_after_epoch, delay_s=args.kill_delay, _seen_at=[])
+    first = run_training(command, log_path, 1, kill_when=kill)
+    if not first["killed"]:
+        raise SystemExit(f"{name}: the run finished before it could be killed; lower --kill-after-epoch")
+    second = run_training(command, log_path, 1)
+    return {"run": name, "killed_run": first, **second, **figures(out),
+            "wall_seconds_total": round(first["wall_seconds"] + second["wall_seconds"], 1)}
+
+
+def _markdown(results: Sequence[dict[str, Any]]) -> str:
+    rows = ["| run | procs | test acc | macro-F1 | defect recall @thr | thr | epochs (resumed from) | train s | "
+            "CPU s (whole command) | img/s | load before→after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        recall = r["defect_recall_at_threshold"]
+        rows.append(
+            f"| {r['run']} | {r['world_size']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+            f"{'' if recall is None else f'{recall:.4f}'} | {r['defect_threshold']:.3f} | {r['epochs']} "
+            f"({r['resumed_from']}) | {r['train_seconds']:.0f} | {r['cpu_seconds']:.0f} | "
+            f"{r['images_per_s_full_epochs']:.1f} | "
+            f"{r['load_before'][0]:.1f}→{r['load_after'][0]:.1f} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--magnetic-tile", type=Path, help="the magnetic tile folder (class per folder)")
+    parser.add_argument("--groups", type=Path, help="near-duplicate groups CSV (default: in --magnetic-tile)")
+    parser.add_argument("--elpv", type=Path, help="elpv as good/defect folders (qcsight data import-elpv --output)")
+    parser.add_argument("--workdir", type=Path, required=True, help="a new or empty directory for the runs")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--img-size", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch (per process: divided by procs)")
+    parser.add_argument("--elpv-epochs", type=int, help="epochs for elpv (default: --epochs)")
+    parser.add_argument("--kill-after-epoch", type=int, default=3, help="mt-resume: kill during the next epoch")
+    parser.add_argument("--kill-delay", type=float, default=20.0, help="mt-resume: seconds into that next epoch")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="further `qcsight train` flags for every run (last on the line)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
+    if any(r.startswith("mt") for r in runs) and not args.magnetic_tile:
+        parser.error("--magnetic-tile is required for the mt runs")
+    if "elpv" in runs and not args.elpv:
+        parser.error("--elpv is required for the elpv run (make it with: qcsight data import-elpv --output DIR)")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in runs:
+        epochs = args.elpv_epochs if name == "elpv" and args.elpv_epochs else args.epochs
+        result = bench(name, args, Recipe(epochs, args.img_size, args.batch_size))
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "epoch_lines"}, indent=1), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
