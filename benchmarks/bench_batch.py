@@ -41,7 +41,7 @@ from qcsight_batch.decode import DecodedChunk
 from qcsight_batch.scorer import Scorer, ScorerConfig, available_cores
 from qcsight_batch.sources import DirSource
 from qcsight_core.bundle import Bundle, DecisionPolicy, Manifest, ModelFile, write_bundle
-from qcsight_core.preprocess import PreprocessSpec
+from qcsight_core.preprocess import PreprocessSpec, normalize
 from qcsight_core.runner import OnnxRunner, RunnerOptions
 
 WIDTH, HEIGHT = 1280, 1024
@@ -206,9 +206,11 @@ def naive_baseline(model: Any, files: list[Path], threads: int) -> tuple[float, 
 
 
 class _NoModelScorer(Scorer):
-    """The scorer's decode pipeline with the model call (and row writing) taken out."""
+    """The scorer's whole decode+preprocess pipeline (normalize included) with the model call taken out."""
 
     def score_chunk(self, chunk: DecodedChunk) -> list[Any]:
+        if chunk.pixels is not None:
+            normalize(chunk.pixels, self.bundle.manifest.input)
         return []
 
 

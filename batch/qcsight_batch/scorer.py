@@ -3,8 +3,9 @@
 The main process iterates the source lazily, cuts the keys into chunks of batch_size, and
 keeps at most chunks_in_flight of them submitted to a process pool. Each worker reads the
 bytes, decodes (at reduced resolution when a JPEG is much larger than the model input)
-and preprocesses its chunk with qcsight_core, returning one NCHW batch. The main process
-runs the batch through OnnxRunner, applies the Decider and appends the rows. Memory stays
+and resizes its chunk with qcsight_core.preprocess.prepare_pixels, returning one uint8
+batch. The main process normalizes it (prepare_pixels then normalize is preprocess_batch),
+runs it through OnnxRunner, applies the Decider and appends the rows. Memory stays
 bounded by chunks_in_flight x batch_size images whatever the input's length.
 """
 
@@ -37,6 +38,7 @@ from qcsight_batch.sources import ImageSource
 from qcsight_batch.writer import KeySet, ModelInfo, ResultRow, ResultWriter, Tally
 from qcsight_core.bundle import Bundle
 from qcsight_core.errors import ConfigError
+from qcsight_core.preprocess import normalize
 from qcsight_core.runner import OnnxRunner, RunnerOptions
 from qcsight_core.verdict import DEFECT, Decider
 
@@ -231,8 +233,10 @@ class Scorer:
     def score_chunk(self, chunk: DecodedChunk) -> list[ResultRow]:
         """Rows for one decoded chunk: errors as error rows, the batch through the model."""
         rows = [ResultRow.failed(key, reason, self.model) for key, reason in chunk.errors]
-        if chunk.batch is not None and chunk.keys:
-            verdicts = self.decider.decide_batch(self.runner.run(chunk.batch))
+        if chunk.pixels is not None and chunk.keys:
+            # The workers ran prepare_pixels; with normalize this is preprocess_batch, one path.
+            batch = normalize(chunk.pixels, self.bundle.manifest.input)
+            verdicts = self.decider.decide_batch(self.runner.run(batch))
             rows.extend(ResultRow.scored(k, v, self.model) for k, v in zip(chunk.keys, verdicts, strict=True))
         return rows
 

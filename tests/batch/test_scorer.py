@@ -10,13 +10,14 @@ import cv2
 import numpy as np
 import pytest
 
+import qcsight_core.imageio as imageio
 from qcsight_batch.decode import DecodeSettings, decode_chunk
 from qcsight_batch.scorer import Scorer, ScorerConfig, ort_intra_threads, pending_keys
 from qcsight_batch.sources import DirSource
 from qcsight_batch.writer import JsonlWriter, KeySet, ResultRow, key_digest, read_rows
 from qcsight_core.bundle import Bundle
 from qcsight_core.errors import ConfigError
-from qcsight_core.preprocess import PreprocessSpec
+from qcsight_core.preprocess import PreprocessSpec, normalize, preprocess_batch
 from tests.batch.conftest import ImageSet
 
 
@@ -68,11 +69,22 @@ def test_large_jpegs_are_decoded_at_reduced_size(tmp_path: Path) -> None:
     cv2.imwrite(str(big), rng.integers(0, 255, (1024, 1280, 3), dtype=np.uint8))
 
     chunk = decode_chunk([str(big)], DirSource(str(tmp_path)), settings)
-    assert chunk.batch is not None and chunk.batch.shape == (1, 3, 224, 224)
-    import qcsight_core.imageio as imageio
-
+    assert chunk.pixels is not None and chunk.pixels.shape == (1, 224, 224, 3) and chunk.pixels.dtype == np.uint8
     reduced = imageio.decode_image(big.read_bytes(), min_side=settings.min_side)
     assert reduced.shape[:2] == (256, 320), "1280x1024 should decode at 1/4 size for a 224 input"
+
+
+def test_worker_output_normalized_is_exactly_preprocess_batch(images: ImageSet, tmp_path: Path) -> None:
+    """The workers' half (prepare_pixels) plus the scorer's half (normalize) is qcsight_core's one path."""
+    spec = PreprocessSpec(height=40, width=40, resize="shorter_side_crop", crop_fraction=0.875)
+    settings = DecodeSettings.for_spec(spec)
+    grey = tmp_path / "grey.png"
+    cv2.imwrite(str(grey), np.random.default_rng(3).integers(0, 255, (90, 70), dtype=np.uint8))
+    keys = [*images.of("good")[:3], *images.of("defect")[:3], str(grey)]
+    chunk = decode_chunk(keys, DirSource(str(images.root)), settings)
+    assert chunk.keys == tuple(keys) and chunk.pixels is not None
+    decoded = [imageio.decode_image(Path(k).read_bytes(), k, min_side=settings.min_side) for k in keys]
+    assert np.array_equal(normalize(chunk.pixels, spec), preprocess_batch(decoded, spec))
 
 
 def test_threads_leave_the_decoders_their_cores() -> None:
