@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -60,8 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, help="use this bundle instead of building one")
-    parser.add_argument("--model", choices=("auto", "mobilenet", "tiny"), default="auto",
-                        help="model to build when --bundle is not given (auto: mobilenet if torch is installed)")
+    parser.add_argument("--model", choices=("auto", "mobilenet", "mobilenet_large", "tiny"), default="auto",
+                        help="model to build when --bundle is not given (auto: mobilenet, i.e. mobilenet_v3_small, "
+                             "if torch is installed, else tiny)")
     parser.add_argument("--frames", type=int, default=300, help="frames per throughput measurement (default 300)")
     parser.add_argument("--frame-size", type=int, nargs=2, default=(640, 480), metavar=("W", "H"),
                         help="camera frame size (default 640 480)")
@@ -94,16 +96,17 @@ def build_bundle(directory: Path, kind: str, frames: list[np.ndarray], threads: 
 
         bundle = make_tiny_bundle(directory)
     else:
-        bundle = _mobilenet_bundle(directory, frames)
+        bundle = _mobilenet_bundle(directory, frames, large=kind == "mobilenet_large")
     return _calibrate(bundle, frames, threads)
 
 
-def _mobilenet_bundle(directory: Path, calibration_frames: list[np.ndarray]) -> Bundle:
+def _mobilenet_bundle(directory: Path, calibration_frames: list[np.ndarray], large: bool = False) -> Bundle:
     import torch
     import torchvision
 
     torch.manual_seed(0)
-    net = torchvision.models.mobilenet_v3_small(weights=None, num_classes=2)
+    architecture = "mobilenet_v3_large" if large else "mobilenet_v3_small"
+    net = getattr(torchvision.models, architecture)(weights=None, num_classes=2)
     # Random weights with the default BatchNorm statistics shrink every activation to ~1e-9 and the
     # output to exactly 0.5 for any image. Set the statistics from a batch of frames (as training
     # would) and widen the last layer, so scores vary with the input like a trained model's.
@@ -128,7 +131,7 @@ def _mobilenet_bundle(directory: Path, calibration_frames: list[np.ndarray]) -> 
                               input_names=["input"], output_names=["probabilities"], opset_version=18,
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
         details = {"opset": 18}
-    manifest = Manifest(name="bench-mobilenet_v3_small", version="1", architecture="mobilenet_v3_small",
+    manifest = Manifest(name=f"bench-{architecture}", version="1", architecture=architecture,
                         classes=("good", "defect"), defect_classes=("defect",), input=spec,
                         models=(ModelFile("model.onnx", details=details),), data_fingerprint="bench",
                         run_id="bench")
@@ -166,31 +169,31 @@ def camera_frames(count: int, width: int, height: int) -> list[np.ndarray]:
 def bare_model(runner: OnnxRunner, tensors: list[np.ndarray], n: int) -> dict[str, float]:
     session, name = runner.session, runner.input_name
     latencies = np.empty(n)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(n):
         t0 = time.perf_counter()
         session.run(None, {name: tensors[i % len(tensors)]})
         latencies[i] = time.perf_counter() - t0
     elapsed = time.perf_counter() - start
-    return _summary(n / elapsed, latencies)
+    return _summary(n / elapsed, latencies, (time.process_time() - cpu) / n)
 
 
 def bare_preprocess_model(runner: OnnxRunner, frames: list[np.ndarray], n: int) -> dict[str, float]:
     session, name, spec = runner.session, runner.input_name, runner.bundle.manifest.input
     latencies = np.empty(n)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(n):
         t0 = time.perf_counter()
         session.run(None, {name: preprocess(frames[i % len(frames)], spec)})
         latencies[i] = time.perf_counter() - t0
     elapsed = time.perf_counter() - start
-    return _summary(n / elapsed, latencies)
+    return _summary(n / elapsed, latencies, (time.process_time() - cpu) / n)
 
 
-def _summary(fps: float, latencies_s: np.ndarray) -> dict[str, float]:
+def _summary(fps: float, latencies_s: np.ndarray, cpu_s_per_frame: float) -> dict[str, float]:
     p50, p95, p99 = np.quantile(latencies_s * 1000, (0.5, 0.95, 0.99))
     return {"fps": round(fps, 2), "p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3),
-            "p99_ms": round(float(p99), 3)}
+            "p99_ms": round(float(p99), 3), "cpu_ms_per_frame": round(cpu_s_per_frame * 1000, 3)}
 
 
 # ------------------------------------------------------------------------------------------- agent
@@ -268,17 +271,39 @@ def pipeline_saturated(workdir: Path, bundle: Bundle, frames: list[np.ndarray], 
     # the frames finished in between.
     while _finished(agent) < 1:
         time.sleep(0.0005)
-    first, start = _finished(agent), time.perf_counter()
+    first, start, cpu, threads0 = _finished(agent), time.perf_counter(), time.process_time(), _thread_cpu()
     while _finished(agent) < n:
         time.sleep(0.002)
     elapsed = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu
+    threads1 = _thread_cpu()
     done = _finished(agent)
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    per_thread = {names.get(tid, f"thread-{tid}"): round((threads1[tid] - threads0.get(tid, 0.0)) /
+                                                       max(1, done - first) * 1000, 3)
+                  for tid in threads1 if threads1[tid] - threads0.get(tid, 0.0) > 0}
     window = agent.metrics.rotate()
     body = window.body(time.monotonic(), time.time(), {"name": "b", "version": "1"})
     alerts = agent.outputs.alert_count if agent.outputs else 0
     agent.stop()
     return {"fps": round((done - first) / elapsed, 2), "frames": window.frames, "alerts": alerts,
-            "dropped": window.dropped, "latency_p50_ms_saturated": body["latency_ms"]["p50"]}
+            "dropped": window.dropped, "latency_p50_ms_saturated": body["latency_ms"]["p50"],
+            "cpu_ms_per_frame": round(cpu_s / max(1, done - first) * 1000, 3),
+            "cpu_ms_per_frame_by_thread": dict(sorted(per_thread.items(), key=lambda kv: -kv[1]))}
+
+
+def _thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of this process, by native thread id (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat", encoding="ascii") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _finished(agent: Agent) -> int:
@@ -385,7 +410,8 @@ def main(args: argparse.Namespace) -> int:
             bare_pre.append(bare_preprocess_model(runner, frames, args.frames))
             pipe.append(pipeline_saturated(workdir, bundle, frames, args.frames, args.threads, f"sat{r}"))
             print(f"  repeat {r + 1}: bare {bare[-1]['fps']} fps, bare+preprocess {bare_pre[-1]['fps']} fps, "
-                  f"pipeline {pipe[-1]['fps']} fps", flush=True)
+                  f"pipeline {pipe[-1]['fps']} fps (cpu ms/frame {bare[-1]['cpu_ms_per_frame']}, "
+                  f"{bare_pre[-1]['cpu_ms_per_frame']}, {pipe[-1]['cpu_ms_per_frame']})", flush=True)
         best_bare = max(bare, key=lambda x: x["fps"])
         best_pre = max(bare_pre, key=lambda x: x["fps"])
         best_pipe = max(pipe, key=lambda x: x["fps"])
@@ -396,11 +422,19 @@ def main(args: argparse.Namespace) -> int:
         "bare_model": best_bare, "bare_preprocess_model": best_pre, "pipeline_saturated": best_pipe,
         "ratio_pipeline_to_bare_model": round(best_pipe["fps"] / best_bare["fps"], 3),
         "ratio_pipeline_to_bare_preprocess_model": round(best_pipe["fps"] / best_pre["fps"], 3),
+        # CPU time per frame (all threads): what the pipeline costs, whatever else loads the machine.
+        "cpu_ratio_bare_model_to_pipeline": round(best_bare["cpu_ms_per_frame"] / best_pipe["cpu_ms_per_frame"], 3),
+        # The inference thread is the critical path once the prepare/alert threads have a core of their own.
+        "cpu_ratio_bare_model_to_inference_thread": round(
+            best_bare["cpu_ms_per_frame"] / max(1e-9, best_pipe["cpu_ms_per_frame_by_thread"].get("qcsight-inference",
+                                                                                                 float("inf"))), 3),
         "pipeline_paced": paced, "soak": soak,
     }
     print(json.dumps(results, indent=2))
     print(f"pipeline / bare model throughput: {results['ratio_pipeline_to_bare_model']:.3f} (target >= 0.9); "
-          f"pipeline / bare preprocess+model: {results['ratio_pipeline_to_bare_preprocess_model']:.3f}")
+          f"pipeline / bare preprocess+model: {results['ratio_pipeline_to_bare_preprocess_model']:.3f}; "
+          f"CPU per frame, bare model / pipeline: {results['cpu_ratio_bare_model_to_pipeline']:.3f}, "
+          f"bare model / inference thread: {results['cpu_ratio_bare_model_to_inference_thread']:.3f}")
     if soak and "rss_mib" in soak:
         r = soak["rss_mib"]
         print(f"soak {args.soak_seconds:.0f}s at {args.soak_fps} fps ({soak['frames']} frames): "

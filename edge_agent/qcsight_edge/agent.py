@@ -115,6 +115,7 @@ class Agent:
         now = self.clock.monotonic()
         self._next_heartbeat = now + self.config.metrics.heartbeat_s
         self._next_config_check = now + self.config.config_reload_s
+        self.outputs.start()
         self.pipeline.start()
         log.info("agent %s running: model %s %s (%s), source %s", self.config.thing_name, model.name, model.version,
                  model.runner.precision, self.config.source.kind)
@@ -177,6 +178,8 @@ class Agent:
         deadline = self.config.stop_deadline_s
         if self.pipeline is not None and not self.pipeline.stop(timeout_s=max(1.0, deadline / 2)):
             log.error("the capture or inference thread did not stop in time")
+        if self.outputs is not None:
+            self.outputs.close(timeout_s=max(1.0, deadline / 2))
         if self.metrics is not None:
             self._emit_window(self.metrics.rotate())
         fatal = self.pipeline.fatal if self.pipeline is not None else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import random
 import threading
 from collections import Counter
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from qcsight_core.drift import Histogram, InputStats, bin_index, psi, reference_histograms
+from qcsight_core.drift import Histogram, InputStats, psi, reference_histograms
 from qcsight_core.verdict import DEFECT, GOOD, UNCERTAIN
 from qcsight_edge.clock import Clock, iso_utc
 
@@ -51,14 +52,16 @@ class _Binned:
 
     def __init__(self, reference: Histogram) -> None:
         self.reference = reference
-        self.edges = np.asarray(reference.edges)
-        self.counts = np.zeros(len(reference.counts), dtype=np.int64)
+        self._inner = list(reference.edges[1:-1])
+        self.counts = [0] * len(reference.counts)
 
     def add(self, value: float) -> None:
-        self.counts[int(bin_index(self.edges, value))] += 1
+        # bisect_right on the inner edges is qcsight_core.drift.bin_index for one value, without numpy's
+        # per-call overhead on the inference thread.
+        self.counts[bisect.bisect_right(self._inner, value)] += 1
 
     def psi(self) -> float | None:
-        if self.counts.sum() == 0 or sum(self.reference.counts) == 0:
+        if sum(self.counts) == 0 or sum(self.reference.counts) == 0:
             return None
         return psi(self.reference.counts, self.counts)
 

@@ -23,6 +23,7 @@ from qcsight_edge.clock import Clock, iso_utc
 from qcsight_edge.config import AlertConfig, LineSignalConfig
 from qcsight_edge.imagestore import ImageStore
 from qcsight_edge.publisher import Publisher
+from qcsight_edge.queues import BoundedQueue
 
 if TYPE_CHECKING:
     from qcsight_edge.capture import Frame
@@ -208,13 +209,15 @@ class RateLimitedLog:
 class VerdictOutputs:
     """For each judged frame: the reject signal to the line, then (for alerts) the stored image and the alert.
 
-    The line signal goes first and directly, because the part is moving; the alert goes to the
-    outbox. The full frame is kept in the image store, the thumbnail shows what the model judged
-    (the ROI crop).
+    The line signal goes first and directly, because the part is moving. Alerts (JPEG encoding of
+    the full frame for the image store, the thumbnail, a synced outbox commit) are built on their
+    own thread after start(), so a run of defects does not slow the line down; the hand-over
+    queue is bounded and waits when full (an alert is never dropped). The full frame is kept in
+    the image store, the thumbnail shows what the model judged (the ROI crop).
     """
 
     def __init__(self, sink: MessageSink, line_signal: LineSignal, image_store: ImageStore | None,
-                 alerts: AlertConfig, line: LineSignalConfig, clock: Clock) -> None:
+                 alerts: AlertConfig, line: LineSignalConfig, clock: Clock, queue_size: int = 16) -> None:
         self.sink = sink
         self.line_signal = line_signal
         self.image_store = image_store
@@ -225,6 +228,17 @@ class VerdictOutputs:
         self.alert_count = 0
         self.alert_failures = 0
         self._warn = RateLimitedLog(log)
+        self._queue: BoundedQueue[tuple[Frame, Judgement, LoadedModel]] = BoundedQueue(queue_size)
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Build alerts on a background thread from now on (without it they are built inline)."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._alert_loop, name="qcsight-alerts", daemon=True)
+        self._thread.start()
 
     def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None:
         verdict = judgement.verdict
@@ -236,7 +250,50 @@ class VerdictOutputs:
             except Exception as exc:  # the line signal must never stop judging
                 self._warn.warning("line-signal", "line signal failed: %s", exc)
         if verdict.status == DEFECT or (verdict.status == UNCERTAIN and self.alerts.on_uncertain):
-            self._alert(frame, judgement, model)
+            self._submit((frame, judgement, model))
+
+    def _submit(self, item: tuple[Frame, Judgement, LoadedModel]) -> None:
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            self._alert(*item)
+            return
+        with self._idle:
+            self._pending += 1
+        while not self._queue.put_wait(item, 0.5):
+            if not thread.is_alive():  # the worker ended (stopping): build it here rather than lose it
+                with self._idle:
+                    self._pending -= 1
+                self._alert(*item)
+                return
+
+    def _alert_loop(self) -> None:
+        while not (self._stop.is_set() and not len(self._queue)):
+            item = self._queue.get(0.2)
+            if item is None:
+                continue
+            try:
+                self._alert(*item)
+            except Exception:  # never lose the thread: the next alert must still go out
+                log.exception("building the alert for frame %s failed", item[0].frame_id)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every submitted alert is stored; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending <= 0, timeout_s)
+
+    def close(self, timeout_s: float) -> bool:
+        """Store the alerts still queued (up to timeout_s), then end the thread."""
+        flushed = self.flush(timeout_s)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(max(0.5, timeout_s))
+        if not flushed:
+            log.error("%d alerts were not stored before the deadline", self._pending)
+        return flushed
 
     def _alert(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None:
         image_ref = None

@@ -64,6 +64,7 @@ class RunningAgent:
             return bool(stats["done"] + stats["failed"] >= count)
 
         wait_until(done)
+        assert self.agent.outputs is not None and self.agent.outputs.flush(10.0)  # alerts are built off-thread
 
     def stored(self) -> list[dict[str, Any]]:
         return outbox_messages(self.config.outbox.path)

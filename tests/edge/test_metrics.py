@@ -114,3 +114,14 @@ def test_recorder_rotates_windows_on_the_clock() -> None:
     second = recorder.rotate({})
     assert second.dropped == 2 and second.reference == REFERENCE
     assert recorder.rotate().reference == {}
+
+
+def test_window_bins_values_on_edges_as_histogram_does() -> None:
+    values = [0.0, 0.25, 0.25, 0.5, 0.75, 1.0, 1.0, -0.5, 2.0]
+    window = MetricsWindow(0.0, 1_700_000_000.0, REFERENCE)
+    for v in values:
+        window.record("good", "good", v, 0.001, InputStats(100.0, 1.0, 1.0))
+    body = window.body(1.0, 1_700_000_001.0, {"name": "m", "version": "1"})
+    edges = REFERENCE["confidence"]["edges"]
+    expected = psi(REFERENCE["confidence"]["counts"], histogram(np.clip(values, 0, 1), edges).counts)
+    assert body["drift"]["confidence_psi"] == pytest.approx(expected, abs=1e-6)
