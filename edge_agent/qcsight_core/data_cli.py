@@ -108,7 +108,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                            description="Generate seeded, reproducible surface images (brushed metal, cast, woven, "
                            "wood-like) folder per class, with pixel masks under OUTPUT/masks/<class>/.")
     synth.add_argument("--output", "-o", type=Path, required=True, metavar="DIR", help="a new or empty directory")
-    synth.add_argument("--count", type=int, required=True, help="total images, spread evenly over the classes")
+    synth.add_argument("--count", type=int, required=True, help="images per class (N good, N of each defect class)")
     synth.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files (default 0)")
     synth.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     synth.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
@@ -175,10 +175,11 @@ def _fingerprint(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     started = time.monotonic()
-    index = generate(args.output, args.count, args.seed, args.size, classes, progress=ProgressReporter("generating"))
+    total = args.count * len(classes)
+    index = generate(args.output, total, args.seed, args.size, classes, progress=ProgressReporter("generating"))
     elapsed = time.monotonic() - started
     print_summary(index)
-    print(f"wrote {args.count} images to {args.output} in {elapsed:.1f} s ({args.count / max(elapsed, 1e-9):.0f}/s)")
+    print(f"wrote {total} images to {args.output} in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.0f}/s)")
     return EXIT_OK
 
 

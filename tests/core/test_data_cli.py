@@ -81,9 +81,11 @@ def test_fingerprint_is_the_same_for_a_folder_and_its_index(tmp_path: Path,
 def test_synth_writes_dataset_and_refuses_a_used_directory(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "synth"
-    assert main(["data", "synth", "--output", str(out), "--count", "12", "--seed", "4", "--size", "64"]) == 0
+    # --count is per class, as `qcsight data synth --help` says: 2 of each of the 6 classes.
+    assert main(["data", "synth", "--output", str(out), "--count", "2", "--seed", "4", "--size", "64"]) == 0
     printed = capsys.readouterr().out
     assert "12 samples, 6 classes" in printed and "wrote 12 images" in printed
+    assert all(len(list((out / c).glob("*.png"))) == 2 for c in ("good", "scratch", "crack", "spot", "dent", "missing"))
     assert len(list((out / "scratch").glob("*.png"))) == 2 and len(list((out / "masks" / "scratch").glob("*"))) == 2
 
     assert main(["data", "synth", "--output", str(out), "--count", "12"]) == 1
