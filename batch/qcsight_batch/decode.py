@@ -92,7 +92,7 @@ def decode_chunk(keys: Sequence[str], source: ImageSource, settings: DecodeSetti
     return DecodedChunk(tuple(good), pixels, tuple(errors))
 
 
-# Per-process state of a decode worker, set once by _init_worker (ProcessPoolExecutor's idiom).
+# Per-process state of a decode worker, set once by init_worker (ProcessPoolExecutor's idiom).
 _worker_state: tuple[ImageSource, DecodeSettings] | None = None
 
 
@@ -117,6 +117,7 @@ def worker_environment() -> dict[str, str]:
 
 
 def init_worker(source: ImageSource, settings: DecodeSettings, environment: dict[str, str]) -> None:
+    """ProcessPoolExecutor initializer: keep the source and settings, tune the process for decoding."""
     global _worker_state
     # forkserver children inherit the server's environment from when it started, not this
     # run's: apply the parent's AWS settings (endpoint, region, credentials) explicitly.
@@ -134,6 +135,7 @@ def init_worker(source: ImageSource, settings: DecodeSettings, environment: dict
 
 
 def decode_in_worker(keys: Sequence[str]) -> DecodedChunk:
+    """The task a worker runs for one chunk."""
     if _worker_state is None:
         raise WorkerError("decode worker was not initialised")
     source, settings = _worker_state
