@@ -24,3 +24,10 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
+
+
+def read_back(path: str | Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_ANYCOLOR)
+    if image is None:
+        raise OSError(f"cannot read {path}")
+    return image

@@ -104,7 +104,7 @@ class ExportOptions:
     parity_tolerance: float = 1e-4
     parity_images: int = 256
     max_int8_drop_points: float = 1.0
-    calibration_images: int = 256
+    calibration_images: int = 64
     uncertain_fraction: float = 0.5
     default_threshold: float = 0.5
     opset: int = 18
