@@ -22,8 +22,10 @@ $QC train --data "$OUT/data" --output "$OUT/train" --arch efficientnet_lite0 --w
 step "3/5 the bundle"
 $QC bundle inspect "$OUT/train/bundle"
 
-step "4/5 score a folder in bulk with the bundle"
-$QC batch score --bundle "$OUT/train/model.tar.gz" --input "$OUT/data" --output "$OUT/scores.jsonl" \
+step "4/5 score new imagery in bulk with model.tar.gz (another seed: parts the model has never seen)"
+$QC data synth --output "$OUT/incoming" --count 30 --seed 99 --size 96 > /dev/null
+# The glob takes the class folders' pictures and leaves incoming/masks/<class>/ out.
+$QC batch score --bundle "$OUT/train/model.tar.gz" --input "$OUT/incoming/*/*.png" --output "$OUT/scores.jsonl" \
   --summary "$OUT/scores.summary.json"
 
 step "5/5 the edge agent on a synthetic camera for 20 s (no broker configured: messages wait in the durable outbox)"
