@@ -109,7 +109,6 @@ class Agent:
                                       self.config.line_signal, self.clock)
         self.pipeline = Pipeline(self.parts.source, self.models, self.outputs, self.metrics, self.clock,
                                  self.config.roi, self.config.queue_size, on_model_change=self._model_changed)
-        self._connect_transport()
         self._state = "running"
         self.status("start", detail={"config": self.config.to_dict()})
         now = self.clock.monotonic()
@@ -117,6 +116,7 @@ class Agent:
         self._next_config_check = now + self.config.config_reload_s
         self.outputs.start()
         self.pipeline.start()
+        self._connect_transport()
         log.info("agent %s running: model %s %s (%s), source %s", self.config.thing_name, model.name, model.version,
                  model.runner.precision, self.config.source.kind)
 
@@ -125,14 +125,22 @@ class Agent:
         if publisher is None:
             log.info("transport none: messages stay in the outbox %s", self.config.outbox.path)
             return
+        self.sender = OutboxSender(self.parts.outbox, publisher)
+        self.sender.start()
+        # Connecting can take connect_timeout_s when the broker is unreachable; neither the line nor a
+        # SIGTERM waits for it. The sender backs off while offline and the outbox keeps every message.
+        threading.Thread(target=self._connect, args=(publisher,), name="qcsight-connect", daemon=True).start()
+
+    def _connect(self, publisher: Publisher) -> None:
         try:
             publisher.connect(self.config.transport.connect_timeout_s)
         except PublishError as exc:
-            # The outbox holds everything meanwhile and the transport keeps reconnecting by itself.
             log.warning("transport %s not connected yet (%s); messages wait in the outbox",
                         self.config.transport.kind, exc)
-        self.sender = OutboxSender(self.parts.outbox, publisher)
-        self.sender.start()
+        except Exception:  # a transport bug must not pass silently, nor end the agent
+            log.exception("connecting the %s transport failed", self.config.transport.kind)
+        else:
+            log.info("transport %s connected", self.config.transport.kind)
 
     def _wake_sender(self) -> None:
         if self.sender is not None:

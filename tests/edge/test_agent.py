@@ -28,6 +28,7 @@ from qcsight_edge.clock import ManualClock
 from qcsight_edge.config import AgentConfig, load_config
 from qcsight_edge.outputs import CallbackLineSignal
 from tests.edge.agent_helpers import agent_config, by_schema, outbox_messages, status_events
+from tests.edge.broker import Pki, free_port
 from tests.helpers.images import write_image
 from tests.helpers.models import make_tiny_bundle
 
@@ -236,3 +237,32 @@ def test_sigterm_stops_the_real_agent_process_with_exit_0_and_the_outbox_persist
     assert [m["seq"] for m in stored] == list(range(1, len(stored) + 1))
     wal = tmp_path / "state" / "outbox.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0  # closed cleanly: the WAL was checkpointed
+
+
+def test_an_unreachable_broker_never_holds_up_the_line(tmp_path: Path, pki: Pki) -> None:
+    make_tiny_bundle(tmp_path / "bundle")
+    ident = pki.identity("line1-cam1")
+    data = agent_config(tmp_path, tmp_path / "bundle", stop_deadline_s=1.0, transport={
+        "kind": "mqtt5", "endpoint": "127.0.0.1", "port": free_port(), "cert": str(ident.cert), "key": str(ident.key),
+        "ca": str(pki.ca), "connect_timeout_s": 3.0, "iot_core_limits": False})
+    config = AgentConfig.from_dict(data)
+    parts = build_parts(config)
+    agent = Agent(config, parts, clock=ManualClock())
+    inbox = Path(str(config.source.uri))
+    write_image(inbox / "early.png", value=240, size=(40, 40))
+    started = time.monotonic()
+    agent.start()
+    judged_at = None
+    while judged_at is None and time.monotonic() - started < 10:
+        if (inbox / DONE_DIR / "early.png").exists():
+            judged_at = time.monotonic() - started
+        time.sleep(0.01)
+    assert judged_at is not None and judged_at < 2.5  # judged while the transport was still trying to connect
+    assert time.monotonic() - started < 2.5 and agent.sender is not None and not agent.sender.stats().connected
+    assert agent.outputs is not None and agent.outputs.flush(5.0)
+    stop_began = time.monotonic()
+    assert agent.stop() is False  # nothing could be delivered ...
+    assert time.monotonic() - stop_began < 6.0  # ... and stopping kept to its deadline
+    stored = outbox_messages(config.outbox.path)
+    assert [m["schema"] for m in stored].count(messages.ALERT) == 1  # ... but everything is kept for later
+    assert status_events(stored) == ["start", "stop"]
