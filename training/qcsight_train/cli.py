@@ -173,13 +173,20 @@ def _print_summary(summary: Mapping[str, Any]) -> None:
     print(f"bundle:      {paths['bundle']}")
     if paths.get("tarball"):
         print(f"model.tar.gz {paths['tarball']}")
-    print(f"evaluation:  {paths['evaluation']} ({figures.get('split', '')}: accuracy {figures.get('accuracy', 0):.4f}, "
-          f"macro-F1 {figures.get('macro_f1', 0):.4f}, defect recall {figures.get('defect_recall', 0):.4f})")
+    print(f"evaluation:  {paths['evaluation']} ({figures.get('split', '')} split)")
+    print(f"  classifier (argmax): accuracy {figures['top1_accuracy']:.4f}, macro-F1 {figures['top1_macro_f1']:.4f}")
+    print(f"  device verdicts at threshold {figures['defect_threshold']:.3f}: defect recall "
+          f"{_fmt(figures['defect_recall'])}, good parts rejected {_fmt(figures['false_reject_rate'])}, "
+          f"uncertain {_fmt(figures['uncertain_rate'])}, verdict accuracy {figures['accuracy']:.4f}")
     print(f"config:      {paths['config']}")
     print(f"checkpoints: {paths['checkpoints']}")
     print(f"trained {summary['epochs']} epochs on {summary['world_size']} process(es) in "
           f"{summary['train_seconds']:.0f} s; best val macro-F1 {summary['best_val_macro_f1']:.4f} "
           f"at epoch {summary['best_epoch']}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":

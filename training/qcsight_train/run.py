@@ -159,6 +159,7 @@ def finish(cfg: TrainConfig, splits: Splits, defects: tuple[str, ...], result: T
     export_seconds = time.perf_counter() - start
     held_out, split_name = (splits.test, "test") if splits.test else (splits.val, "val")
     metrics = evaluate_bundle(bundle, held_out, paths.reports / EVALUATION_DIR, target_defect_recall=cfg.target_recall)
+    top1 = top1_metrics(bundle, held_out)
     tarball = paths.output / "model.tar.gz"
     summary = {
         "run_id": run_id,
@@ -173,7 +174,11 @@ def finish(cfg: TrainConfig, splits: Splits, defects: tuple[str, ...], result: T
             "split": split_name, "images": metrics["images"],
             "accuracy": metrics["classification"]["accuracy"], "macro_f1": metrics["classification"]["macro_f1"],
             "defect_recall": metrics["at_bundle_threshold"].get("defect_recall"),
+            "false_reject_rate": metrics["at_bundle_threshold"].get("false_reject_rate"),
+            "uncertain_rate": metrics["at_bundle_threshold"].get("uncertain_rate"),
             "defect_threshold": bundle.manifest.decision.defect_threshold,
+            "top1_accuracy": top1["accuracy"], "top1_macro_f1": top1["macro_f1"],
+            "top1_per_class_f1": {name: v["f1"] for name, v in top1["per_class"].items()},
         },
         "paths": {"bundle": str(bundle.path), "tarball": str(tarball) if tarball.is_file() else "",
                   "evaluation": str(paths.reports / EVALUATION_DIR), "config": str(paths.reports / "config.yaml"),
@@ -181,6 +186,25 @@ def finish(cfg: TrainConfig, splits: Splits, defects: tuple[str, ...], result: T
     }
     _write_json(paths.reports / "summary.json", summary)
     return summary
+
+
+def top1_metrics(bundle: Bundle, samples: tuple[Sample, ...]) -> dict[str, Any]:
+    """The classifier's own figures (argmax class, no decision policy), through the device path.
+
+    evaluate_bundle scores the device's verdicts, where an uncertain verdict names the top
+    defect class; these say how well the model ranks the classes, whatever the policy.
+    """
+    import numpy as np
+
+    from qcsight_core.runner import OnnxRunner, RunnerOptions
+    from qcsight_train.evaluate import labelled_pairs, score_images
+    from qcsight_train.metrics import classification_metrics
+
+    manifest = bundle.manifest
+    runner = OnnxRunner(bundle, RunnerOptions(warmup_runs=0))
+    scored = score_images(labelled_pairs(samples), manifest.input, {"fp32": runner})
+    predicted = np.asarray(scored.probabilities["fp32"]).argmax(axis=1)
+    return classification_metrics(np.array(scored.labels), predicted, manifest.classes)
 
 
 def _export(model: torch.nn.Module, paths: RunPaths, export: Callable[..., Bundle], **kwargs: Any) -> Bundle:
