@@ -130,20 +130,19 @@ def figures(output: Path) -> dict[str, Any]:
     summary = json.loads((output / "summary.json").read_text())
     metrics = json.loads((output / "evaluation" / "metrics.json").read_text())
     history = json.loads((output / "history.json").read_text())
-    per_class = metrics["classification"]["per_class"]
+    at = metrics["at_bundle_threshold"]
     return {
         "split": summary["evaluation"]["split"], "images": metrics["images"],
-        "top1_accuracy_argmax": round(summary["evaluation"]["top1_accuracy"], 4),
-        "top1_macro_f1_argmax": round(summary["evaluation"]["top1_macro_f1"], 4),
-        "top1_per_class_f1": {k: round(v, 3) for k, v in summary["evaluation"]["top1_per_class_f1"].items()},
-        "verdict_accuracy": round(metrics["classification"]["accuracy"], 4),
-        "verdict_macro_f1": round(metrics["classification"]["macro_f1"], 4),
-        "defect_recall_at_threshold": metrics["at_bundle_threshold"].get("defect_recall"),
-        "false_reject_rate_at_threshold": metrics["at_bundle_threshold"].get("false_reject_rate"),
-        "uncertain_rate": metrics["at_bundle_threshold"].get("uncertain_rate"),
-        "defect_threshold": summary["evaluation"]["defect_threshold"],
+        "test_accuracy": round(metrics["classification"]["accuracy"], 4),
+        "test_macro_f1": round(metrics["classification"]["macro_f1"], 4),
+        "test_per_class_f1": {k: round(v["f1"], 3) for k, v in metrics["classification"]["per_class"].items()},
+        "named_accuracy": round(metrics["named"]["accuracy"], 4),
+        "defect_recall_at_threshold": at.get("defect_recall"),
+        "false_reject_rate_at_threshold": at.get("false_reject_rate"),
+        "uncertain_rate": at.get("uncertain_rate"),
+        "good_to_review_rate": at.get("good_to_review_rate"),
+        "defect_threshold": at["threshold"], "uncertain_threshold": at["uncertain_threshold"],
         "roc_auc": metrics["binary"].get("roc_auc"),
-        "verdict_per_class_f1": {name: round(v["f1"], 3) for name, v in per_class.items()},
         "best_epoch": summary["best_epoch"], "best_val_macro_f1": round(summary["best_val_macro_f1"], 4),
         "epochs": summary["epochs"], "resumed_from": summary["resumed_from"], "world_size": summary["world_size"],
         "train_seconds": round(summary["train_seconds"], 1), "export_seconds": round(summary["export_seconds"], 1),
@@ -178,14 +177,16 @@ def bench(name: str, args: argparse.Namespace, recipe: Recipe) -> dict[str, Any]
 
 
 def _markdown(results: Sequence[dict[str, Any]]) -> str:
-    rows = ["| run | procs | test acc (argmax) | test macro-F1 (argmax) | defect recall @thr | good rejected @thr | "
-            "uncertain | thr | epochs (resumed from) | train s | CPU s (whole command) | img/s | load before→after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | procs | test acc | test macro-F1 | ROC AUC | defect recall @thr | good rejected @thr | "
+            "good to review | thr | epochs (resumed from) | train s | CPU s (whole command) | img/s | "
+            "load before→after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(
-            f"| {r['run']} | {r['world_size']} | {r['top1_accuracy_argmax']:.4f} | {r['top1_macro_f1_argmax']:.4f} | "
-            f"{_num(r['defect_recall_at_threshold'])} | {_num(r['false_reject_rate_at_threshold'])} | "
-            f"{_num(r['uncertain_rate'])} | {r['defect_threshold']:.3f} | {r['epochs']} ({r['resumed_from']}) | "
+            f"| {r['run']} | {r['world_size']} | {r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | "
+            f"{_num(r['roc_auc'])} | {_num(r['defect_recall_at_threshold'])} | "
+            f"{_num(r['false_reject_rate_at_threshold'])} | "
+            f"{_num(r['good_to_review_rate'])} | {r['defect_threshold']:.3f} | {r['epochs']} ({r['resumed_from']}) | "
             f"{r['train_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['images_per_s_full_epochs']:.1f} | "
             f"{r['load_before'][0]:.1f}→{r['load_after'][0]:.1f} |")
     return "\n".join(rows)

@@ -6,6 +6,7 @@ ones "spot" (see tests/helpers/models.py), so the expected numbers can be worked
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 
 from qcsight_core import cli
-from qcsight_core.bundle import Bundle, pack_bundle
+from qcsight_core.bundle import Bundle, DecisionPolicy, pack_bundle
 from qcsight_core.runner import OnnxRunner
 from qcsight_train import evaluate_cli
 from qcsight_train.errors import EvaluationError
-from qcsight_train.evaluate import evaluate_bundle, score_images
+from qcsight_train.evaluate import evaluate_bundle, score_images, summarise
 from tests.helpers.images import truncate, write_image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -43,7 +44,7 @@ def test_evaluate_bundle_numbers_match_a_hand_count(tiny_bundle: Bundle, tmp_pat
 
     metrics = evaluate_bundle(tiny_bundle, pairs, tmp_path / "out", target_defect_recall=0.99)
 
-    # Named classes: good 3/4 right (mid -> spot), scratch 0/2 (-> spot), spot 3/3; broken.jpg unreadable.
+    # Top-1 classes: good 3/4 right (mid -> spot), scratch 0/2 (-> spot), spot 3/3; broken.jpg unreadable.
     cls = metrics["classification"]
     assert metrics["images"] == 9
     assert cls["confusion_matrix"] == [[3, 0, 1], [0, 0, 2], [0, 0, 3]]
@@ -60,6 +61,27 @@ def test_evaluate_bundle_numbers_match_a_hand_count(tiny_bundle: Bundle, tmp_pat
     assert metrics["verdicts"] == {"good": 3, "defect": 6, "uncertain": 0}
     assert [u["path"] for u in metrics["unreadable"]] == [str(data / "spot" / "broken.jpg")]
     assert "truncated" in metrics["unreadable"][0]["reason"]
+
+
+def test_classification_scores_the_top1_class_and_named_the_verdicts_class(tiny_bundle: Bundle) -> None:
+    # Classes good, scratch, spot; defect threshold 0.6, uncertain band from 0.3.
+    manifest = dataclasses.replace(tiny_bundle.manifest, decision=DecisionPolicy(0.6, 0.3))
+    probs = np.array([[0.9, 0.05, 0.05],    # good: top-1 good, verdict good
+                      [0.6, 0.3, 0.1],      # good: top-1 good, defect score 0.4 -> uncertain, names scratch
+                      [0.5, 0.1, 0.4],      # spot: top-1 good, score 0.5 -> uncertain, names spot
+                      [0.1, 0.2, 0.7]])     # spot: top-1 spot, verdict defect
+    labels = ["good", "good", "spot", "spot"]
+
+    metrics = summarise(manifest, labels, probs, target_defect_recall=1.0)
+
+    assert metrics["classification"]["accuracy"] == pytest.approx(3 / 4)   # only row 2's top-1 is wrong
+    assert metrics["named"]["accuracy"] == pytest.approx(3 / 4)            # row 1 is named scratch
+    assert metrics["classification"]["confusion_matrix"] == [[2, 0, 0], [0, 0, 0], [1, 0, 1]]
+    assert metrics["named"]["confusion_matrix"] == [[1, 1, 0], [0, 0, 0], [0, 0, 2]]
+    assert metrics["verdicts"] == {"good": 1, "defect": 1, "uncertain": 2}
+    at = metrics["at_bundle_threshold"]
+    assert at["good_to_review_rate"] == pytest.approx(1 / 2) and at["defect_to_review_rate"] == pytest.approx(1 / 2)
+    assert at["defect_recall"] == pytest.approx(1 / 2) and at["false_reject_rate"] == pytest.approx(0.0)
 
 
 def test_threshold_matches_the_lowest_defect_score(tiny_bundle: Bundle, tmp_path: Path) -> None:

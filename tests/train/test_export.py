@@ -219,7 +219,11 @@ def test_thresholds_come_from_validation_defect_scores(exported: Exported) -> No
     is_defect = np.array([label in DEFECTS for _, label in pairs])
     threshold, frr = threshold_for_recall(is_defect, scores, 0.99)
     assert m.decision.defect_threshold == pytest.approx(threshold, abs=1e-6)
-    assert m.decision.uncertain_threshold == pytest.approx(threshold / 2)
+    # The uncertain band holds at most 5 % of the validation good images (ExportOptions.review_fraction).
+    assert threshold / 2 <= m.decision.uncertain_threshold <= threshold
+    good = scores[~is_defect]
+    in_band = (good >= m.decision.uncertain_threshold) & (good < threshold)
+    assert in_band.sum() <= int(0.05 * good.size)
     assert m.decision.target_defect_recall == 0.99
     assert m.metrics["threshold"]["false_reject_rate"] == pytest.approx(frr)
     assert m.metrics["validation"]["classification"]["accuracy"] == pytest.approx(1.0)

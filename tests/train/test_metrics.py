@@ -13,6 +13,7 @@ from qcsight_train.metrics import (
     classification_metrics,
     json_safe,
     rates_at_threshold,
+    review_band,
     threshold_for_recall,
 )
 
@@ -107,6 +108,32 @@ def test_threshold_for_recall_99_of_100_is_not_rounded_up_to_100() -> None:
     assert np.isnan(frr)  # no good parts to reject
     rates = rates_at_threshold(np.ones(100, dtype=bool), scores, threshold)
     assert rates["defect_recall"] == pytest.approx(0.99) and rates["false_reject_rate"] is None
+
+
+def test_review_band_stays_within_the_good_part_budget() -> None:
+    # 20 good parts scoring 0.00 .. 0.19 below a 0.5 threshold, plus one defect at 0.3.
+    good = np.arange(20) / 100.0
+    scores = np.concatenate([good, [0.3]])
+    is_defect = np.array([False] * 20 + [True])
+    # 10 % of 20 good = 2 may be sent to review: the band starts just above the third-highest, 0.17.
+    band = review_band(is_defect, scores, 0.5, 0.10, floor=0.0)
+    assert 0.17 < band <= 0.18
+    assert int(((good >= band) & (good < 0.5)).sum()) == 2
+    # The defect at 0.3 is inside the band: an operator sees it.
+    assert band <= 0.3 < 0.5
+    # The floor wins when the budget would reach lower; a zero budget leaves no good part in the band.
+    assert review_band(is_defect, scores, 0.5, 0.10, floor=0.25) == 0.25
+    zero = review_band(is_defect, scores, 0.5, 0.0, floor=0.0)
+    assert 0.19 < zero < 0.2 and not (good >= zero).any()
+    # A budget larger than the good parts below the threshold: the floor.
+    assert review_band(is_defect, scores, 0.5, 1.0, floor=0.1) == 0.1
+    # Ties never overflow the budget: five good parts at 0.2, budget 2 of them.
+    tied = np.array([0.2] * 5 + [0.1] * 15 + [0.9])
+    flags = np.array([False] * 20 + [True])
+    band = review_band(flags, tied, 0.5, 0.10, floor=0.0)
+    assert int(((tied[:20] >= band) & (tied[:20] < 0.5)).sum()) <= 2
+    with pytest.raises(EvaluationError, match="review fraction"):
+        review_band(is_defect, scores, 0.5, 1.5, floor=0.0)
 
 
 def test_threshold_for_recall_refuses_degenerate_input() -> None:

@@ -39,8 +39,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "warmup_epochs", "min_lr_ratio", "label_smoothing", "balance", "balance_power", "seed", "amp",
                      "channels_last", "threads"),
     "augmentation (train only)": tuple(AUGMENT_FIELDS),
-    "outputs": ("output", "checkpoint_dir", "resume", "name", "version", "run_id", "target_recall", "int8",
-                "torchscript", "calibration_images"),
+    "outputs": ("output", "checkpoint_dir", "resume", "name", "version", "run_id", "target_recall",
+                "review_fraction", "int8", "torchscript", "calibration_images"),
 }
 
 EPILOG = """\
@@ -174,10 +174,10 @@ def _print_summary(summary: Mapping[str, Any]) -> None:
     if paths.get("tarball"):
         print(f"model.tar.gz {paths['tarball']}")
     print(f"evaluation:  {paths['evaluation']} ({figures.get('split', '')} split)")
-    print(f"  classifier (argmax): accuracy {figures['top1_accuracy']:.4f}, macro-F1 {figures['top1_macro_f1']:.4f}")
+    print(f"  classifier (top-1 class): accuracy {figures['accuracy']:.4f}, macro-F1 {figures['macro_f1']:.4f}")
     print(f"  device verdicts at threshold {figures['defect_threshold']:.3f}: defect recall "
           f"{_fmt(figures['defect_recall'])}, good parts rejected {_fmt(figures['false_reject_rate'])}, "
-          f"uncertain {_fmt(figures['uncertain_rate'])}, verdict accuracy {figures['accuracy']:.4f}")
+          f"good parts to review {_fmt(figures['good_to_review_rate'])}, uncertain {_fmt(figures['uncertain_rate'])}")
     print(f"config:      {paths['config']}")
     print(f"checkpoints: {paths['checkpoints']}")
     print(f"trained {summary['epochs']} epochs on {summary['world_size']} process(es) in "

@@ -95,6 +95,7 @@ class TrainConfig:
         defect_classes: the classes that are defects; default: every class not in good_classes.
         good_classes: the classes that are not defects; default: the one named like good/ok/free.
         target_recall: defect recall the bundle's operating point is chosen for (on validation).
+        review_fraction: share of good parts the uncertain band may send to an operator (on validation).
         workers: DataLoader worker processes per training process.
         amp: mixed precision on CUDA: auto (bf16 where supported, else fp16), bf16, fp16 or off.
         channels_last: NHWC memory format (about 1.6x faster convolutions on CPU, and on tensor cores).
@@ -136,6 +137,7 @@ class TrainConfig:
     defect_classes: tuple[str, ...] = ()
     good_classes: tuple[str, ...] = ()
     target_recall: float = 0.99
+    review_fraction: float = 0.05
     workers: int = 2
     amp: str = "auto"
     channels_last: bool = True
@@ -168,6 +170,7 @@ class TrainConfig:
         _check_range("val_fraction", self.val_fraction, 0.0, 0.9)
         _check_range("test_fraction", self.test_fraction, 0.0, 0.9)
         _check_range("target_recall", self.target_recall, 0.5, 1.0)
+        _check_range("review_fraction", self.review_fraction, 0.0, 1.0)
         _check_range("workers", self.workers, 0, 64)
         _check_range("threads", self.threads, 0, 1024)
         _check_range("calibration_images", self.calibration_images, 1, 100_000)

@@ -169,11 +169,13 @@ def check_labels(pairs: Sequence[tuple[str, str]], classes: Sequence[str], what:
 
 def summarise(manifest: Manifest, labels: Sequence[str], probs: np.ndarray,
               target_defect_recall: float) -> dict[str, Any]:
-    """Metrics of the device's decisions (verdict.Decider under the manifest's policy) on labelled outputs.
+    """Metrics of a bundle's outputs on labelled images.
 
-    Classification metrics score the class the device names (verdict.label); the binary
-    metrics score the defect score, at the bundle's threshold and at the threshold that
-    reaches target_defect_recall on these images.
+    "classification" scores the classifier's top-1 class (argmax), whatever the decision
+    policy; "named" scores the class the device names in its verdict (verdict.Decider under the
+    manifest's policy: an uncertain verdict names the top defect class). The binary metrics
+    score the defect score, at the bundle's thresholds and at the threshold that reaches
+    target_defect_recall on these images.
     """
     decider = Decider(manifest)
     verdicts = decider.decide_batch(probs)
@@ -185,14 +187,15 @@ def summarise(manifest: Manifest, labels: Sequence[str], probs: np.ndarray,
     statuses = Counter(v.status for v in verdicts)
     summary: dict[str, Any] = {
         "images": len(labels),
-        "classification": classification_metrics(true_idx, named, classes),
-        "top1_accuracy": float(np.mean(probs.argmax(axis=1) == true_idx)),
+        "classification": classification_metrics(true_idx, np.asarray(probs).argmax(axis=1), classes),
+        "named": classification_metrics(true_idx, named, classes),
         "verdicts": {status: int(statuses.get(status, 0)) for status in STATUSES},
         "binary": binary_curves(is_defect, scores),
         "at_bundle_threshold": {
             **rates_at_threshold(is_defect, scores, manifest.decision.defect_threshold),
             "uncertain_threshold": manifest.decision.uncertain_threshold,
             "uncertain_rate": float(statuses.get("uncertain", 0) / len(labels)),
+            **_uncertain_rates(is_defect, scores, manifest),
         },
     }
     operating: dict[str, Any] = {"target_defect_recall": target_defect_recall}
@@ -207,13 +210,24 @@ def summarise(manifest: Manifest, labels: Sequence[str], probs: np.ndarray,
     return summary
 
 
+def _uncertain_rates(is_defect: np.ndarray, scores: np.ndarray, manifest: Manifest) -> dict[str, float | None]:
+    """How the uncertain band splits: good parts sent to review, defects that reach only the band."""
+    policy = manifest.decision
+    in_band = (scores >= policy.uncertain_threshold) & (scores < policy.defect_threshold)
+    good, defect = ~is_defect, is_defect
+    return {"good_to_review_rate": float(in_band[good].mean()) if good.any() else None,
+            "defect_to_review_rate": float(in_band[defect].mean()) if defect.any() else None}
+
+
 def _worst(scored: ScoredImages, probs: np.ndarray, manifest: Manifest, limit: int) -> list[dict[str, Any]]:
-    """Misclassified images, the most confidently wrong first (lowest probability of the true class)."""
+    """Misclassified images (top-1 class wrong), the most confidently wrong first (lowest p(true class))."""
     verdicts = Decider(manifest).decide_batch(probs)
+    top1 = np.asarray(probs).argmax(axis=1)
     rows: list[dict[str, Any]] = []
     for i, (path, label, verdict) in enumerate(zip(scored.paths, scored.labels, verdicts, strict=True)):
-        if verdict.label != label:
-            rows.append({"path": path, "label": label, "predicted": verdict.label, "status": verdict.status,
+        predicted = manifest.classes[int(top1[i])]
+        if predicted != label:
+            rows.append({"path": path, "label": label, "predicted": predicted, "status": verdict.status,
                          "p_true": float(probs[i, manifest.classes.index(label)]),
                          "confidence": verdict.confidence, "defect_score": verdict.score})
     rows.sort(key=lambda row: row["p_true"])
@@ -312,10 +326,10 @@ def render_report(metrics: Mapping[str, Any], worst: Sequence[Mapping[str, Any]]
         "",
         "| metric | value |",
         "|---|---|",
-        f"| accuracy (named class) | {_fmt(cls['accuracy'])} |",
+        f"| accuracy (top-1 class) | {_fmt(cls['accuracy'])} |",
         f"| balanced accuracy | {_fmt(cls['balanced_accuracy'])} |",
         f"| macro F1 | {_fmt(cls['macro_f1'])} |",
-        f"| top-1 accuracy (argmax) | {_fmt(metrics['top1_accuracy'])} |",
+        f"| accuracy of the class the verdict names | {_fmt(metrics['named']['accuracy'])} |",
         f"| defect-vs-good ROC AUC | {_fmt(binary['roc_auc'])} |",
         f"| defect-vs-good PR AUC (average precision) | {_fmt(binary['pr_auc'])} |",
         f"| threshold for defect recall {_fmt(op['target_defect_recall'], 3)} | {_fmt(op['threshold'])} |",
@@ -323,6 +337,9 @@ def render_report(metrics: Mapping[str, Any], worst: Sequence[Mapping[str, Any]]
         f"| bundle threshold {_fmt(at_bundle['threshold'])}: defect recall | {_fmt(at_bundle['defect_recall'])} |",
         f"| bundle threshold: false-reject rate | {_fmt(at_bundle['false_reject_rate'])} |",
         f"| verdicts good / defect / uncertain | {' / '.join(str(metrics['verdicts'][s]) for s in STATUSES)} |",
+        f"| uncertain band from {_fmt(at_bundle['uncertain_threshold'])}: good parts sent to review | "
+        f"{_fmt(at_bundle['good_to_review_rate'])} |",
+        f"| defects caught only by the uncertain band | {_fmt(at_bundle['defect_to_review_rate'])} |",
         "",
         "## Per class",
         "",
@@ -333,19 +350,19 @@ def render_report(metrics: Mapping[str, Any], worst: Sequence[Mapping[str, Any]]
         flag = "yes" if name in manifest.defect_classes else ""
         lines.append(f"| {_cell(name)} | {flag} | {_fmt(row['precision'])} | {_fmt(row['recall'])} | "
                      f"{_fmt(row['f1'])} | {row['support']} |")
-    lines += ["", "## Confusion matrix (rows: true, columns: named)", "",
-              "| true \\ named | " + " | ".join(_cell(c) for c in cls["classes"]) + " |",
+    lines += ["", "## Confusion matrix (rows: true class, columns: top-1 class)", "",
+              "| true \\ top-1 | " + " | ".join(_cell(c) for c in cls["classes"]) + " |",
               "|---" * (len(cls["classes"]) + 1) + "|"]
     for name, row in zip(cls["classes"], cls["confusion_matrix"], strict=True):
         lines.append(f"| {_cell(name)} | " + " | ".join(str(v) for v in row) + " |")
     lines += ["", *(f"![{Path(p).stem}]({p})" for p in metrics["plots"]), "",
               f"## Worst misclassified images ({len(worst)} shown, lowest probability of the true class first)", ""]
     if worst:
-        lines += ["| image | true | named | verdict | p(true) | defect score |", "|---|---|---|---|---|---|"]
+        lines += ["| image | true | top-1 | verdict | p(true) | defect score |", "|---|---|---|---|---|---|"]
         lines += [f"| {_cell(r['path'])} | {_cell(r['label'])} | {_cell(r['predicted'])} | {r['status']} | "
                   f"{_fmt(r['p_true'])} | {_fmt(r['defect_score'])} |" for r in worst]
     else:
-        lines.append("None: every image was named correctly.")
+        lines.append("None: every image's top-1 class is right.")
     lines += ["", f"## Unreadable images ({len(metrics['unreadable'])})", ""]
     if metrics["unreadable"]:
         lines += ["| image | label | reason |", "|---|---|---|"]

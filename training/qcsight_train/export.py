@@ -57,7 +57,7 @@ from qcsight_core.runner import OnnxRunner, RunnerOptions
 from qcsight_core.verdict import Decider
 from qcsight_train.errors import EvaluationError, ExportError, ParityError
 from qcsight_train.evaluate import ScoredImages, check_labels, labelled_pairs, score_images, summarise
-from qcsight_train.metrics import json_safe, threshold_for_recall
+from qcsight_train.metrics import json_safe, review_band, threshold_for_recall
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +77,8 @@ CONFIDENCE_EDGES = tuple(float(v) for v in np.linspace(0.0, 1.0, 21))
 BRIGHTNESS_EDGES = tuple(float(v) for v in np.linspace(0.0, 255.0, 21))
 _LISTED_UNREADABLE = 20
 _EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
-UNCERTAIN_RULE = "uncertain_threshold = uncertain_fraction x defect_threshold"
+UNCERTAIN_RULE = ("uncertain_threshold: the lowest score, not below uncertain_floor x defect_threshold, that keeps at "
+                  "most review_fraction of validation good images in [uncertain_threshold, defect_threshold)")
 
 TorchPreprocess = Callable[[np.ndarray], "torch.Tensor"]
 
@@ -92,8 +93,10 @@ class ExportOptions:
         max_int8_drop_points: INT8 is kept when its validation accuracy is at most this many
             percentage points below FP32. A negative value drops INT8 always (tests use it).
         calibration_images: calibration images used at most for INT8.
-        uncertain_fraction: uncertain_threshold = uncertain_fraction x defect_threshold: defect
-            scores from there up to the operating threshold go to an operator. 1.0: no band.
+        review_fraction: the uncertain band (defect scores from uncertain_threshold up to the
+            operating threshold, which go to an operator) is as wide as keeps at most this share
+            of the validation good images in it. 0: a band holding no validation good image.
+        uncertain_floor: the band never reaches below uncertain_floor x defect_threshold. 1.0: no band.
         default_threshold: the defect threshold used when validation holds no defect image.
         opset: ONNX opset requested from the exporter.
         batch_size: images per inference call during validation and calibration.
@@ -105,7 +108,8 @@ class ExportOptions:
     parity_images: int = 256
     max_int8_drop_points: float = 1.0
     calibration_images: int = 64
-    uncertain_fraction: float = 0.5
+    review_fraction: float = 0.05
+    uncertain_floor: float = 0.5
     default_threshold: float = 0.5
     opset: int = 18
     batch_size: int = 32
@@ -118,8 +122,9 @@ class ExportOptions:
         for name in ("parity_images", "calibration_images", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"export.{name}", getattr(self, name), "at least 1")
-        if not 0.0 <= self.uncertain_fraction <= 1.0:
-            raise ConfigError("export.uncertain_fraction", self.uncertain_fraction, "a fraction from 0 to 1")
+        for name in ("review_fraction", "uncertain_floor"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"export.{name}", getattr(self, name), "a fraction from 0 to 1")
         if not 0.0 <= self.default_threshold <= 1.0:
             raise ConfigError("export.default_threshold", self.default_threshold, "a probability from 0 to 1")
         if not 13 <= self.opset <= 23:
@@ -422,7 +427,8 @@ class _Export:
         scores = Decider(self.base).defect_scores(scored.probabilities["fp32"])
         record: dict[str, Any] = {"target_defect_recall": target_recall, "source": "validation defect scores",
                                   "uncertain_rule": UNCERTAIN_RULE,
-                                  "uncertain_fraction": self.options.uncertain_fraction}
+                                  "review_fraction": self.options.review_fraction,
+                                  "uncertain_floor": self.options.uncertain_floor}
         if not is_defect.any():
             threshold, false_reject = self.options.default_threshold, None
             self._warn(f"validation holds no defect image: defect threshold set to the default {threshold}, "
@@ -436,7 +442,9 @@ class _Export:
             if false_reject is None:
                 self._warn("validation holds no good image: the false-reject rate at the threshold is unknown")
             record["chosen"] = f"lowest threshold keeping defect recall >= {target_recall} on validation"
-        uncertain = threshold * self.options.uncertain_fraction
+        floor = threshold * self.options.uncertain_floor
+        uncertain = (review_band(is_defect, scores, threshold, self.options.review_fraction, floor)
+                     if (~is_defect).any() else floor)
         record.update(defect_threshold=threshold, uncertain_threshold=uncertain, false_reject_rate=false_reject,
                       defect_images=int(is_defect.sum()), good_images=int((~is_defect).sum()))
         return DecisionPolicy(defect_threshold=threshold, uncertain_threshold=uncertain,

@@ -165,6 +165,31 @@ def threshold_for_recall(is_defect: np.ndarray, defect_score: np.ndarray, target
     return threshold, false_reject
 
 
+def review_band(is_defect: np.ndarray, defect_score: np.ndarray, threshold: float, review_fraction: float,
+                floor: float) -> float:
+    """The uncertain threshold below a defect threshold: the widest band that stays within a review budget.
+
+    Scores in [uncertain, threshold) are sent to an operator. The band reaches down as far as
+    keeps at most review_fraction of the good images in it (the budget counts good parts,
+    which are most of a line's output), but never below floor.
+
+    Returns:
+        The uncertain threshold, floor <= u <= threshold; threshold itself means no band.
+    """
+    if not 0.0 <= review_fraction <= 1.0:
+        raise EvaluationError(f"review fraction {review_fraction!r} must be in [0, 1]")
+    floor = min(floor, threshold)
+    labels, scores = _binary_inputs(is_defect, defect_score)
+    good = scores[~labels]
+    below = np.sort(good[good < threshold])[::-1]
+    allowed = math.floor(review_fraction * good.size + _COUNT_EPS)
+    if allowed >= below.size:
+        return float(floor)
+    # Strictly above the (allowed+1)-th highest good score below the threshold: at most `allowed` in the band.
+    above_next = float(np.nextafter(below[allowed], np.inf))
+    return float(min(threshold, max(floor, above_next)))
+
+
 def rates_at_threshold(is_defect: np.ndarray, defect_score: np.ndarray, threshold: float) -> dict[str, float | None]:
     """Defect recall and good-part false-reject rate when calling score >= threshold a defect."""
     labels, scores = _binary_inputs(is_defect, defect_score)

@@ -49,7 +49,7 @@ def plot_confusion_matrix(path: Path, matrix: Sequence[Sequence[int]], classes: 
     ticks = range(len(classes))
     axes.set_xticks(ticks, labels=list(classes), rotation=45, ha="right")
     axes.set_yticks(ticks, labels=list(classes))
-    axes.set_xlabel("named class")
+    axes.set_xlabel("top-1 class")
     axes.set_ylabel("true class")
     for i in ticks:
         for j in ticks:

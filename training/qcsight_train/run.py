@@ -138,7 +138,7 @@ def finish(cfg: TrainConfig, splits: Splits, defects: tuple[str, ...], result: T
     """Export the best weights as a bundle, evaluate it through the device path, write the summary."""
     from qcsight_train import checkpoint
     from qcsight_train.evaluate import evaluate_bundle
-    from qcsight_train.export import export_bundle
+    from qcsight_train.export import ExportOptions, export_bundle
 
     best = checkpoint.load(result.best_path)
     if best is None:
@@ -155,11 +155,11 @@ def finish(cfg: TrainConfig, splits: Splits, defects: tuple[str, ...], result: T
                      data_fingerprint=splits.fingerprint,
                      calibration_paths=calibration_paths(splits.train, cfg.calibration_images),
                      validation=[(s.path, s.label) for s in splits.val], target_defect_recall=cfg.target_recall,
-                     int8=cfg.int8, torchscript=cfg.torchscript, config=cfg.to_dict())
+                     int8=cfg.int8, torchscript=cfg.torchscript, config=cfg.to_dict(),
+                     options=ExportOptions(review_fraction=cfg.review_fraction, pack=not paths.bundle_at_root))
     export_seconds = time.perf_counter() - start
     held_out, split_name = (splits.test, "test") if splits.test else (splits.val, "val")
     metrics = evaluate_bundle(bundle, held_out, paths.reports / EVALUATION_DIR, target_defect_recall=cfg.target_recall)
-    top1 = top1_metrics(bundle, held_out)
     tarball = paths.output / "model.tar.gz"
     summary = {
         "run_id": run_id,
@@ -173,12 +173,15 @@ def finish(cfg: TrainConfig, splits: Splits, defects: tuple[str, ...], result: T
         "evaluation": {
             "split": split_name, "images": metrics["images"],
             "accuracy": metrics["classification"]["accuracy"], "macro_f1": metrics["classification"]["macro_f1"],
+            "per_class_f1": {name: v["f1"] for name, v in metrics["classification"]["per_class"].items()},
+            "named_accuracy": metrics["named"]["accuracy"],
             "defect_recall": metrics["at_bundle_threshold"].get("defect_recall"),
             "false_reject_rate": metrics["at_bundle_threshold"].get("false_reject_rate"),
             "uncertain_rate": metrics["at_bundle_threshold"].get("uncertain_rate"),
+            "good_to_review_rate": metrics["at_bundle_threshold"].get("good_to_review_rate"),
             "defect_threshold": bundle.manifest.decision.defect_threshold,
-            "top1_accuracy": top1["accuracy"], "top1_macro_f1": top1["macro_f1"],
-            "top1_per_class_f1": {name: v["f1"] for name, v in top1["per_class"].items()},
+            "uncertain_threshold": bundle.manifest.decision.uncertain_threshold,
+            "roc_auc": metrics["binary"].get("roc_auc"),
         },
         "paths": {"bundle": str(bundle.path), "tarball": str(tarball) if tarball.is_file() else "",
                   "evaluation": str(paths.reports / EVALUATION_DIR), "config": str(paths.reports / "config.yaml"),
@@ -188,25 +191,6 @@ def finish(cfg: TrainConfig, splits: Splits, defects: tuple[str, ...], result: T
     return summary
 
 
-def top1_metrics(bundle: Bundle, samples: tuple[Sample, ...]) -> dict[str, Any]:
-    """The classifier's own figures (argmax class, no decision policy), through the device path.
-
-    evaluate_bundle scores the device's verdicts, where an uncertain verdict names the top
-    defect class; these say how well the model ranks the classes, whatever the policy.
-    """
-    import numpy as np
-
-    from qcsight_core.runner import OnnxRunner, RunnerOptions
-    from qcsight_train.evaluate import labelled_pairs, score_images
-    from qcsight_train.metrics import classification_metrics
-
-    manifest = bundle.manifest
-    runner = OnnxRunner(bundle, RunnerOptions(warmup_runs=0))
-    scored = score_images(labelled_pairs(samples), manifest.input, {"fp32": runner})
-    predicted = np.asarray(scored.probabilities["fp32"]).argmax(axis=1)
-    return classification_metrics(np.array(scored.labels), predicted, manifest.classes)
-
-
 def _export(model: torch.nn.Module, paths: RunPaths, export: Callable[..., Bundle], **kwargs: Any) -> Bundle:
     """export_bundle into output/bundle (+ output/model.tar.gz), or on SageMaker into SM_MODEL_DIR itself.
 
@@ -214,12 +198,11 @@ def _export(model: torch.nn.Module, paths: RunPaths, export: Callable[..., Bundl
     point that cannot be renamed over, so there the bundle is staged elsewhere and its files moved in.
     """
     from qcsight_core.bundle import load_bundle
-    from qcsight_train.export import ExportOptions
 
     if not paths.bundle_at_root:
         return export(model, output_dir=paths.bundle, **kwargs)
     with tempfile.TemporaryDirectory(prefix="qcsight-bundle-") as tmp:
-        staged = export(model, output_dir=Path(tmp) / BUNDLE_DIR, options=ExportOptions(pack=False), **kwargs)
+        staged = export(model, output_dir=Path(tmp) / BUNDLE_DIR, **kwargs)
         paths.output.mkdir(parents=True, exist_ok=True)
         for file in sorted(p for p in staged.path.rglob("*") if p.is_file()):
             target = paths.output / file.relative_to(staged.path)
