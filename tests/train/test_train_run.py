@@ -128,6 +128,9 @@ def test_resumed_run_continues_exactly_where_the_interrupted_one_stopped(dataset
 
     with pytest.raises(checkpoint.CheckpointError, match="img_size: checkpoint 64, now 96"):
         trainer.fit(build_config({**base, "img_size": 96}), splits, DistInfo(), tmp_path / "b")
+    # Another tuning trial (same data, model and schedule, another learning rate) never carries on from it.
+    with pytest.raises(checkpoint.CheckpointError, match=r"lr: checkpoint 0\.001, now 0\.002"):
+        trainer.fit(build_config({**base, "lr": 0.002}), splits, DistInfo(), tmp_path / "b")
 
 
 def test_torchrun_two_processes_train_together_and_only_rank_0_writes(dataset: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -177,7 +180,9 @@ def test_sagemaker_environment_is_honoured(dataset: Path, tmp_path: Path) -> Non
     tarball = pack_bundle(model_dir, tmp_path / "model.tar.gz")  # as SageMaker packs SM_MODEL_DIR
     assert load_bundle(tarball, extract_to=tmp_path / "unpacked").manifest.files == bundle.manifest.files
 
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]
+    # A folder per training job: the jobs of a tuning job share the synced prefix, a spot restart keeps its name.
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["qcsight-train-test-1"]
+    assert sorted(p.name for p in (checkpoints / "qcsight-train-test-1").iterdir()) == ["best.pt", "last.pt"]
     config = yaml.safe_load((data_dir / "config.yaml").read_text())
     assert (config["data"], config["validation"], config["output"]) == (str(dataset), str(validation),
                                                                         str(model_dir))

@@ -478,10 +478,6 @@ def plan_from_args(args: argparse.Namespace) -> TrainingPlan | CompilationPlan:
         # is shared by all its jobs and must name one.
         raise ConfigError("--checkpoint-s3", None, "required with --tune --spot: the prefix the tuning job's "
                                                    "training jobs checkpoint to")
-    if tuning is not None and job.checkpoint_s3 and tuning.max_parallel_jobs > 1:
-        log.warning("the tuning job's %d parallel jobs share %s, where qcsight_train's last.pt/best.pt overwrite "
-                    "each other; an interrupted job may restart from epoch 0 (use --max-parallel-jobs 1 to "
-                    "resume reliably)", tuning.max_parallel_jobs, job.checkpoint_s3)
     limit = job.compute.max_wait_s or job.compute.max_run_s
     if tuning is not None:
         limit *= -(-tuning.max_jobs // tuning.max_parallel_jobs)  # rounds of parallel jobs

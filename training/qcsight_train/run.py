@@ -62,6 +62,10 @@ class RunPaths:
         output = Path(cfg.output)
         reports = Path(sm.output_data_dir) if sm.active and sm.output_data_dir else output
         checkpoints = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else output / "checkpoints"
+        if sm.active and sm.job_name:
+            # SageMaker syncs the whole checkpoint prefix; the jobs of a tuning job share it. A folder
+            # per job keeps each job's last.pt its own, and a spot restart keeps its job name.
+            checkpoints = checkpoints / sm.job_name
         at_root = sm.active and bool(sm.model_dir) and output == Path(sm.model_dir)
         cache = Path(tempfile.gettempdir()) / "qcsight-data-cache" if at_root else output / ".data-cache"
         return cls(output, reports, checkpoints, cache, at_root)

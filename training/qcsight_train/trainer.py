@@ -6,6 +6,7 @@ the whole network. AdamW with linear warm-up and cosine decay, stepped per batch
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -186,10 +187,18 @@ def _build(cfg: TrainConfig, splits: Splits, info: DistInfo) -> _Loop:
 
 
 def identity(cfg: TrainConfig, splits: Splits, info: DistInfo) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed by this run."""
+    """What a checkpoint must match to be resumed by this run: everything that shapes the weights.
+
+    The optimisation settings are part of it, so a hyperparameter-tuning trial can never carry on
+    from another trial's checkpoint that happens to share the data, model and schedule length.
+    """
     return {"arch": cfg.arch, "classes": list(splits.classes), "img_size": cfg.img_size, "epochs": cfg.epochs,
             "freeze_epochs": cfg.freeze_epochs, "batch_size": cfg.batch_size, "world_size": info.world_size,
-            "balance": cfg.balance, "data_fingerprint": splits.fingerprint}
+            "balance": cfg.balance, "data_fingerprint": splits.fingerprint,
+            "weights": cfg.weights, "lr": cfg.lr, "backbone_lr_scale": cfg.backbone_lr_scale,
+            "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs, "min_lr_ratio": cfg.min_lr_ratio,
+            "label_smoothing": cfg.label_smoothing, "balance_power": cfg.balance_power, "seed": cfg.seed,
+            "augment": dataclasses.asdict(cfg.augment)}
 
 
 def _resume(loop: _Loop, directory: Path, ident: dict[str, Any]) -> tuple[int, list[dict[str, Any]], float, int]:
