@@ -273,13 +273,14 @@ def pipeline_saturated(workdir: Path, bundle: Bundle, frames: list[np.ndarray], 
     while _finished(agent) < 1:
         time.sleep(0.0005)
     first, start, cpu, threads0 = _finished(agent), time.perf_counter(), time.process_time(), _thread_cpu()
+    names = {t.native_id: t.name for t in threading.enumerate()}  # before the capture thread ends
     while _finished(agent) < n:
         time.sleep(0.002)
     elapsed = time.perf_counter() - start
     cpu_s = time.process_time() - cpu
     threads1 = _thread_cpu()
     done = _finished(agent)
-    names = {t.native_id: t.name for t in threading.enumerate()}
+    names.update({t.native_id: t.name for t in threading.enumerate()})
     per_thread = {names.get(tid, f"thread-{tid}"): round((threads1[tid] - threads0.get(tid, 0.0)) /
                                                        max(1, done - first) * 1000, 3)
                   for tid in threads1 if threads1[tid] - threads0.get(tid, 0.0) > 0}

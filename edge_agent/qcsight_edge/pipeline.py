@@ -208,6 +208,10 @@ class Pipeline:
     # ---------------------------------------------------------------- threads
 
     def start(self) -> None:
+        # The stages are the parallelism: OpenCV's own thread pool would split each frame's resize
+        # across the cores that capture and inference are using, adding synchronisation for
+        # nothing (measured: 0.6 ms of CPU per frame, a fifth of the pipeline, in benchmarks/bench_agent.py).
+        cv2.setNumThreads(1)
         self._threads = [
             threading.Thread(target=self._guard, args=(self._capture_loop,), name="qcsight-capture", daemon=True),
             threading.Thread(target=self._guard, args=(self._prepare_loop,), name="qcsight-prepare", daemon=True),

@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -97,7 +98,9 @@ def test_when_inference_falls_behind_the_oldest_frames_are_dropped(tmp_path: Pat
     sink = Collect()
     sink.hold.clear()  # the first verdict blocks inference until the camera has given every frame
     pipeline = make_pipeline(tiny, source, sink, clock=SystemClock(), queue_size=2)
+    cv2.setNumThreads(2)
     pipeline.start()
+    assert cv2.getNumThreads() == 1  # the stage threads are the parallelism, not OpenCV's pool
     assert sink.holding.wait(10.0)
     deadline = time.monotonic() + 10.0
     while not source.exhausted and time.monotonic() < deadline:
