@@ -134,3 +134,21 @@ def test_epoch_line_is_what_the_launchers_metric_regexes_read() -> None:
              for m in METRIC_DEFINITIONS}
     assert found == {"train:loss": 0.4123, "validation:loss": 0.3812, "validation:accuracy": 0.85,
                      "validation:macro_f1": 0.8496, "throughput": 85.2}
+
+
+def test_a_resumed_run_keeps_the_interrupted_runs_id(tmp_path: Path) -> None:
+    from qcsight_train.run import RUN_ID_FILE, run_id_for
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / RUN_ID_FILE).write_text("train-20260101-000000\n")
+    cfg = build_config({"data": "d", "output": "o"})
+    # No last.pt: nothing to resume, a new id.
+    assert run_id_for(cfg, checkpoints) != "train-20260101-000000"
+    (checkpoints / "last.pt").write_bytes(b"checkpoint")
+    assert run_id_for(cfg, checkpoints) == "train-20260101-000000"
+    assert run_id_for(build_config({"data": "d", "output": "o", "resume": False}), checkpoints) != \
+        "train-20260101-000000"
+    # A configured id (on SageMaker: the job name) always wins.
+    assert run_id_for(build_config({"data": "d", "output": "o", "run_id": "job-7"}), checkpoints) == "job-7"
+

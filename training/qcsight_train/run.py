@@ -75,6 +75,26 @@ class RunPaths:
         return self.output if self.bundle_at_root else self.output / BUNDLE_DIR
 
 
+RUN_ID_FILE = "run_id.txt"
+
+
+def run_id_for(cfg: TrainConfig, checkpoints: Path) -> str:
+    """The run's id: configured (on SageMaker the job name), the interrupted run's when resuming, else a new one.
+
+    A resumed run is the same run: its bundle carries the id (and default version) it started with.
+    """
+    if cfg.run_id:
+        return cfg.run_id
+    from qcsight_train.checkpoint import LAST
+
+    saved = checkpoints / RUN_ID_FILE
+    if cfg.resume and (checkpoints / LAST).is_file() and saved.is_file():
+        previous = saved.read_text(encoding="utf-8").strip()
+        if previous:
+            return previous
+    return datetime.now(timezone.utc).strftime("train-%Y%m%d-%H%M%S")
+
+
 def run(cfg: TrainConfig, sm: SageMakerEnv, info: DistInfo | None = None) -> dict[str, Any] | None:
     """Train, and on rank 0 export and evaluate; returns rank 0's summary (None on other ranks)."""
     info = info or init_distributed()
@@ -84,12 +104,12 @@ def run(cfg: TrainConfig, sm: SageMakerEnv, info: DistInfo | None = None) -> dic
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         paths = RunPaths.for_run(cfg, sm)
-        run_id = cfg.run_id or datetime.now(timezone.utc).strftime("train-%Y%m%d-%H%M%S")
-        run_id = broadcast(info, run_id)
+        run_id = broadcast(info, run_id_for(cfg, paths.checkpoints))
         splits = _load_splits(cfg, info, paths)
         defects = defect_classes(cfg, splits.classes)
         if info.is_main:
             paths.checkpoints.mkdir(parents=True, exist_ok=True)
+            (paths.checkpoints / RUN_ID_FILE).write_text(run_id + "\n", encoding="utf-8")
             cfg.save(paths.reports / "config.yaml")
             _log_splits(splits, defects)
         barrier(info)
