@@ -375,7 +375,8 @@ class _Export:
             (self.staging / INT8_FILE).unlink(missing_ok=True)
             self._warn(f"INT8 dropped: {exc}")
             return None, {"kept": False, "reason": f"quantisation failed: {exc}"}
-        details = {"quantization": QUANTIZATION_SCHEME, "calibration_images": result.calibration_images}
+        details = {"quantization": QUANTIZATION_SCHEME, "calibration_images": result.calibration_images,
+                   "float_nodes": list(result.kept_float)}
         return ModelFile(INT8_FILE, precision="int8", details=details), {
             "calibration_images": result.calibration_images,
             "calibration_unreadable": len(result.skipped),
