@@ -65,6 +65,11 @@ def test_stem_and_classifier_stay_float_and_the_body_is_int8(tmp_path: Path) -> 
 
     fp32 = _conv_classifier(tmp_path / "conv.onnx")
     assert float_nodes(onnx.load(str(fp32))) == ["stem", "classifier", "softmax"]
+    # With nothing between stem and classifier, everything but the Softmax is quantised.
+    model = onnx.load(str(fp32))
+    body = next(n for n in model.graph.node if n.name == "body")
+    body.op_type, body.input[:] = "Identity", ["r1"]
+    assert float_nodes(model) == ["softmax"]
 
     spec = make_tiny_bundle(tmp_path / "b", size=32).manifest.input
     paths = [str(write_image(tmp_path / "cal" / f"{i}.png", value=20 * i % 256, seed=i)) for i in range(16)]
