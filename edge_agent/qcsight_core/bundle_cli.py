@@ -18,7 +18,7 @@ from qcsight_core.bundle import (
     unpack_bundle,
     verify_files,
 )
-from qcsight_core.cli import EXIT_OK, configure_logging
+from qcsight_core.cli import EXIT_OK, configure_logging, parse_args
 from qcsight_core.errors import BundleFileMissingError
 
 
@@ -50,10 +50,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str], prog: str = "qcsight bundle") -> int:
     parser = _parser(prog)
-    try:
-        args = parser.parse_args(list(argv))
-    except SystemExit as exc:  # --help (0) or a usage error (2): hand the code back to the dispatcher
-        return int(exc.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
     configure_logging(args.verbose)
     if args.action == "inspect":
         return _inspect(args.path, args.json)

@@ -119,6 +119,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
+    """A subcommand's arguments, or the exit code argparse chose (--help: 0, a usage error: 2, already printed).
+
+    Subcommands run inside the dispatcher, which turns the returned code into the process's exit code.
+    """
+    try:
+        return parser.parse_args(list(argv))
+    except SystemExit as exc:
+        if exc.code is None:
+            return EXIT_OK
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+
 def configure_logging(verbose: int = 0) -> None:
     """One line per record, to stderr; called once by each subcommand's main()."""
     level = logging.DEBUG if verbose > 0 else logging.INFO

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from qcsight_core.cli import EXIT_OK, configure_logging
+from qcsight_core.cli import EXIT_OK, configure_logging, parse_args
 from qcsight_core.dataset import (
     SPLITS,
     DatasetIndex,
@@ -127,10 +127,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str], prog: str = "qcsight data") -> int:
     parser = _parser(prog)
-    try:
-        args = parser.parse_args(list(argv))
-    except SystemExit as exc:  # --help (0) or a usage error (2): hand the code back to the dispatcher
-        return int(exc.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
     configure_logging(args.verbose)
     handlers = {"index": _index, "split": _split, "stats": _stats, "fingerprint": _fingerprint,
                 "synth": _synth, "import-elpv": _import_elpv}

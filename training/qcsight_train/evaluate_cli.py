@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qcsight_core.bundle import load_bundle
-from qcsight_core.cli import EXIT_OK, configure_logging
+from qcsight_core.cli import EXIT_OK, configure_logging, parse_args
 from qcsight_core.dataset import SPLITS, DatasetIndex, load_index
 from qcsight_train.errors import EvaluationError
 from qcsight_train.evaluate import METRICS_FILE, REPORT_FILE, Unreadable, evaluate_bundle
@@ -89,10 +89,9 @@ def choose_split(index: DatasetIndex, split: str | None) -> DatasetIndex:
 
 def main(argv: Sequence[str], prog: str = "qcsight evaluate") -> int:
     parser = _parser(prog)
-    try:
-        args = parser.parse_args(list(argv))
-    except SystemExit as exc:  # --help (0) or a usage error (2): hand the code back to the dispatcher
-        return int(exc.code or 0)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
     configure_logging(args.verbose)
     # Decoding happens once, during scoring, where unreadable images are reported rather than dropped.
     index = load_index(args.data, check_images=False, image_root=args.image_root)

@@ -444,8 +444,8 @@ class _Export:
                 self._warn("validation holds no good image: the false-reject rate at the threshold is unknown")
             record["chosen"] = f"lowest threshold keeping defect recall >= {target_recall} on validation"
         floor = threshold * self.options.uncertain_floor
-        uncertain = (review_band(is_defect, scores, threshold, self.options.review_fraction, floor)
-                     if (~is_defect).any() else floor)
+        # Without validation good images the band is the floor (nothing to budget).
+        uncertain = review_band(is_defect, scores, threshold, self.options.review_fraction, floor)
         record.update(defect_threshold=threshold, uncertain_threshold=uncertain, false_reject_rate=false_reject,
                       defect_images=int(is_defect.sum()), good_images=int((~is_defect).sum()))
         return DecisionPolicy(defect_threshold=threshold, uncertain_threshold=uncertain,

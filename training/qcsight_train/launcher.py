@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from qcsight_core.bundle import Manifest, load_bundle
-from qcsight_core.cli import configure_logging
+from qcsight_core.cli import configure_logging, parse_args
 from qcsight_core.errors import ConfigError, QcsightError
 from qcsight_train import neo
 
@@ -959,10 +959,9 @@ def _final_status(describe: Callable[[], Mapping[str, Any]], status: _JobStatus,
 def main(argv: list[str], prog: str = DEFAULT_PROG) -> int:
     """Parse, validate, submit (or print with --dry-run); exit 0 done, 1 AWS failure, 2 usage."""
     parser = build_parser(prog)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or an argparse usage error (2), already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
     configure_logging(args.verbose)
     try:
         plan = plan_from_args(args)
