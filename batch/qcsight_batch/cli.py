@@ -22,6 +22,7 @@ from qcsight_batch.sources import default_cache_dir, fetch_bundle, open_source
 from qcsight_batch.writer import FORMATS, open_writer
 from qcsight_core.bundle import Bundle, load_bundle
 from qcsight_core.cli import EXIT_OK, configure_logging
+from qcsight_core.imageio import DEFAULT_MAX_PIXELS
 
 SCORE_EPILOG = """\
 inputs (--input):
@@ -65,6 +66,9 @@ def _score_parser(sub: Any) -> None:
                    help="for folders and S3 prefixes, skip files without an image suffix instead of error rows")
     p.add_argument("--full-decode", action="store_true",
                    help="decode JPEGs at full size (default: 1/2, 1/4 or 1/8 size when far larger than the input)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"pixel budget per image, read from its header before decoding; larger images get an "
+                   f"error row (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--summary", type=Path, help="where to write the summary JSON (default OUTPUT.summary.json)")
     p.add_argument("--cache-dir", type=Path, help="where S3 bundles are cached (default ~/.cache/qcsight)")
     p.add_argument("--chunk-timeout", type=float, default=300.0, help="seconds to wait for one decoded chunk")
@@ -186,6 +190,7 @@ def run_score(args: argparse.Namespace) -> int:
     config = ScorerConfig(
         workers=args.workers, batch_size=args.batch_size, precision="int8" if args.int8 else "fp32",
         intra_op_threads=args.threads, chunk_timeout_s=args.chunk_timeout, reduced_decode=not args.full_decode,
+        max_pixels=args.max_pixels,
     )
     source = open_source(args.input, images_only=args.images_only)
     summary_path = args.summary or args.output.with_name(args.output.name + ".summary.json")
