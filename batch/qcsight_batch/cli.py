@@ -168,6 +168,9 @@ def _submit_parser(sub: Any) -> None:
     p.add_argument("--assemble-with", default="Line", help="None or Line")
     p.add_argument("--batch-strategy", default="SingleRecord", help="SingleRecord or MultiRecord")
     p.add_argument("--int8", action="store_true", help="the container runs the INT8 model")
+    p.add_argument("--bad-records", choices=("error_row", "reject"), default="error_row",
+                   help="error_row (default): an undecodable image gets a row with verdict error and the job goes "
+                   "on; reject: it is answered 400, which fails the whole job")
     p.add_argument("--schedule", help="EventBridge Scheduler expression, e.g. 'cron(0 2 * * ? *)' or 'rate(1 day)'")
     p.add_argument("--schedule-name", help="schedule name (default: the job name)")
     p.add_argument("--schedule-role-arn", help="role EventBridge Scheduler assumes to start the job")
@@ -289,7 +292,7 @@ def run_submit(args: argparse.Namespace) -> int:
         content_type=args.content_type, accept=args.accept, split_type=args.split_type,
         assemble_with=args.assemble_with, batch_strategy=args.batch_strategy, instance_type=args.instance_type,
         instance_count=args.instance_count, max_concurrent=args.max_concurrent, max_payload_mb=args.max_payload_mb,
-        precision="int8" if args.int8 else "fp32",
+        precision="int8" if args.int8 else "fp32", bad_records=args.bad_records,
     )
     schedule = None
     if args.schedule:
