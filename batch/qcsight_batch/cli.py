@@ -32,6 +32,7 @@ from qcsight_batch.writer import FORMATS, open_writer
 from qcsight_core.bundle import Bundle, load_bundle
 from qcsight_core.cli import EXIT_OK, configure_logging
 from qcsight_core.imageio import DEFAULT_MAX_PIXELS
+from qcsight_core.signing import VerifyKey
 
 SCORE_EPILOG = """\
 inputs (--input):
@@ -80,6 +81,8 @@ def _score_parser(sub: Any) -> None:
                    f"error row (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--summary", type=Path, help="where to write the summary JSON (default OUTPUT.summary.json)")
     p.add_argument("--cache-dir", type=Path, help="where S3 bundles are cached (default ~/.cache/qcsight)")
+    p.add_argument("--verify-key", type=Path, metavar="PUBLIC.pem",
+                   help="refuse the bundle unless it is signed with this public key (qcsight bundle sign)")
     p.add_argument("--chunk-timeout", type=float, default=300.0, help="seconds to wait for one decoded chunk")
     p.add_argument("--no-count", action="store_true", help="do not count the input in the background (no ETA)")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -192,12 +195,13 @@ def get_args_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_bundle(location: str, cache_dir: Path, stack: ExitStack) -> Bundle:
+def _load_bundle(location: str, cache_dir: Path, stack: ExitStack, verify_key: Path | None = None) -> Bundle:
+    key = VerifyKey.from_file(verify_key) if verify_key is not None else None
     local = fetch_bundle(location, cache_dir)
     if local.is_file():
         extract = stack.enter_context(tempfile.TemporaryDirectory(prefix="qcsight-bundle-"))
-        return load_bundle(local, extract_to=extract)
-    return load_bundle(local)
+        return load_bundle(local, extract_to=extract, verify_key=key)
+    return load_bundle(local, verify_key=key)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -231,7 +235,7 @@ def run_score(args: argparse.Namespace) -> int:
     source = open_source(args.input, images_only=args.images_only)
     summary_path = args.summary or args.output.with_name(args.output.name + ".summary.json")
     with ExitStack() as stack:
-        bundle = _load_bundle(args.bundle, args.cache_dir or default_cache_dir(), stack)
+        bundle = _load_bundle(args.bundle, args.cache_dir or default_cache_dir(), stack, args.verify_key)
         scorer = Scorer(bundle, config)
         writer = open_writer(args.output, scorer.model, args.format, overwrite=args.overwrite)
         state = writer.open(resume=args.resume)

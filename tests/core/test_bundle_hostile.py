@@ -52,7 +52,7 @@ def test_member_and_total_sizes_are_capped_from_the_headers(tiny_bundle: Bundle,
         unpack_bundle(big, tmp_path / "a", ExtractLimits(max_member_bytes=1 << 20))
     small = tmp_path / "small.tar.gz"
     small.write_bytes(bombs.tar_bomb(members))
-    with pytest.raises(BundleError, match="declare .* bytes in all, more than the 100-byte limit"):
+    with pytest.raises(BundleError, match=r"declare .* bytes in all, more than the 100-byte limit"):
         unpack_bundle(small, tmp_path / "b", ExtractLimits(max_total_bytes=100))
     for target in (tmp_path / "a", tmp_path / "b"):
         assert not target.exists() or not any(target.iterdir()), "nothing is written before the checks"
