@@ -395,8 +395,8 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
         if actual != expected:
             raise BundleIntegrityError(
                 f"{path}: sha256 {actual[:16]}... does not match the manifest's {expected[:16]}...: the file "
-                "changed after the manifest was written (corrupt, or replaced; the hashes check that the "
-                "files match the manifest, a signature checks who wrote it)"
+                "changed after the manifest was written (corrupt, or tampered with; the hashes check that the "
+                "files match the manifest, only a signature checks who wrote it)"
             )
 
 
