@@ -16,12 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from qcsight_batch.errors import BatchError
+from qcsight_batch.handler import (
+    BAD_RECORDS,
+    BAD_RECORDS_ENV,
+    DEFAULT_MAX_ITEMS,
+    MAX_ITEMS_ENV,
+    MAX_PIXELS_ENV,
+    bad_records_mode,
+)
 from qcsight_batch.progress import KeyCounter, make_progress
 from qcsight_batch.scorer import Scorer, ScorerConfig, available_cores, summarize
+from qcsight_batch.server import default_host
 from qcsight_batch.sources import default_cache_dir, fetch_bundle, open_source
 from qcsight_batch.writer import FORMATS, open_writer
 from qcsight_core.bundle import Bundle, load_bundle
 from qcsight_core.cli import EXIT_OK, configure_logging
+from qcsight_core.imageio import DEFAULT_MAX_PIXELS
+from qcsight_core.signing import VerifyKey
 
 SCORE_EPILOG = """\
 inputs (--input):
@@ -65,11 +76,26 @@ def _score_parser(sub: Any) -> None:
                    help="for folders and S3 prefixes, skip files without an image suffix instead of error rows")
     p.add_argument("--full-decode", action="store_true",
                    help="decode JPEGs at full size (default: 1/2, 1/4 or 1/8 size when far larger than the input)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"pixel budget per image, read from its header before decoding; larger images get an "
+                   f"error row (default {DEFAULT_MAX_PIXELS:,})")
     p.add_argument("--summary", type=Path, help="where to write the summary JSON (default OUTPUT.summary.json)")
     p.add_argument("--cache-dir", type=Path, help="where S3 bundles are cached (default ~/.cache/qcsight)")
+    p.add_argument("--verify-key", type=Path, metavar="PUBLIC.pem",
+                   help="refuse the bundle unless it is signed with this public key (qcsight bundle sign)")
     p.add_argument("--chunk-timeout", type=float, default=300.0, help="seconds to wait for one decoded chunk")
     p.add_argument("--no-count", action="store_true", help="do not count the input in the background (no ETA)")
     p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+SERVE_EPILOG = """\
+binding: 127.0.0.1 unless SageMaker started the container, which the platform's own variables
+say (SAGEMAKER_BATCH for Batch Transform, SAGEMAKER_BIND_TO_PORT / SAGEMAKER_SAFE_PORT_RANGE for
+pipelines and multi-container endpoints); then 0.0.0.0. --host overrides (a single-container
+real-time endpoint's image should pass --host 0.0.0.0).
+bad records: reject answers 400; error_row answers 200 with a verdict "error" row, so that one
+corrupt image does not fail a Batch Transform job (default inside one, and set by batch submit).
+"""
 
 
 def _serve_parser(sub: Any) -> None:
@@ -78,10 +104,12 @@ def _serve_parser(sub: Any) -> None:
         "serve", help="serve /ping and /invocations (the SageMaker container contract)",
         description="Run the Batch Transform / endpoint container server around the inference handler. "
         "Defaults come from the variables SageMaker sets.",
+        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model-dir", default=env.get("SM_MODEL_DIR", "/opt/ml/model"),
                    help="the unpacked bundle (default $SM_MODEL_DIR or /opt/ml/model)")
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--host", default=default_host(env),
+                   help=f"address to bind (here: {default_host(env)}; see below)")
     p.add_argument("--port", type=int, default=int(env.get("SAGEMAKER_BIND_TO_PORT", "8080")),
                    help="port (default $SAGEMAKER_BIND_TO_PORT or 8080)")
     p.add_argument("--max-payload-mb", type=float, default=float(env.get("SAGEMAKER_MAX_PAYLOAD_IN_MB", "6")),
@@ -89,6 +117,18 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--max-concurrent", type=int,
                    default=int(env.get("SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", str(available_cores()))),
                    help="inferences at once (default $SAGEMAKER_MAX_CONCURRENT_TRANSFORMS or the core count)")
+    p.add_argument("--max-pixels", type=int, default=int(env.get(MAX_PIXELS_ENV, str(DEFAULT_MAX_PIXELS))),
+                   help=f"pixel budget per image, checked from its header (default ${MAX_PIXELS_ENV} or "
+                   f"{DEFAULT_MAX_PIXELS:,})")
+    p.add_argument("--max-items", type=int, default=int(env.get(MAX_ITEMS_ENV, str(DEFAULT_MAX_ITEMS))),
+                   help=f"images per request (default ${MAX_ITEMS_ENV} or {DEFAULT_MAX_ITEMS})")
+    p.add_argument("--bad-records", choices=BAD_RECORDS,
+                   help=f"what an undecodable record gets (default ${BAD_RECORDS_ENV}, else error_row inside a "
+                   "Batch Transform job and reject elsewhere; see below)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send its request line and headers (default 10)")
+    p.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send its body (default 60)")
     p.add_argument("--int8", action="store_true", help="run the INT8 model (or set QCSIGHT_PRECISION=int8)")
     p.add_argument("--threads", type=int, default=int(env.get("QCSIGHT_INTRA_OP_THREADS", "0")),
                    help="ONNX Runtime intra-op threads (0 lets it decide)")
@@ -131,6 +171,9 @@ def _submit_parser(sub: Any) -> None:
     p.add_argument("--assemble-with", default="Line", help="None or Line")
     p.add_argument("--batch-strategy", default="SingleRecord", help="SingleRecord or MultiRecord")
     p.add_argument("--int8", action="store_true", help="the container runs the INT8 model")
+    p.add_argument("--bad-records", choices=("error_row", "reject"), default="error_row",
+                   help="error_row (default): an undecodable image gets a row with verdict error and the job goes "
+                   "on; reject: it is answered 400, which fails the whole job")
     p.add_argument("--schedule", help="EventBridge Scheduler expression, e.g. 'cron(0 2 * * ? *)' or 'rate(1 day)'")
     p.add_argument("--schedule-name", help="schedule name (default: the job name)")
     p.add_argument("--schedule-role-arn", help="role EventBridge Scheduler assumes to start the job")
@@ -152,12 +195,13 @@ def get_args_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_bundle(location: str, cache_dir: Path, stack: ExitStack) -> Bundle:
+def _load_bundle(location: str, cache_dir: Path, stack: ExitStack, verify_key: Path | None = None) -> Bundle:
+    key = VerifyKey.from_file(verify_key) if verify_key is not None else None
     local = fetch_bundle(location, cache_dir)
     if local.is_file():
         extract = stack.enter_context(tempfile.TemporaryDirectory(prefix="qcsight-bundle-"))
-        return load_bundle(local, extract_to=extract)
-    return load_bundle(local)
+        return load_bundle(local, extract_to=extract, verify_key=key)
+    return load_bundle(local, verify_key=key)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -186,11 +230,12 @@ def run_score(args: argparse.Namespace) -> int:
     config = ScorerConfig(
         workers=args.workers, batch_size=args.batch_size, precision="int8" if args.int8 else "fp32",
         intra_op_threads=args.threads, chunk_timeout_s=args.chunk_timeout, reduced_decode=not args.full_decode,
+        max_pixels=args.max_pixels,
     )
     source = open_source(args.input, images_only=args.images_only)
     summary_path = args.summary or args.output.with_name(args.output.name + ".summary.json")
     with ExitStack() as stack:
-        bundle = _load_bundle(args.bundle, args.cache_dir or default_cache_dir(), stack)
+        bundle = _load_bundle(args.bundle, args.cache_dir or default_cache_dir(), stack, args.verify_key)
         scorer = Scorer(bundle, config)
         writer = open_writer(args.output, scorer.model, args.format, overwrite=args.overwrite)
         state = writer.open(resume=args.resume)
@@ -215,17 +260,20 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from qcsight_batch.handler import PRECISION_ENV, load_model
+    from qcsight_batch.handler import PRECISION_ENV, RequestPolicy, load_model
     from qcsight_batch.server import InferenceServer, ServerConfig
 
     precision = "int8" if args.int8 else os.environ.get(PRECISION_ENV, "fp32")
     config = ServerConfig(host=args.host, port=args.port, max_payload_mb=args.max_payload_mb,
-                          max_concurrent=args.max_concurrent,
-                          max_connections=max(32, args.max_concurrent))
-    server = InferenceServer(load_model(args.model_dir, precision, args.threads), config)
+                          max_concurrent=args.max_concurrent, max_connections=max(256, args.max_concurrent),
+                          header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
+    bad_records = args.bad_records or bad_records_mode(os.environ)
+    policy = RequestPolicy(error_rows=bad_records == "error_row", max_items=args.max_items)
+    model = load_model(args.model_dir, precision, args.threads, max_pixels=args.max_pixels, policy=policy)
+    server = InferenceServer(model, config)
 
     def stop(signum: int, frame: object) -> None:
-        # shutdown() waits for serve_forever to return, so it cannot run on serve_forever's own thread.
+        # stop() waits for the serving loop to end, so it cannot run on serve_forever's own thread.
         threading.Thread(target=server.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
@@ -248,7 +296,7 @@ def run_submit(args: argparse.Namespace) -> int:
         content_type=args.content_type, accept=args.accept, split_type=args.split_type,
         assemble_with=args.assemble_with, batch_strategy=args.batch_strategy, instance_type=args.instance_type,
         instance_count=args.instance_count, max_concurrent=args.max_concurrent, max_payload_mb=args.max_payload_mb,
-        precision="int8" if args.int8 else "fp32",
+        precision="int8" if args.int8 else "fp32", bad_records=args.bad_records,
     )
     schedule = None
     if args.schedule:

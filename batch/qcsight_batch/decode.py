@@ -21,8 +21,8 @@ import numpy as np
 
 from qcsight_batch.errors import SourceError, WorkerError
 from qcsight_batch.sources import ImageSource
-from qcsight_core.errors import ImageError, PreprocessError
-from qcsight_core.imageio import decode_image
+from qcsight_core.errors import ConfigError, ImageError, PreprocessError
+from qcsight_core.imageio import DEFAULT_MAX_PIXELS, decode_image
 from qcsight_core.preprocess import PreprocessSpec, prepare_pixels
 
 _ORPHAN_CHECK_S = 1.0
@@ -31,14 +31,21 @@ _INHERITED_ENV_PREFIXES = ("AWS_", "QCSIGHT_")
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """What a decode worker needs: the preprocessing spec and the reduced-decode floor."""
+    """What a decode worker needs: the preprocessing spec, the reduced-decode floor and the pixel budget."""
 
     spec: PreprocessSpec
     min_side: int | None
     grayscale: bool
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1:
+            raise ConfigError("max_pixels", self.max_pixels, "a positive number of pixels")
 
     @classmethod
-    def for_spec(cls, spec: PreprocessSpec, reduced: bool = True) -> DecodeSettings:
+    def for_spec(
+        cls, spec: PreprocessSpec, reduced: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> DecodeSettings:
         """The smallest decoded shorter side that never makes preprocessing upscale.
 
         stretch and letterbox scale each axis by at most size/side, so a shorter side of
@@ -46,11 +53,15 @@ class DecodeSettings:
         max(height, width) / crop_fraction.
         """
         if not reduced:
-            return cls(spec, None, spec.color == "GRAY")
+            return cls(spec, None, spec.color == "GRAY", max_pixels)
         need = max(spec.height, spec.width)
         if spec.resize == "shorter_side_crop":
             need = math.ceil(need / spec.crop_fraction)
-        return cls(spec, need, spec.color == "GRAY")
+        return cls(spec, need, spec.color == "GRAY", max_pixels)
+
+    def decode(self, data: bytes, source: str) -> np.ndarray:
+        """Decode one image the way this model needs it (reduced when allowed, within the pixel budget)."""
+        return decode_image(data, source, min_side=self.min_side, grayscale=self.grayscale, max_pixels=self.max_pixels)
 
 
 @dataclass(frozen=True)
@@ -76,12 +87,9 @@ def decode_chunk(keys: Sequence[str], source: ImageSource, settings: DecodeSetti
     errors: list[tuple[str, str]] = []
     for key in keys:
         try:
-            image = decode_image(source.read(key), key, min_side=settings.min_side, grayscale=settings.grayscale)
+            image = settings.decode(source.read(key), key)
         except (SourceError, ImageError) as exc:
             errors.append((key, getattr(exc, "reason", None) or str(exc)))
-            continue
-        except cv2.error as exc:  # OpenCV raises instead of returning None for some malformed files
-            errors.append((key, f"not a decodable image: {exc.err or exc}"))
             continue
         try:
             prepared.append(prepare_pixels(image, settings.spec))

@@ -7,6 +7,11 @@ and resizes its chunk with qcsight_core.preprocess.prepare_pixels, returning one
 batch. The main process normalizes it (prepare_pixels then normalize is preprocess_batch),
 runs it through OnnxRunner, applies the Decider and appends the rows. Memory stays
 bounded by chunks_in_flight x batch_size images whatever the input's length.
+
+A worker that dies (SIGKILLed by the kernel's OOM killer, or crashed inside a decoder)
+breaks the whole pool and every chunk in flight with it. The scorer then starts a fresh
+pool and decodes those chunks again one image at a time, so the image that kills a worker
+is named: it gets an error row and the run goes on with pooled chunks.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import cv2
+import numpy as np
 
 from qcsight_batch.decode import (
     DecodedChunk,
@@ -38,6 +44,7 @@ from qcsight_batch.sources import ImageSource
 from qcsight_batch.writer import KeySet, ModelInfo, ResultRow, ResultWriter, Tally
 from qcsight_core.bundle import Bundle
 from qcsight_core.errors import ConfigError
+from qcsight_core.imageio import DEFAULT_MAX_PIXELS
 from qcsight_core.preprocess import normalize
 from qcsight_core.runner import OnnxRunner, RunnerOptions
 from qcsight_core.verdict import DEFECT, Decider
@@ -46,6 +53,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _FILTER_GROUP = 1024
+# Images in a row that each kill a fresh worker before the run gives up: one poisoned file is
+# data, eight in a row is a host problem (workers that cannot start, memory held elsewhere).
+_MAX_DEATHS_IN_A_ROW = 8
+WORKER_DIED = "the decode worker died while decoding this image (killed, out of memory, or crashed in the decoder)"
 
 
 def available_cores() -> int:
@@ -79,6 +90,7 @@ class ScorerConfig:
         chunks_in_flight: decoded or decoding chunks held at once; 0 means 2 x workers.
         chunk_timeout_s: the longest wait for one chunk before the run fails.
         reduced_decode: decode large JPEGs at 1/2, 1/4 or 1/8 size when the model input allows.
+        max_pixels: the pixel budget per image, checked from its header before decoding.
     """
 
     workers: int = 2
@@ -88,6 +100,7 @@ class ScorerConfig:
     chunks_in_flight: int = 0
     chunk_timeout_s: float = 300.0
     reduced_decode: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if not 0 <= self.workers <= 256:
@@ -100,6 +113,8 @@ class ScorerConfig:
             raise ConfigError("chunks_in_flight", self.chunks_in_flight, "0 (automatic) or more")
         if self.chunk_timeout_s <= 0:
             raise ConfigError("chunk_timeout_s", self.chunk_timeout_s, "a positive number of seconds")
+        if self.max_pixels < 1:
+            raise ConfigError("max_pixels", self.max_pixels, "a positive number of pixels")
 
     @property
     def in_flight(self) -> int:
@@ -164,7 +179,8 @@ class Scorer:
         )
         self.decider = Decider(bundle.manifest)
         self.model = ModelInfo.from_manifest(bundle.manifest, self.runner.precision)
-        self.settings = DecodeSettings.for_spec(bundle.manifest.input, self.config.reduced_decode)
+        self.settings = DecodeSettings.for_spec(bundle.manifest.input, self.config.reduced_decode,
+                                                self.config.max_pixels)
 
     def run(
         self,
@@ -198,37 +214,69 @@ class Scorer:
         self, source: ImageSource, chunks: Iterator[list[str]], writer: ResultWriter, stats: RunStats,
         report: Progress,
     ) -> None:
-        context = multiprocessing.get_context(_start_method())
-        if context.get_start_method() == "forkserver":
-            # Workers fork with OpenCV, numpy and qcsight_core's image code already imported.
-            context.set_forkserver_preload(["qcsight_batch.decode"])
-        pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=self.config.workers, mp_context=context, initializer=init_worker,
-            initargs=(source, self.settings, worker_environment()),
-        )
-        pending: deque[concurrent.futures.Future[DecodedChunk]] = deque()
+        pool = _WorkerPool(self.config.workers, source, self.settings)
+        pending: deque[tuple[list[str], concurrent.futures.Future[DecodedChunk]]] = deque()
         clean = False
         try:
             for keys in chunks:
-                pending.append(pool.submit(decode_in_worker, keys))
+                pending.append((keys, pool.submit(keys)))
                 while len(pending) >= self.config.in_flight:
-                    self._emit(self._collect(pending.popleft()), writer, stats, report)
+                    self._emit_next(pending, pool, writer, stats, report)
             while pending:
-                self._emit(self._collect(pending.popleft()), writer, stats, report)
+                self._emit_next(pending, pool, writer, stats, report)
             clean = True
         finally:
             # After a failure do not wait for workers that may be stuck; cancel what has not started.
-            pool.shutdown(wait=clean, cancel_futures=True)
+            pool.shutdown(wait=clean)
+
+    def _emit_next(
+        self, pending: deque[tuple[list[str], concurrent.futures.Future[DecodedChunk]]], pool: _WorkerPool,
+        writer: ResultWriter, stats: RunStats, report: Progress,
+    ) -> None:
+        keys, future = pending.popleft()
+        try:
+            chunk = self._collect(future)
+        except BrokenProcessPool:
+            # Every chunk still in flight died with the pool; those that finished keep their results.
+            lost = [keys]
+            for other_keys, other in pending:
+                if other.done() and other.exception() is None:
+                    self._emit(other.result(), writer, stats, report)
+                else:
+                    lost.append(other_keys)
+            pending.clear()
+            log.warning("a decode worker died; decoding the %d chunks in flight again one image at a time",
+                        len(lost))
+            pool.restart()
+            for chunk_keys in lost:
+                self._emit(self._isolate(chunk_keys, pool), writer, stats, report)
+            return
+        self._emit(chunk, writer, stats, report)
+
+    def _isolate(self, keys: list[str], pool: _WorkerPool) -> DecodedChunk:
+        """Decode keys one per task, so that an image that kills its worker is known and gets an error row."""
+        parts: list[DecodedChunk] = []
+        for key in keys:
+            try:
+                parts.append(self._collect(pool.submit([key])))
+                pool.deaths_in_a_row = 0
+            except BrokenProcessPool:
+                pool.deaths_in_a_row += 1
+                log.error("%s: %s", key, WORKER_DIED)
+                if pool.deaths_in_a_row >= _MAX_DEATHS_IN_A_ROW:
+                    raise WorkerError(
+                        f"{pool.deaths_in_a_row} images in a row each killed a fresh decode worker (last {key}); "
+                        "the host, not the data, is the likely cause (memory limits, a broken OpenCV)"
+                    ) from None
+                parts.append(DecodedChunk((), None, ((key, WORKER_DIED),)))
+                pool.restart()
+        return merge_chunks(parts)
 
     def _collect(self, future: concurrent.futures.Future[DecodedChunk]) -> DecodedChunk:
         try:
             return future.result(timeout=self.config.chunk_timeout_s)
         except concurrent.futures.TimeoutError as exc:
             raise WorkerError(f"a decode chunk took longer than {self.config.chunk_timeout_s:.0f}s") from exc
-        except BrokenProcessPool as exc:
-            raise WorkerError(
-                "a decode worker died (killed, out of memory, or crashed inside the image decoder)"
-            ) from exc
 
     def score_chunk(self, chunk: DecodedChunk) -> list[ResultRow]:
         """Rows for one decoded chunk: errors as error rows, the batch through the model."""
@@ -246,6 +294,53 @@ class Scorer:
         for row in rows:
             stats.tally.add(row.verdict, row.label)
         report.advance(len(chunk.keys), len(chunk.errors))
+
+
+def merge_chunks(parts: Sequence[DecodedChunk]) -> DecodedChunk:
+    """One chunk from several, keys and pixels in the same order."""
+    arrays = [p.pixels for p in parts if p.pixels is not None and p.keys]
+    return DecodedChunk(
+        tuple(k for p in parts for k in p.keys),
+        np.concatenate(arrays) if arrays else None,
+        tuple(e for p in parts for e in p.errors),
+    )
+
+
+class _WorkerPool:
+    """The decode process pool, restartable after a worker death breaks it."""
+
+    def __init__(self, workers: int, source: ImageSource, settings: DecodeSettings) -> None:
+        self._workers = workers
+        self._source = source
+        self._settings = settings
+        self.deaths_in_a_row = 0
+        self._executor = self._start()
+
+    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
+        context = multiprocessing.get_context(_start_method())
+        if context.get_start_method() == "forkserver":
+            # Workers fork with OpenCV, numpy and qcsight_core's image code already imported.
+            context.set_forkserver_preload(["qcsight_batch.decode"])
+        return concurrent.futures.ProcessPoolExecutor(
+            max_workers=self._workers, mp_context=context, initializer=init_worker,
+            initargs=(self._source, self._settings, worker_environment()),
+        )
+
+    def submit(self, keys: list[str]) -> concurrent.futures.Future[DecodedChunk]:
+        """The chunk's future; one that has already failed when a worker died since the last restart."""
+        try:
+            return self._executor.submit(decode_in_worker, keys)
+        except BrokenProcessPool as exc:
+            failed: concurrent.futures.Future[DecodedChunk] = concurrent.futures.Future()
+            failed.set_exception(exc)
+            return failed
+
+    def restart(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._start()
+
+    def shutdown(self, wait: bool) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=True)
 
 
 def summarize(

@@ -104,8 +104,21 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
+def _folder_id(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
 def _walk_files(root: str, max_depth: int | None = None) -> Iterator[str]:
-    """Regular files under root, depth first, skipping hidden entries; holds one directory handle at a time."""
+    """Regular files under root, depth first, skipping hidden entries; holds one directory handle at a time.
+
+    Links to folders are followed once: a folder already walked (a symlink loop back to an
+    ancestor, or a second link to the same folder) is skipped with a warning, so a loop can
+    neither make the walk endless nor score the same files twice. One stat per folder, none per file.
+    """
+    try:
+        walked = {_folder_id(os.stat(root))}
+    except OSError as exc:
+        raise SourceError(f"{root}: cannot list folder: {exc.strerror or exc}") from exc
     pending: list[tuple[str, int]] = [(root, 1)]
     while pending:
         directory, depth = pending.pop()
@@ -115,8 +128,15 @@ def _walk_files(root: str, max_depth: int | None = None) -> Iterator[str]:
                     if not _visible(entry.name):
                         continue
                     if entry.is_dir(follow_symlinks=True):
-                        if max_depth is None or depth < max_depth:
-                            pending.append((entry.path, depth + 1))
+                        if max_depth is not None and depth >= max_depth:
+                            continue
+                        folder = _folder_id(entry.stat(follow_symlinks=True))
+                        if folder in walked:
+                            log.warning("%s: not followed: it leads to a folder already walked (a symlink loop "
+                                        "or a second link to the same folder)", entry.path)
+                            continue
+                        walked.add(folder)
+                        pending.append((entry.path, depth + 1))
                     elif entry.is_file(follow_symlinks=True):
                         yield entry.path
         except OSError as exc:

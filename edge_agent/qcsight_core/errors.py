@@ -33,6 +33,10 @@ class BundleSchemaError(BundleError):
     """The manifest's schema is unknown or its fields do not agree."""
 
 
+class BundleSignatureError(BundleError):
+    """A verification key is configured and the bundle is unsigned, or signed by another key, or altered."""
+
+
 class ImageError(QcsightError):
     """An image cannot be decoded or has a shape qcsight cannot use."""
 

@@ -34,12 +34,14 @@ class ModelConfig:
         precision: fp32, int8, or auto (int8 when the bundle has it).
         intra_op_threads: ONNX Runtime threads inside one operator; 0 lets it decide.
         warmup_runs: inferences run on a new model before it replaces the old one.
+        verify_key: a public key (PEM); when set, only bundles signed with it are loaded.
     """
 
     bundle: Path
     precision: str = "auto"
     intra_op_threads: int = 0
     warmup_runs: int = 2
+    verify_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,7 @@ def _model(s: _Section) -> ModelConfig:
         precision=s.choice("precision", "auto", PRECISION_CHOICES),
         intra_op_threads=s.integer("intra_op_threads", 0, 0, 256),
         warmup_runs=s.integer("warmup_runs", 2, 0, 100),
+        verify_key=s.existing_file("verify_key"),
     )
     s.finish()
     return cfg

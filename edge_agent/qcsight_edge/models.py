@@ -13,6 +13,7 @@ from typing import Any
 from qcsight_core.bundle import Bundle, load_bundle
 from qcsight_core.errors import QcsightError
 from qcsight_core.runner import OnnxRunner, RunnerOptions
+from qcsight_core.signing import VerifyKey
 from qcsight_core.verdict import Decider
 from qcsight_edge.config import ModelConfig
 
@@ -57,12 +58,13 @@ def load_model(config: ModelConfig) -> LoadedModel:
     """
     options = RunnerOptions(precision=config.precision, intra_op_threads=config.intra_op_threads,
                             warmup_runs=config.warmup_runs)
+    key = VerifyKey.from_file(config.verify_key) if config.verify_key is not None else None
     if config.bundle.is_file():
         with tempfile.TemporaryDirectory(prefix="qcsight-bundle-") as tmp:
-            bundle = load_bundle(config.bundle, extract_to=tmp)
+            bundle = load_bundle(config.bundle, extract_to=tmp, verify_key=key)
             runner = OnnxRunner(bundle, options)
     else:
-        bundle = load_bundle(config.bundle)
+        bundle = load_bundle(config.bundle, verify_key=key)
         runner = OnnxRunner(bundle, options)
     return LoadedModel(config.bundle, bundle, runner, Decider(bundle.manifest))
 

@@ -18,6 +18,7 @@ from qcsight_batch.sources import s3_client
 from qcsight_batch.writer import read_rows
 from qcsight_core.bundle import Bundle, ModelFile, pack_bundle, write_bundle
 from qcsight_core.cli import main as qcsight_main
+from qcsight_core.signing import generate_ed25519
 from tests.batch.conftest import ImageSet, make_images
 
 ROW_FIELDS = ("source", "verdict", "class", "defect_score", "confidence", "scores", "model_version", "error")
@@ -96,6 +97,21 @@ def test_tarball_bundle(bundle: Bundle, images: ImageSet, tmp_path: Path) -> Non
     out = tmp_path / "tar.jsonl"
     assert _score("--bundle", str(tar), "--input", str(images.root), "--output", str(out), "--workers", "0") == 0
     assert _verdicts(out) == images.expected
+
+
+def test_verify_key_refuses_an_unsigned_bundle_and_scores_a_signed_one(
+    bundle: Bundle, images: ImageSet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("cryptography", reason="the batch extra installs cryptography")
+    private, public = tmp_path / "k.pem", tmp_path / "k.pub.pem"
+    generate_ed25519(private, public)
+    tar = pack_bundle(bundle.path, tmp_path / "model.tar.gz")
+    args = ["score", "--bundle", str(tar), "--input", str(images.root), "--workers", "0", "--verify-key", str(public)]
+    assert qcsight_main(["batch", *args, "--output", str(tmp_path / "a.jsonl")]) == 1
+    assert "unsigned bundle" in capsys.readouterr().err and not (tmp_path / "a.jsonl").exists()
+    assert qcsight_main(["bundle", "sign", str(tar), "--key", str(private)]) == 0
+    assert qcsight_main(["batch", *args, "--output", str(tmp_path / "b.jsonl")]) == 0
+    assert _verdicts(tmp_path / "b.jsonl") == images.expected
 
 
 def _add_int8(bundle: Bundle) -> Bundle:

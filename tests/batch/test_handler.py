@@ -5,15 +5,24 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from qcsight_batch.errors import RequestError, UnsupportedAcceptError, UnsupportedContentTypeError
+from qcsight_batch.errors import (
+    PayloadTooLargeError,
+    RequestError,
+    UnsupportedAcceptError,
+    UnsupportedContentTypeError,
+)
 from qcsight_batch.handler import (
     LoadedModel,
+    RequestPolicy,
     input_fn,
     load_model,
     model_fn,
@@ -25,6 +34,7 @@ from qcsight_batch.handler import (
 from qcsight_core.bundle import Bundle
 from qcsight_core.errors import BundleFileMissingError, BundleIntegrityError, ConfigError
 from tests.batch.conftest import BRIGHT, DARK
+from tests.helpers import bombs
 
 
 def _pixels(value: int, size: tuple[int, int] = (60, 80)) -> np.ndarray:
@@ -147,3 +157,154 @@ def test_model_fn_refuses_a_tampered_bundle(bundle: Bundle) -> None:
     model_file.write_bytes(model_file.read_bytes() + b"\x00")
     with pytest.raises(BundleIntegrityError, match="sha256"):
         model_fn(str(bundle.path))
+
+
+# --- hostile and broken records ---
+
+
+def _json_list(*images: bytes) -> bytes:
+    return json.dumps([base64.b64encode(image).decode() for image in images]).encode()
+
+
+@pytest.mark.parametrize("bomb", [
+    lambda: bombs.png_header_claims(40000, 40000),  # OpenCV's own limit raised cv2.error: a 500
+    lambda: bombs.png_bomb(12000, 12000),  # 18 KB, under OpenCV's limit: decoded to 144 MB
+])
+def test_a_pixel_bomb_is_a_bad_request(model: LoadedModel, bomb: Callable[[], bytes]) -> None:
+    with pytest.raises(RequestError, match="pixel budget") as info:
+        transform(model, bomb(), "image/png", None)
+    assert info.value.status == 400
+
+
+def test_batch_transform_answers_bad_records_with_error_rows(bundle: Bundle) -> None:
+    model = load_model(str(bundle.path), policy=RequestPolicy(error_rows=True))
+    good = _encoded(BRIGHT, ".jpg")
+    body = json.dumps([base64.b64encode(good).decode(), base64.b64encode(bombs.png_bomb(9000, 9000)).decode(),
+                       "@@not base64@@", base64.b64encode(good[: len(good) // 2]).decode()]).encode()
+    rows = json.loads(transform(model, body, "application/json", None)[0])
+    assert [r["verdict"] for r in rows] == ["defect", "error", "error", "error"]
+    assert "pixel budget" in rows[1]["error"] and "base64" in rows[2]["error"] and "truncated" in rows[3]["error"]
+    for raw, content_type in ((b"", "image/jpeg"), (b"not an image", "image/jpeg"), (b"{", "application/json")):
+        (row,) = json.loads(transform(model, raw, content_type, None)[0])
+        assert row["verdict"] == "error" and row["model_version"] == "1"
+    with pytest.raises(UnsupportedContentTypeError):  # a job set up wrongly still fails loudly
+        transform(model, good, "text/csv", None)
+
+
+def test_items_per_request_are_capped(bundle: Bundle) -> None:
+    model = load_model(str(bundle.path), policy=RequestPolicy(error_rows=True, max_items=4))
+    with pytest.raises(PayloadTooLargeError, match="5 images in one request; at most 4") as info:
+        transform(model, _json_list(*[_encoded(DARK, ".png")] * 5), "application/json", None)
+    assert info.value.status == 413
+
+
+def test_items_are_decoded_one_at_a_time(model: LoadedModel) -> None:
+    image = bombs.encoded(".png", 2000, 1500, DARK)  # 9 MB decoded
+    tracemalloc.start()
+    try:
+        rows = transform(model, _json_list(*[image] * 8), "application/json", None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["verdict"] for r in json.loads(rows[0])] == ["good"] * 8
+    assert peak < 3 * 2000 * 1500 * 3, f"peak {peak / 1e6:.0f} MB: the 8 images were held decoded together"
+
+
+def test_bad_records_mode_comes_from_the_environment(bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QCSIGHT_BAD_RECORDS", raising=False)
+    monkeypatch.delenv("SAGEMAKER_BATCH", raising=False)
+    assert model_fn(str(bundle.path)).policy == RequestPolicy(error_rows=False)
+    monkeypatch.setenv("SAGEMAKER_BATCH", "true")  # what SageMaker sets inside a Batch Transform job
+    assert model_fn(str(bundle.path)).policy.error_rows
+    monkeypatch.setenv("QCSIGHT_BAD_RECORDS", "reject")
+    assert not model_fn(str(bundle.path)).policy.error_rows
+    monkeypatch.setenv("QCSIGHT_BAD_RECORDS", "skip")
+    with pytest.raises(ConfigError, match="QCSIGHT_BAD_RECORDS='skip': one of reject, error_row"):
+        model_fn(str(bundle.path))
+    monkeypatch.setenv("QCSIGHT_BAD_RECORDS", "error_row")
+    monkeypatch.setenv("QCSIGHT_MAX_PIXELS", "1000")
+    loaded = model_fn(str(bundle.path))
+    (row,) = json.loads(transform(loaded, _encoded(DARK, ".png"), "image/png", None)[0])
+    assert row["verdict"] == "error" and "pixel budget of 1,000" in row["error"]
+
+
+# --- the SageMaker inference toolkit's own code path (sagemaker-inference + the MMS worker's Service) ---
+
+
+def _mms_predict(bundle: Bundle, requests: list[tuple[bytes, str]]) -> list[tuple[int, str, bytes]]:
+    """Run each request through mms.service.Service -> the toolkit's DefaultHandlerService -> our hooks.
+
+    Each batch is what the MMS worker builds from its frontend's frame (decode_input_request=false,
+    as the toolkit's default-mms.properties sets; batch size 1, as the toolkit's Transformer reads
+    request 0's headers), and each answer is parsed from the frame the worker sends back:
+    (status, content type, body).
+    """
+    from mms.service import Service
+    from sagemaker_inference.default_handler_service import DefaultHandlerService
+
+    handler = DefaultHandlerService()
+    service = Service("model", str(bundle.path), None, handler.handle, None, 1)
+    handler.initialize(service.context)
+    answers = []
+    for index, (body, content_type) in enumerate(requests):
+        batch = [{"requestId": f"r{index}".encode(),
+                  "headers": [{"name": b"Content-Type", "value": content_type.encode()},
+                              {"name": b"Accept", "value": b"application/json"}],
+                  "parameters": [{"name": "body", "contentType": content_type, "value": body}]}]
+        answers.extend(_parse_predict_frame(bytes(service.predict(batch)), 1))
+    return answers
+
+
+def _parse_predict_frame(frame: bytes, count: int) -> list[tuple[int, str, bytes]]:
+    pos = 0
+
+    def take(size: int) -> bytes:
+        nonlocal pos
+        pos += size
+        return frame[pos - size : pos]
+
+    def integer() -> int:
+        return int(struct.unpack("!i", take(4))[0])
+
+    integer()  # batch code
+    take(integer())  # batch message
+    answers = []
+    for _ in range(count):
+        take(integer())  # request id
+        content_type = take(max(0, integer())).decode()
+        status = integer()
+        take(integer())  # reason phrase
+        for _ in range(integer()):  # response headers
+            take(integer())
+            take(integer())
+        answers.append((status, content_type, take(integer())))
+    return answers
+
+
+@pytest.fixture
+def toolkit_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("sagemaker_inference", reason="the dev extra installs sagemaker-inference")
+    monkeypatch.setenv("SAGEMAKER_PROGRAM", "qcsight_batch.handler")
+    monkeypatch.delenv("SAGEMAKER_BATCH", raising=False)
+    monkeypatch.delenv("QCSIGHT_BAD_RECORDS", raising=False)
+
+
+@pytest.mark.usefixtures("toolkit_env")
+def test_under_the_toolkit_client_errors_keep_their_4xx(bundle: Bundle) -> None:
+    answers = _mms_predict(bundle, [
+        (_encoded(BRIGHT, ".jpg"), "image/jpeg"),
+        (b"a,b\n1,2\n", "text/csv"),
+        (b"plain text, not a picture", "image/jpeg"),
+        (bombs.png_header_claims(40000, 40000), "image/png"),
+    ])
+    statuses = [status for status, _, _ in answers]
+    assert statuses == [200, 415, 400, 400]
+    assert json.loads(answers[0][2])[0]["verdict"] == "defect" and answers[0][1] == "application/json"
+    assert b"pixel budget" in answers[3][2]
+
+
+@pytest.mark.usefixtures("toolkit_env")
+def test_under_the_toolkit_a_batch_job_gets_error_rows(bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAGEMAKER_BATCH", "true")
+    ((status, _, body),) = _mms_predict(bundle, [(bombs.png_bomb(9000, 9000), "application/x-image")])
+    assert status == 200 and json.loads(body)[0]["verdict"] == "error"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def test_folder_yields_every_visible_file_recursively(images: ImageSet) -> None:
     only = list(DirSource(str(images.root), images_only=True).iter_keys())
     assert str(images.root / "notes.txt") not in only
     assert len(only) == len(images.expected) - 1
+
+
+def test_symlink_loops_are_not_followed(images: ImageSet, caplog: pytest.LogCaptureFixture) -> None:
+    (images.root / "part0" / "back-to-root").symlink_to(images.root, target_is_directory=True)
+    (images.root / "part1" / "loop").symlink_to(images.root / "part1", target_is_directory=True)
+    (images.root / "again").symlink_to(images.root / "part0", target_is_directory=True)
+    # Bounded so that today's endless walk fails the assertion instead of hanging the suite.
+    keys = list(itertools.islice(DirSource(str(images.root)).iter_keys(), 10 * len(images.expected)))
+    assert len(keys) == len(set(keys)) == len(images.expected)
+    glob_keys = list(itertools.islice(GlobSource(f"{images.root}/**/*.jpg").iter_keys(), 1000))
+    assert len(glob_keys) == len({Path(k).resolve() for k in glob_keys})
+    assert "not followed" in caplog.text
 
 
 def test_folder_iteration_is_lazy(images: ImageSet) -> None:

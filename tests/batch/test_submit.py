@@ -72,6 +72,8 @@ def test_transform_job_as_moto_received_it(aws_endpoint: str, capsys: pytest.Cap
         "S3OutputPath": "s3://line-7/scores/", "Accept": "application/jsonlines", "AssembleWith": "Line",
     }
     assert job["TransformResources"] == {"InstanceType": "ml.c6i.xlarge", "InstanceCount": 2}
+    # one corrupt image must not fail the job: the container answers it 200 with an error row
+    assert job["Environment"] == {"QCSIGHT_BAD_RECORDS": "error_row"}
 
 
 def test_second_submit_reuses_the_model_and_refuses_a_conflicting_one(aws_endpoint: str) -> None:
