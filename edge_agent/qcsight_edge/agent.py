@@ -276,7 +276,7 @@ class Agent:
             "event": event,
             "state": self._state,
             "uptime_s": round(self.clock.monotonic() - self._started_at, 3),
-            "detail": {**self._detail(), **(detail or {})},
+            "detail": {**self.status_detail(), **(detail or {})},
         }
         model = self.current_model()
         if model is not None:
@@ -292,10 +292,13 @@ class Agent:
         except QcsightError as exc:
             log.error("status %s not stored: %s", event, exc)
 
-    def _detail(self) -> dict[str, Any]:
+    def status_detail(self) -> dict[str, Any]:
+        """The ``detail`` object of every status message: source, frames, alerts, images, transport."""
         detail: dict[str, Any] = {"source": self.parts.source.stats()}
         if self.pipeline is not None:
             detail["frames"] = self.pipeline.snapshot()
+        if self.outputs is not None:
+            detail["alerts"] = self.outputs.stats()
         if self.parts.image_store is not None:
             stats = self.parts.image_store.stats()
             detail["images"] = {"files": stats.files, "bytes": stats.bytes, "evicted": stats.evicted}

@@ -448,12 +448,22 @@ class _Transaction:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
             if exc_type is None:
-                self._db.execute("COMMIT")
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.Error:
+                    self._rollback()  # a commit that failed (a full disk) must not leave the transaction open
+                    raise
             else:
-                self._db.execute("ROLLBACK")
+                self._rollback()
         finally:
             if not self._synced:
                 self._db.execute("PRAGMA synchronous=FULL")
+
+    def _rollback(self) -> None:
+        # After some errors (SQLITE_FULL on a full disk) SQLite has already rolled back by itself,
+        # and a second ROLLBACK would raise and hide the real error.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
 
 def _chunks(items: list[int], size: int) -> Iterable[list[int]]:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
@@ -21,9 +22,11 @@ from qcsight_core.topics import line_signal_topic, topic
 from qcsight_core.verdict import DEFECT, UNCERTAIN, Verdict
 from qcsight_edge.clock import Clock, iso_utc
 from qcsight_edge.config import AlertConfig, LineSignalConfig
+from qcsight_edge.errors import OutboxError
 from qcsight_edge.imagestore import ImageStore
 from qcsight_edge.publisher import Publisher
 from qcsight_edge.queues import BoundedQueue
+from qcsight_edge.redact import printable
 
 if TYPE_CHECKING:
     from qcsight_edge.capture import Frame
@@ -206,6 +209,21 @@ class RateLimitedLog:
         self._logger.warning(message + suffix, *args)
 
 
+Finish = Callable[["Frame", bool], None]
+
+
+@dataclass
+class _PendingAlert:
+    """An alert owed for one judged frame; the frame is finished (``finish``) only once the alert is stored."""
+
+    frame: Frame
+    judgement: Judgement
+    model: LoadedModel
+    finish: Finish
+    image_ref: str | None = None
+    image_saved: bool = False
+
+
 class VerdictOutputs:
     """For each judged frame: the reject signal to the line, then (for alerts) the stored image and the alert.
 
@@ -214,10 +232,17 @@ class VerdictOutputs:
     own thread after start(), so a run of defects does not slow the line down; the hand-over
     queue is bounded and waits when full (an alert is never dropped). The full frame is kept in
     the image store, the thumbnail shows what the model judged (the ROI crop).
+
+    Zero loss: a frame is finished (the hot folder moves its file to done/) only after its alert
+    is committed to the outbox, so a kill at any moment leaves the part either in the inbox (read
+    again on the next start) or with its alert stored. An outbox that cannot store (a full disk)
+    is retried with backoff while the part stays unfinished and ``stats()["waiting"]`` says so;
+    at stop, alerts still unstored leave their parts unfinished for the next start.
     """
 
     def __init__(self, sink: MessageSink, line_signal: LineSignal, image_store: ImageStore | None,
-                 alerts: AlertConfig, line: LineSignalConfig, clock: Clock, queue_size: int = 16) -> None:
+                 alerts: AlertConfig, line: LineSignalConfig, clock: Clock, queue_size: int = 16,
+                 retry_initial_s: float = 0.2, retry_max_s: float = 5.0) -> None:
         self.sink = sink
         self.line_signal = line_signal
         self.image_store = image_store
@@ -227,20 +252,33 @@ class VerdictOutputs:
         self.signals = 0
         self.alert_count = 0
         self.alert_failures = 0
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
         self._warn = RateLimitedLog(log)
-        self._queue: BoundedQueue[tuple[Frame, Judgement, LoadedModel]] = BoundedQueue(queue_size)
+        self._queue: BoundedQueue[_PendingAlert] = BoundedQueue(queue_size)
         self._pending = 0
+        self._waiting = 0
+        self._abandoned = 0
+        self._last_error: str | None = None
         self._idle = threading.Condition()
         self._stop = threading.Event()
+        self._abandon = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Build alerts on a background thread from now on (without it they are built inline)."""
         self._stop.clear()
+        self._abandon.clear()
         self._thread = threading.Thread(target=self._alert_loop, name="qcsight-alerts", daemon=True)
         self._thread.start()
 
-    def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None:
+    def stats(self) -> dict[str, Any]:
+        """For status: alerts stored, refused (failed), waiting for the outbox, and left unstored at stop."""
+        with self._idle:
+            return {"stored": self.alert_count, "failed": self.alert_failures, "waiting": self._waiting,
+                    "abandoned": self._abandoned, "last_error": self._last_error}
+
+    def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel, finish: Finish) -> None:
         verdict = judgement.verdict
         if verdict.status == DEFECT or (verdict.status == UNCERTAIN and self.line.on_uncertain):
             try:
@@ -250,20 +288,26 @@ class VerdictOutputs:
             except Exception as exc:  # the line signal must never stop judging
                 self._warn.warning("line-signal", "line signal failed: %s", exc)
         if verdict.status == DEFECT or (verdict.status == UNCERTAIN and self.alerts.on_uncertain):
-            self._submit((frame, judgement, model))
+            self._submit(_PendingAlert(frame, judgement, model, finish))
+        else:
+            finish(frame, True)
 
-    def _submit(self, item: tuple[Frame, Judgement, LoadedModel]) -> None:
+    def _submit(self, item: _PendingAlert) -> None:
         thread = self._thread
         if thread is None or not thread.is_alive():
-            self._alert(*item)
+            self._deliver(item, retry=False)
             return
         with self._idle:
             self._pending += 1
         while not self._queue.put_wait(item, 0.5):
-            if not thread.is_alive():  # the worker ended (stopping): build it here rather than lose it
+            if self._abandon.is_set() or not thread.is_alive():
                 with self._idle:
                     self._pending -= 1
-                self._alert(*item)
+                    self._idle.notify_all()
+                if self._abandon.is_set():
+                    self._gave_up(item, "stopping")
+                else:  # the worker ended (stopping): build it here rather than lose it
+                    self._deliver(item, retry=False)
                 return
 
     def _alert_loop(self) -> None:
@@ -272,9 +316,9 @@ class VerdictOutputs:
             if item is None:
                 continue
             try:
-                self._alert(*item)
+                self._deliver(item, retry=not self._abandon.is_set())
             except Exception:  # never lose the thread: the next alert must still go out
-                log.exception("building the alert for frame %s failed", item[0].frame_id)
+                log.exception("building the alert for frame %s failed", item.frame.frame_id)
             finally:
                 with self._idle:
                     self._pending -= 1
@@ -286,28 +330,75 @@ class VerdictOutputs:
             return self._idle.wait_for(lambda: self._pending <= 0, timeout_s)
 
     def close(self, timeout_s: float) -> bool:
-        """Store the alerts still queued (up to timeout_s), then end the thread."""
+        """Store the alerts still queued (up to timeout_s), then end the thread.
+
+        Alerts the outbox still refuses at the deadline are not stored: their parts stay unfinished.
+        """
         flushed = self.flush(timeout_s)
         self._stop.set()
+        if not flushed:
+            self._abandon.set()  # stop retrying: one more attempt each, then leave the parts unfinished
         if self._thread is not None:
             self._thread.join(max(0.5, timeout_s))
         if not flushed:
-            log.error("%d alerts were not stored before the deadline", self._pending)
+            log.error("%d alerts were not stored before the deadline; their parts stay unfinished", self._pending)
         return flushed
 
-    def _alert(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None:
-        image_ref = None
-        if self.image_store is not None and frame.image is not None:
-            try:
-                image_ref = self.image_store.save(frame.frame_id, frame.image)
-            except QcsightError as exc:
-                self._warn.warning("image-store", "alert %s sent without its image: %s", frame.frame_id, exc)
+    def _deliver(self, item: _PendingAlert, retry: bool) -> None:
+        """Store the alert, then finish the frame; while the outbox cannot store, retry with backoff (if retry)."""
+        delay = self._retry_initial_s
+        failing = False
         try:
-            thumb = thumbnail(judgement.judged, self.alerts.thumbnail_max_side, self.alerts.thumbnail_quality)
-            body = alert_body(frame.frame_id, frame.source_ref, judgement.verdict, model.bundle.manifest.classes,
-                              model.ident, thumb, image_ref)
-            self.sink.emit(messages.ALERT, body)
+            while True:
+                try:
+                    self._store(item)
+                except OutboxError as exc:  # the outbox cannot write now (a full disk): keep the part, try again
+                    if not failing:
+                        failing = True
+                        with self._idle:
+                            self._waiting += 1
+                    with self._idle:
+                        self._last_error = str(exc)
+                    self._warn.warning("alert-unstored", "alert for frame %s (%s) not stored: %s; the part stays "
+                                       "unfinished", item.frame.frame_id, printable(item.frame.source_ref), exc)
+                    if not retry or self._abandon.wait(delay):
+                        self._gave_up(item, str(exc))
+                        return
+                    delay = min(delay * 2, self._retry_max_s)
+                    continue
+                except QcsightError as exc:  # the alert itself is broken (it fails validation): retrying cannot help
+                    with self._idle:
+                        self.alert_failures += 1
+                        self._last_error = str(exc)
+                    log.error("alert for frame %s (%s) cannot be built: %s; the part goes to failed",
+                              item.frame.frame_id, printable(item.frame.source_ref), exc)
+                    item.finish(item.frame, False)
+                    return
+                item.finish(item.frame, True)
+                return
+        finally:
+            if failing:
+                with self._idle:
+                    self._waiting -= 1
+
+    def _gave_up(self, item: _PendingAlert, reason: str) -> None:
+        with self._idle:
+            self._abandoned += 1
+        log.error("alert for frame %s (%s) not stored (%s): the part stays unfinished and is judged again on the "
+                  "next start", item.frame.frame_id, printable(item.frame.source_ref), reason)
+
+    def _store(self, item: _PendingAlert) -> None:
+        frame, judgement, model = item.frame, item.judgement, item.model
+        if not item.image_saved:
+            item.image_saved = True  # a retry after an outbox failure keeps the image it already saved
+            if self.image_store is not None and frame.image is not None:
+                try:
+                    item.image_ref = self.image_store.save(frame.frame_id, frame.image)
+                except QcsightError as exc:
+                    self._warn.warning("image-store", "alert %s sent without its image: %s", frame.frame_id, exc)
+        thumb = thumbnail(judgement.judged, self.alerts.thumbnail_max_side, self.alerts.thumbnail_quality)
+        body = alert_body(frame.frame_id, frame.source_ref, judgement.verdict, model.bundle.manifest.classes,
+                          model.ident, thumb, item.image_ref)
+        self.sink.emit(messages.ALERT, body)
+        with self._idle:
             self.alert_count += 1
-        except QcsightError as exc:
-            self.alert_failures += 1
-            log.error("alert for frame %s not stored: %s", frame.frame_id, exc)

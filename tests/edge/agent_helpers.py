@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ import cv2
 import numpy as np
 
 from qcsight_core import messages
+from tests.helpers.images import write_image
 
 
 def write_video(path: Path, values: Sequence[int], size: tuple[int, int] = (48, 64), fps: float = 25.0) -> Path:
@@ -23,6 +25,17 @@ def write_video(path: Path, values: Sequence[int], size: tuple[int, int] = (48, 
     for value in values:
         writer.write(np.full((height, width, 3), value, np.uint8))
     writer.release()
+    return path
+
+
+def write_atomically(path: Path, value: int, size: tuple[int, int] = (60, 80), seed: int = 0) -> Path:
+    """A real image dropped into a hot folder the way a line should: written under a hidden name, then renamed.
+
+    With settle_s 0 (the tests' setting) a file written in place could be read half-written.
+    """
+    partial = path.with_name("." + path.name)  # a leading dot: never read; the suffix still tells cv2 the format
+    write_image(partial, value=value, size=size, seed=seed)
+    os.replace(partial, path)
     return path
 
 
