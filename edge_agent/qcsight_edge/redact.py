@@ -35,6 +35,19 @@ def redact_uri(uri: str | int) -> str:
         return f"{scheme}://{REDACTED}"
 
 
+def redact_text(text: str, uri: str | int) -> str:
+    """``text`` (an error message from a backend) with ``uri``, and its password, replaced by the redacted URI."""
+    raw = str(uri)
+    if "://" not in raw:
+        return text
+    text = text.replace(raw, redact_uri(raw))
+    try:
+        password = urlsplit(raw).password
+    except ValueError:
+        password = None
+    return text.replace(password, REDACTED) if password else text
+
+
 def printable(text: str) -> str:
     """Text safe for one log line: control characters, newlines and undecodable bytes escaped (``\\n``, ``\\x1b``)."""
     if text.isprintable() and "\\" not in text:
