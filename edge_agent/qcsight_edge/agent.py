@@ -234,12 +234,14 @@ class Agent:
         assert self._config_poll is not None
         try:
             new = self._config_poll()
+            if new is not None:
+                self.apply_config(new)
         except ConfigError as exc:
             log.error("changed configuration refused, keeping the running one: %s", exc)
             self.status("error", error=f"configuration refused: {exc}")
-            return
-        if new is not None:
-            self.apply_config(new)
+        except Exception as exc:  # the reload loop's boundary: no file, however broken, stops a running line
+            log.exception("reading the changed configuration failed, keeping the running one")
+            self.status("error", error=f"configuration refused: {type(exc).__name__}: {exc}")
 
     def _model_rejected(self, rejected: Rejected) -> None:
         self.status("model_rejected", error=rejected.error, detail={"bundle": str(rejected.source)})

@@ -21,6 +21,9 @@ TRANSPORTS = ("mqtt5", "mqtt311", "ipc", "none")
 LINE_SIGNALS = ("none", "log", "mqtt")
 GREENGRASS_KEYS = ("accessControl",)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+# The largest count any setting takes: SQLite's (and C's) 64-bit signed integer. A 400-digit value
+# would otherwise pass validation and overflow wherever it is used.
+MAX_INT = 2**63 - 1
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
           "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 
@@ -228,9 +231,11 @@ def load_config(path: str | Path) -> AgentConfig:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("--config", str(file), f"a readable YAML file ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--config", str(file), f"a UTF-8 text file ({exc})") from exc
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:  # ValueError: an integer of over 4300 digits
         raise ConfigError("--config", str(file), f"valid YAML ({exc})") from exc
     return AgentConfig.from_dict(data if data is not None else {}, base_dir=file.resolve().parent)
 
@@ -301,15 +306,18 @@ class _Section:
 
     def integer(self, key: str, default: int, low: int, high: int | None = None) -> int:
         value = self.raw(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-            allowed = f"an integer from {low} to {high}" if high is not None else f"an integer, at least {low}"
-            raise ConfigError(self.name(key), value, allowed)
+        top = MAX_INT if high is None else high
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or value > top:
+            raise ConfigError(self.name(key), value, f"an integer from {low} to {top}")
         return value
 
     def number(self, key: str, default: float, low: float, high: float | None = None, *,
                open_low: bool = False) -> float:
         value = self.raw(key, default)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        try:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        except OverflowError:  # an integer too large for a float (400 digits)
+            ok = False
         if ok:
             ok = (value > low if open_low else value >= low) and (high is None or value <= high)
         if not ok:
@@ -326,9 +334,13 @@ class _Section:
             parsed = value
         elif isinstance(value, str) and (match := _SIZE.match(value)):
             unit = (match.group(2) or "").lower().rstrip("b")
-            parsed = int(float(match.group(1)) * _UNITS[unit])
-        if parsed is None or parsed < low:
-            raise ConfigError(self.name(key), value, f"a byte count of at least {low} (an integer or e.g. '256MiB')")
+            try:
+                parsed = int(float(match.group(1)) * _UNITS[unit])
+            except OverflowError:  # 400 digits: float infinity
+                parsed = None
+        if parsed is None or not low <= parsed <= MAX_INT:
+            raise ConfigError(self.name(key), value,
+                              f"a byte count from {low} to {MAX_INT} (an integer or e.g. '256MiB')")
         return parsed
 
     def text(self, key: str, default: str = "") -> str:
