@@ -14,6 +14,7 @@ import yaml
 from qcsight_core.errors import ConfigError
 from qcsight_core.runner import PRECISION_CHOICES
 from qcsight_core.topics import check_thing_name
+from qcsight_edge import thumbnails
 
 SOURCE_KINDS = ("camera", "hotfolder", "synthetic")
 SOURCE_MODES = ("free", "trigger")
@@ -462,6 +463,12 @@ def _alerts(s: _Section) -> AlertConfig:
         thumbnail_max_side=s.integer("thumbnail_max_side", 160, 16, 1024),
         thumbnail_quality=s.integer("thumbnail_quality", 80, 10, 100),
     )
+    side, quality = cfg.thumbnail_max_side, cfg.thumbnail_quality
+    if thumbnails.worst_case_size(side, quality) > thumbnails.THUMBNAIL_BUDGET:
+        fits = thumbnails.largest_side_that_fits(side, quality)
+        raise ConfigError(s.name("thumbnail_max_side"), side,
+                          f"at most about {fits} at thumbnail_quality {quality} (or a lower quality): a thumbnail "
+                          f"must fit with its alert in IoT Core's 128 KiB message whatever the picture holds")
     s.finish()
     return cfg
 

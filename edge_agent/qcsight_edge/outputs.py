@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import threading
@@ -12,12 +11,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import cv2
-import numpy as np
-
 from qcsight_core import messages
 from qcsight_core.errors import QcsightError
-from qcsight_core.imageio import encode_jpeg
 from qcsight_core.topics import line_signal_topic, topic
 from qcsight_core.verdict import DEFECT, UNCERTAIN, Verdict
 from qcsight_edge.clock import Clock, iso_utc
@@ -27,6 +22,7 @@ from qcsight_edge.imagestore import ImageStore
 from qcsight_edge.publisher import Publisher
 from qcsight_edge.queues import BoundedQueue
 from qcsight_edge.redact import printable
+from qcsight_edge.thumbnails import IOT_CORE_MAX_PAYLOAD, fit_thumbnail
 
 if TYPE_CHECKING:
     from qcsight_edge.capture import Frame
@@ -35,6 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The envelope's share of an alert (schema, message id, a thing name of up to 128 characters, seq, time).
+ENVELOPE_RESERVE = 512
 KIND_BY_SCHEMA = {messages.METRICS: "metrics", messages.ALERT: "alerts", messages.STATUS: "status"}
 
 
@@ -157,18 +155,6 @@ def line_payload(frame_id: str, source_ref: str, verdict: Verdict, model_version
             "time": iso_utc(clock.time())}
 
 
-def thumbnail(image: np.ndarray, max_side: int, quality: int) -> dict[str, Any]:
-    """A JPEG no larger than max_side on its longer side, base64, as the alert's `thumbnail` object."""
-    h, w = image.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
-    small = image
-    if scale < 1.0:
-        small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    data = encode_jpeg(small, quality)
-    return {"format": "jpeg", "width": int(small.shape[1]), "height": int(small.shape[0]),
-            "data": base64.b64encode(data).decode("ascii")}
-
-
 def alert_body(frame_id: str, source_ref: str, verdict: Verdict, classes: tuple[str, ...], model: Mapping[str, str],
                thumb: Mapping[str, Any] | None, image_ref: str | None) -> dict[str, Any]:
     """The qcsight.alert/1 fields after the envelope."""
@@ -260,6 +246,8 @@ class VerdictOutputs:
         self._waiting = 0
         self._abandoned = 0
         self._last_error: str | None = None
+        self._thumbnails_shrunk = 0
+        self._thumbnails_dropped = 0
         self._idle = threading.Condition()
         self._stop = threading.Event()
         self._abandon = threading.Event()
@@ -273,10 +261,11 @@ class VerdictOutputs:
         self._thread.start()
 
     def stats(self) -> dict[str, Any]:
-        """For status: alerts stored, refused (failed), waiting for the outbox, and left unstored at stop."""
+        """For status: alerts stored, failed, waiting for the outbox, left unstored at stop; thumbnails cut."""
         with self._idle:
             return {"stored": self.alert_count, "failed": self.alert_failures, "waiting": self._waiting,
-                    "abandoned": self._abandoned, "last_error": self._last_error}
+                    "abandoned": self._abandoned, "last_error": self._last_error,
+                    "thumbnails_shrunk": self._thumbnails_shrunk, "thumbnails_dropped": self._thumbnails_dropped}
 
     def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel, finish: Finish) -> None:
         verdict = judgement.verdict
@@ -396,9 +385,19 @@ class VerdictOutputs:
                     item.image_ref = self.image_store.save(frame.frame_id, frame.image)
                 except QcsightError as exc:
                     self._warn.warning("image-store", "alert %s sent without its image: %s", frame.frame_id, exc)
-        thumb = thumbnail(judgement.judged, self.alerts.thumbnail_max_side, self.alerts.thumbnail_quality)
         body = alert_body(frame.frame_id, frame.source_ref, judgement.verdict, model.bundle.manifest.classes,
-                          model.ident, thumb, item.image_ref)
+                          model.ident, None, item.image_ref)
+        budget = IOT_CORE_MAX_PAYLOAD - ENVELOPE_RESERVE - len(json.dumps(body, separators=(",", ":")))
+        thumb, shrunk = fit_thumbnail(judgement.judged, self.alerts.thumbnail_max_side,
+                                      self.alerts.thumbnail_quality, budget)
+        if thumb is not None:
+            body["thumbnail"] = thumb
+        with self._idle:
+            self._thumbnails_shrunk += shrunk and thumb is not None
+            self._thumbnails_dropped += thumb is None
+        if thumb is None:
+            self._warn.warning("thumbnail-dropped", "alert for frame %s goes without its thumbnail: it cannot fit "
+                               "IoT Core's %d-byte payload limit", frame.frame_id, IOT_CORE_MAX_PAYLOAD)
         self.sink.emit(messages.ALERT, body)
         with self._idle:
             self.alert_count += 1

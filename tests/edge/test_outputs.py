@@ -1,4 +1,4 @@
-"""Verdict outputs: a part is finished only once its alert is committed to the outbox (zero loss)."""
+"""Verdict outputs: a part is finished only once its alert is in the outbox (zero loss); alerts fit IoT Core."""
 
 from __future__ import annotations
 
@@ -7,13 +7,22 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from qcsight_edge.agent import Agent, build_parts
-from qcsight_edge.capture import DONE_DIR, FAILED_DIR
+from qcsight_core import messages
+from qcsight_core.drift import input_statistics
+from qcsight_core.errors import ConfigError
+from qcsight_core.verdict import Verdict
+from qcsight_edge.agent import Agent, NoLineSignal, build_parts
+from qcsight_edge.capture import DONE_DIR, FAILED_DIR, Frame
 from qcsight_edge.clock import ManualClock
-from qcsight_edge.config import AgentConfig
+from qcsight_edge.config import AgentConfig, AlertConfig, LineSignalConfig, ModelConfig
+from qcsight_edge.models import load_model
 from qcsight_edge.outbox import Outbox
+from qcsight_edge.outputs import MessageSink, VerdictOutputs
+from qcsight_edge.pipeline import Judgement
+from qcsight_edge.thumbnails import IOT_CORE_MAX_PAYLOAD, fit_thumbnail
 from tests.edge.agent_helpers import agent_config, outbox_messages, write_atomically
 from tests.helpers.models import make_tiny_bundle
 from tests.helpers.wait import eventually
@@ -119,3 +128,50 @@ def test_a_failed_outbox_write_leaves_the_part_unfinished_reports_it_and_stores_
         assert agent.outputs.stats()["waiting"] == 0
     finally:
         agent.stop()
+
+
+def _noise(height: int, width: int) -> np.ndarray:
+    return np.random.default_rng(7).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_an_alert_never_exceeds_iot_cores_payload_limit(tmp_path: Path) -> None:
+    make_tiny_bundle(tmp_path / "bundle")
+    model = load_model(ModelConfig(bundle=tmp_path / "bundle", warmup_runs=0, intra_op_threads=1))
+    outbox = Outbox(tmp_path / "o.db")
+    sink = MessageSink(outbox, "line1-cam1", ManualClock())
+    # Settings the configuration would refuse, as a caller building AlertConfig itself could pass.
+    loud = AlertConfig(thumbnail_max_side=1024, thumbnail_quality=100)
+    outputs = VerdictOutputs(sink, NoLineSignal(), None, loud, LineSignalConfig(kind="none"), ManualClock())
+    image = _noise(900, 1200)
+    judgement = Judgement(Verdict("defect", "spot", 0.99, 0.99, np.array([0.0, 0.01, 0.99])),
+                          input_statistics(image[:32, :32], "RGB"), image)
+    finished: list[bool] = []
+    outputs.on_verdict(Frame("f1", image, "big.png"), judgement, model, lambda _f, ok: finished.append(ok))
+    (stored,) = outbox.claim(10)
+    outbox.close()
+    assert finished == [True]
+    assert len(stored.payload) <= IOT_CORE_MAX_PAYLOAD
+    thumb = messages.decode(stored.payload)["thumbnail"]
+    assert max(thumb["width"], thumb["height"]) < 1024  # shrunk to fit, not dropped
+    assert outputs.stats()["thumbnails_shrunk"] == 1
+
+
+def test_a_thumbnail_that_cannot_fit_is_dropped_and_counted() -> None:
+    image = _noise(600, 800)
+    assert fit_thumbnail(image, 160, 80, budget=100_000)[0] is not None
+    thumb, shrunk = fit_thumbnail(image, 160, 80, budget=300)  # not even 16 px of noise fits in 300 bytes
+    assert thumb is None and shrunk
+
+
+@pytest.mark.parametrize(("side", "quality", "ok"), [(160, 80, True), (256, 95, True), (1024, 100, False),
+                                                      (512, 90, False)])
+def test_config_refuses_thumbnail_settings_that_cannot_fit_an_iot_core_message(side: int, quality: int,
+                                                                                ok: bool) -> None:
+    data = {"thing_name": "t", "model": {"bundle": "b"},
+            "alerts": {"thumbnail_max_side": side, "thumbnail_quality": quality}}
+    if ok:
+        assert AgentConfig.from_dict(data).alerts.thumbnail_max_side == side
+        return
+    with pytest.raises(ConfigError) as caught:
+        AgentConfig.from_dict(data)
+    assert caught.value.field == "alerts.thumbnail_max_side" and "128 KiB" in str(caught.value)
