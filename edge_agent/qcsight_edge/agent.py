@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -110,7 +111,7 @@ class Agent:
         self.pipeline = Pipeline(self.parts.source, self.models, self.outputs, self.metrics, self.clock,
                                  self.config.roi, self.config.queue_size, on_model_change=self._model_changed)
         self._state = "running"
-        self.status("start", detail={"config": self.config.to_dict()})
+        self.status("start", detail={"config": self.config.redacted_dict()})
         now = self.clock.monotonic()
         self._next_heartbeat = now + self.config.metrics.heartbeat_s
         self._next_config_check = now + self.config.config_reload_s
@@ -354,7 +355,19 @@ def make_transport(thing: str, transport: TransportConfig) -> Publisher | None:
                             min_reconnect_delay_s=transport.min_reconnect_delay_s,
                             max_reconnect_delay_s=transport.max_reconnect_delay_s)
     settings.check_files()
+    warn_if_key_exposed(settings.key, "transport.key")
     return make_publisher(settings)
+
+
+def warn_if_key_exposed(key: Path, field: str) -> None:
+    """Log a warning when the private key file can be read (or written) by its group or by others."""
+    try:
+        mode = stat.S_IMODE(os.stat(key).st_mode)
+    except OSError:
+        return  # check_files has already refused a key that cannot be read
+    if mode & 0o077:
+        log.warning("%s %s is accessible to its group or others (mode %04o): anyone on this device could act as "
+                    "the thing; chmod 600 it", field, key, mode)
 
 
 def make_line_signal(thing: str, line: LineSignalConfig) -> LineSignal:
@@ -368,6 +381,7 @@ def make_line_signal(thing: str, line: LineSignalConfig) -> LineSignal:
     settings = MqttSettings(endpoint=line.endpoint, port=line.port, thing_name=thing, cert=line.cert, key=line.key,
                             ca=line.ca, protocol="mqtt5", iot_core_limits=False, client_id=f"{thing}-line")
     settings.check_files()
+    warn_if_key_exposed(settings.key, "line_signal.key")
     publisher = make_publisher(settings)
     try:
         publisher.connect(5.0)

@@ -15,6 +15,7 @@ from qcsight_core.errors import ConfigError
 from qcsight_core.runner import PRECISION_CHOICES
 from qcsight_core.topics import check_thing_name
 from qcsight_edge import thumbnails
+from qcsight_edge.redact import redact_uri
 
 SOURCE_KINDS = ("camera", "hotfolder", "synthetic")
 SOURCE_MODES = ("free", "trigger")
@@ -214,6 +215,13 @@ class AgentConfig:
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration, JSON/YAML-serialisable (paths as strings)."""
         plain: dict[str, Any] = _plain(asdict(self))
+        return plain
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """to_dict() for what leaves the device (the status config echo, --check): no credentials in the camera URI."""
+        plain = self.to_dict()
+        if plain["source"]["uri"] is not None:
+            plain["source"]["uri"] = redact_uri(plain["source"]["uri"])
         return plain
 
     def hot_fields_equal(self, other: AgentConfig) -> bool:

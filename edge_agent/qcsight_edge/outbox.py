@@ -158,10 +158,14 @@ class Outbox:
         """
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The outbox holds every alert, with thumbnails of the parts: this user's alone. SQLite
+            # gives the -wal and -shm files the database file's mode.
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(self.path, 0o600)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise OutboxError(f"outbox {self.path}: cannot create lock file {lock_path}: {exc}") from exc
+            raise OutboxError(f"outbox {self.path}: cannot create {self.path} and its lock file: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

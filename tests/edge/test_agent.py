@@ -27,7 +27,7 @@ from qcsight_edge.capture import DONE_DIR, FAILED_DIR
 from qcsight_edge.clock import ManualClock
 from qcsight_edge.config import AgentConfig, load_config
 from qcsight_edge.outputs import CallbackLineSignal
-from tests.edge.agent_helpers import agent_config, by_schema, outbox_messages, status_events
+from tests.edge.agent_helpers import agent_config, by_schema, outbox_messages, status_events, write_atomically
 from tests.edge.broker import Pki, free_port
 from tests.helpers.images import write_image
 from tests.helpers.models import make_tiny_bundle
@@ -57,7 +57,7 @@ class RunningAgent:
         self.inbox = Path(str(self.config.source.uri))
 
     def drop(self, name: str, value: int) -> None:
-        write_image(self.inbox / name, value=value, size=(60, 80))
+        write_atomically(self.inbox / name, value)  # never seen half-written (settle_s is 0 here)
 
     def wait_judged(self, count: int) -> None:
         def done() -> bool:
