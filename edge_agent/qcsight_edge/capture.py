@@ -8,6 +8,7 @@ counts it; it never stops the agent.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -309,15 +310,23 @@ class HotFolderSource:
         (seen on successive scans).
     Files are taken oldest first (mtime, then name). After judgement a file moves to done/,
     and one that cannot be decoded or judged to failed/ (both inside the inbox). Files still in the
-    inbox when the agent stops are read again on the next start.
+    inbox when the agent stops are read again on the next start. done/ and failed/ are pruned
+    every prune_every_s: files older than retain_s go, then the oldest until both folders
+    together hold at most retain_bytes (0 turns either rule off), so a line cannot fill the disk.
     """
 
     lossless = True
 
-    def __init__(self, inbox: Path, settle_s: float = 0.5, poll_s: float = 0.2) -> None:
+    def __init__(self, inbox: Path, settle_s: float = 0.5, poll_s: float = 0.2, *, retain_s: float = 0.0,
+                 retain_bytes: int = 0, prune_every_s: float = 60.0) -> None:
         self.inbox = inbox
         self.settle_s = settle_s
         self.poll_s = poll_s
+        self.retain_s = retain_s
+        self.retain_bytes = retain_bytes
+        self.prune_every_s = prune_every_s
+        self._next_prune = 0.0
+        self.pruned_count = 0
         self.done_dir = inbox / DONE_DIR
         self.failed_dir = inbox / FAILED_DIR
         try:
@@ -383,7 +392,48 @@ class HotFolderSource:
             self._ready = [name for _, name in sorted(ready)]
             return list(self._ready)
 
+    def prune(self) -> int:
+        """Apply the retention to done/ and failed/ now; returns how many files were deleted."""
+        entries: list[tuple[int, int, Path]] = []
+        for folder in (self.done_dir, self.failed_dir):
+            try:
+                with os.scandir(folder) as listing:
+                    for entry in listing:
+                        with contextlib.suppress(OSError):
+                            if not entry.is_dir(follow_symlinks=False):
+                                info = entry.stat(follow_symlinks=False)
+                                entries.append((info.st_mtime_ns, info.st_size, Path(entry.path)))
+            except OSError as exc:
+                log.warning("hot folder: cannot list %s for pruning: %s", folder, exc.strerror or exc)
+        entries.sort()
+        cutoff_ns = time.time_ns() - int(self.retain_s * 1e9) if self.retain_s > 0 else None
+        total = sum(size for _, size, _ in entries)
+        removed, freed = 0, 0
+        for mtime_ns, size, path in entries:
+            too_old = cutoff_ns is not None and mtime_ns < cutoff_ns
+            too_much = self.retain_bytes > 0 and total > self.retain_bytes
+            if not (too_old or too_much):
+                break  # oldest first: everything after this one is newer, and the total fits
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("hot folder: cannot prune %s: %s", printable(str(path)), exc.strerror or exc)
+                continue
+            total -= size
+            removed += 1
+            freed += size
+        if removed:
+            self.pruned_count += removed
+            log.info("hot folder: pruned %d files (%d bytes) from %s/ and %s/ (retain_s %g, retain_bytes %d)",
+                     removed, freed, DONE_DIR, FAILED_DIR, self.retain_s, self.retain_bytes)
+        return removed
+
     def read(self, timeout_s: float) -> Frame | None:
+        if (self.retain_s > 0 or self.retain_bytes > 0) and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + self.prune_every_s
+            self.prune()
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
@@ -456,7 +506,7 @@ class HotFolderSource:
         with self._lock:
             waiting = len(self._seen) - len(self._in_flight)
         return {"kind": "hotfolder", "read": self.read_count, "done": self.done_count, "failed": self.failed_count,
-                "waiting": max(0, waiting)}
+                "waiting": max(0, waiting), "pruned": self.pruned_count}
 
 
 def _read_regular_file(path: Path, name: str) -> bytes:
@@ -533,5 +583,6 @@ def open_source(config: SourceConfig) -> FrameSource:
     if config.kind == "camera":
         return OpenCvCamera(config)
     if config.kind == "hotfolder":
-        return HotFolderSource(Path(str(config.uri)), config.settle_s, config.poll_s)
+        return HotFolderSource(Path(str(config.uri)), config.settle_s, config.poll_s, retain_s=config.retain_s,
+                               retain_bytes=config.retain_bytes)
     return SyntheticSource(config)

@@ -63,6 +63,8 @@ class SourceConfig:
         reconnect_max_s: the longest wait between reconnection attempts.
         settle_s: hot folder: a file is read only after its size and mtime have not changed for this long.
         poll_s: hot folder: how often the inbox is scanned.
+        retain_s: hot folder: files in done/ and failed/ older than this are deleted; 0 keeps them.
+        retain_bytes: hot folder: done/ and failed/ together hold at most this, oldest deleted first; 0: no cap.
         size: synthetic: frame side in pixels (square).
         defect_rate: synthetic: fraction of frames drawn with a defect.
         seed: synthetic: random seed.
@@ -77,6 +79,8 @@ class SourceConfig:
     reconnect_max_s: float = 30.0
     settle_s: float = 0.5
     poll_s: float = 0.2
+    retain_s: float = 7 * 86400.0
+    retain_bytes: int = 1024**3
     size: int = 256
     defect_rate: float = 0.05
     seed: int = 0
@@ -445,6 +449,8 @@ def _source(s: _Section) -> SourceConfig:
         reconnect_max_s=s.number("reconnect_max_s", max(30.0, initial), initial, 3600.0),
         settle_s=s.number("settle_s", 0.5, 0.0, 600.0),
         poll_s=s.number("poll_s", 0.2, 0.0, 60.0, open_low=True),
+        retain_s=s.number("retain_s", 7 * 86400.0, 0.0, 100 * 365 * 86400.0),
+        retain_bytes=s.size("retain_bytes", 1024**3, 0),
         size=s.integer("size", 256, 32, 2048),
         defect_rate=s.number("defect_rate", 0.05, 0.0, 1.0),
         seed=s.integer("seed", 0, 0),

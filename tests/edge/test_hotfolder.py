@@ -106,3 +106,41 @@ def test_file_names_are_escaped_in_log_lines(tmp_path: Path, caplog: pytest.LogC
     records = [r.getMessage() for r in caplog.records]
     assert any("x\\n2026-01-01" in m and "\\x1b[2J" in m for m in records), records
     assert not any("\n" in m or "\x1b" in m for m in records)
+
+
+def _aged(path: Path, size: int, age_s: float) -> Path:
+    path.write_bytes(b"\x00" * size)
+    when = time.time() - age_s
+    os.utime(path, (when, when))
+    return path
+
+
+def test_done_and_failed_are_pruned_by_age_and_by_total_size(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    source = HotFolderSource(inbox, settle_s=0.0, poll_s=0.02, retain_s=3600.0, retain_bytes=2500)
+    _aged(inbox / DONE_DIR / "week-old.png", 100, 7 * 86400)
+    _aged(inbox / FAILED_DIR / "day-old.jpg", 100, 86400)
+    _aged(inbox / DONE_DIR / "c.png", 1000, 300)  # within the age, but the oldest of what is over the size cap
+    _aged(inbox / FAILED_DIR / "b.jpg", 1000, 200)
+    _aged(inbox / DONE_DIR / "a.png", 1000, 100)
+    assert source.read(0.05) is None  # pruning runs as part of reading, on the capture thread
+    left = sorted(p.name for d in (DONE_DIR, FAILED_DIR) for p in (inbox / d).iterdir())
+    assert left == ["a.png", "b.jpg"]
+    assert source.stats()["pruned"] == 3
+
+
+def test_retention_comes_from_the_configuration_and_zero_keeps_everything(tmp_path: Path) -> None:
+    from qcsight_edge.capture import open_source
+    from qcsight_edge.config import AgentConfig
+
+    inbox = tmp_path / "inbox"
+    data = {"thing_name": "t", "model": {"bundle": "b"},
+            "source": {"kind": "hotfolder", "uri": str(inbox), "retain_s": 0, "retain_bytes": 0}}
+    config = AgentConfig.from_dict(data)
+    assert (config.source.retain_s, config.source.retain_bytes) == (0.0, 0)
+    source = open_source(config.source)
+    _aged(inbox / DONE_DIR / "ancient.png", 10_000, 400 * 86400)
+    assert source.read(0.05) is None
+    assert (inbox / DONE_DIR / "ancient.png").exists()
+    defaults = AgentConfig.from_dict({**data, "source": {"kind": "hotfolder", "uri": str(inbox)}}).source
+    assert (defaults.retain_s, defaults.retain_bytes) == (7 * 86400.0, 1024**3)
