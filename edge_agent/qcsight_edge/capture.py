@@ -65,6 +65,17 @@ def new_frame_id() -> str:
     return uuid.uuid4().hex
 
 
+_FILE_NAMESPACE = uuid.UUID("0d6c2f4e-8a3b-4f0e-b1a7-2e9c5d4f7a31")
+
+
+def file_frame_id(name: str, info: os.stat_result) -> str:
+    """A frame id that stays the same for one file however often it is read (name, inode, size, mtime).
+
+    A part read again after a crash gets the same id, and so its alert the same message id.
+    """
+    return uuid.uuid5(_FILE_NAMESPACE, f"{name}\0{info.st_ino}\0{info.st_size}\0{info.st_mtime_ns}").hex
+
+
 class FrameSource(Protocol):
     """Where frames come from (a Camera in the general sense).
 
@@ -463,7 +474,9 @@ class HotFolderSource:
         self.read_count += 1
         frame_id = new_frame_id()
         try:
-            image = decode_image(_read_regular_file(path, name), name)
+            data, info = _read_regular_file(path, name)
+            frame_id = file_frame_id(name, info)
+            image = decode_image(data, name)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, ImageError) else f"{name}: {type(exc).__name__}: {exc}"
             self._move(path, frame_id, ok=False)
@@ -509,8 +522,8 @@ class HotFolderSource:
                 "waiting": max(0, waiting), "pruned": self.pruned_count}
 
 
-def _read_regular_file(path: Path, name: str) -> bytes:
-    """The bytes of a regular file, never through a symbolic link (O_NOFOLLOW: no race with a swapped-in link)."""
+def _read_regular_file(path: Path, name: str) -> tuple[bytes, os.stat_result]:
+    """The bytes and stat of a regular file, never through a symbolic link (O_NOFOLLOW: no race with a new link)."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -525,7 +538,7 @@ def _read_regular_file(path: Path, name: str) -> bytes:
         if info.st_size > MAX_FILE_BYTES:
             raise ImageError(name, f"{info.st_size} bytes, more than the {MAX_FILE_BYTES} a part picture may have")
         with os.fdopen(os.dup(fd), "rb") as handle:
-            return handle.read(MAX_FILE_BYTES + 1)
+            return handle.read(MAX_FILE_BYTES + 1), info
     except OSError as exc:
         raise ImageError(name, f"cannot read file: {exc.strerror or exc}") from exc
     finally:

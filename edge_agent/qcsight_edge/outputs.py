@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_ALERT_NAMESPACE = uuid.UUID("5b0f3a52-2d7e-4c1b-9a55-7c1e0f9d6a10")
 # The envelope's share of an alert (schema, message id, a thing name of up to 128 characters, seq, time).
 ENVELOPE_RESERVE = 512
 KIND_BY_SCHEMA = {messages.METRICS: "metrics", messages.ALERT: "alerts", messages.STATUS: "status"}
@@ -59,13 +61,19 @@ class MessageSink:
         self.emitted: dict[str, int] = {"metrics": 0, "alerts": 0, "status": 0}
         self.dropped = 0
 
-    def emit(self, schema: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Store one message; returns it as stored. Raises MessageError if body breaks the schema."""
+    def emit(self, schema: str, body: Mapping[str, Any], message_id: str | None = None) -> dict[str, Any]:
+        """Store one message; returns it as stored. Raises MessageError if body breaks the schema.
+
+        ``message_id`` replaces the envelope's random one, for a message that must keep its id if
+        it is built again (an alert for a part judged again after a crash: the cloud drops it).
+        """
         kind = KIND_BY_SCHEMA[schema]
         built: dict[str, Any] = {}
 
         def build(seq: int) -> tuple[str, bytes]:
             message = messages.envelope(schema, self.thing, seq)
+            if message_id is not None:
+                message["message_id"] = message_id
             message["time"] = iso_utc(self.clock.time())
             message.update(body)
             built.update(message)
@@ -155,11 +163,18 @@ def line_payload(frame_id: str, source_ref: str, verdict: Verdict, model_version
             "time": iso_utc(clock.time())}
 
 
+def alert_ids(thing: str, frame_id: str) -> tuple[str, str]:
+    """(message_id, alert_id) of the alert for one frame: derived from the frame id, so the same part judged
+    again after a crash (the hot folder's frame ids are stable) makes an alert the cloud drops as a duplicate."""
+    return (uuid.uuid5(_ALERT_NAMESPACE, f"message/{thing}/{frame_id}").hex,
+            uuid.uuid5(_ALERT_NAMESPACE, f"alert/{thing}/{frame_id}").hex)
+
+
 def alert_body(frame_id: str, source_ref: str, verdict: Verdict, classes: tuple[str, ...], model: Mapping[str, str],
-               thumb: Mapping[str, Any] | None, image_ref: str | None) -> dict[str, Any]:
+               thumb: Mapping[str, Any] | None, image_ref: str | None, alert_id: str | None = None) -> dict[str, Any]:
     """The qcsight.alert/1 fields after the envelope."""
     body: dict[str, Any] = {
-        "alert_id": messages.new_message_id(),
+        "alert_id": alert_id or messages.new_message_id(),
         "frame_id": frame_id,
         "source": source_ref,
         "model": dict(model),
@@ -385,8 +400,9 @@ class VerdictOutputs:
                     item.image_ref = self.image_store.save(frame.frame_id, frame.image)
                 except QcsightError as exc:
                     self._warn.warning("image-store", "alert %s sent without its image: %s", frame.frame_id, exc)
+        message_id, alert_id = alert_ids(self.sink.thing, frame.frame_id)
         body = alert_body(frame.frame_id, frame.source_ref, judgement.verdict, model.bundle.manifest.classes,
-                          model.ident, None, item.image_ref)
+                          model.ident, None, item.image_ref, alert_id)
         budget = IOT_CORE_MAX_PAYLOAD - ENVELOPE_RESERVE - len(json.dumps(body, separators=(",", ":")))
         thumb, shrunk = fit_thumbnail(judgement.judged, self.alerts.thumbnail_max_side,
                                       self.alerts.thumbnail_quality, budget)
@@ -398,6 +414,6 @@ class VerdictOutputs:
         if thumb is None:
             self._warn.warning("thumbnail-dropped", "alert for frame %s goes without its thumbnail: it cannot fit "
                                "IoT Core's %d-byte payload limit", frame.frame_id, IOT_CORE_MAX_PAYLOAD)
-        self.sink.emit(messages.ALERT, body)
+        self.sink.emit(messages.ALERT, body, message_id)
         with self._idle:
             self.alert_count += 1

@@ -137,7 +137,11 @@ def _write_config(workdir: Path, broker: Broker) -> Path:
 
 
 class _Feeder(threading.Thread):
-    """Drops the parts into the inbox one by one (hidden name, then rename: the rename-on-complete convention)."""
+    """Drops parts into the inbox (hidden name, then rename: the rename-on-complete convention), up to a quota.
+
+    The scenario raises the quota before each fault, so parts arrive evenly between all the
+    faults, however long restarts take.
+    """
 
     def __init__(self, parts: list[Path], inbox: Path, interval_s: float) -> None:
         super().__init__(name="stress-feeder", daemon=True)
@@ -146,9 +150,21 @@ class _Feeder(threading.Thread):
         self.interval_s = interval_s
         self.stop = threading.Event()
         self.dropped = 0
+        self._quota = 0
+        self._more = threading.Condition()
+
+    def allow(self, count: int) -> None:
+        with self._more:
+            self._quota = min(count, len(self.parts))
+            self._more.notify_all()
 
     def run(self) -> None:
         for part in self.parts:
+            with self._more:
+                while self.dropped >= self._quota and not self.stop.is_set():
+                    self._more.wait(0.2)
+            if self.stop.is_set():
+                return
             hidden = self.inbox / f".{part.name}"
             shutil.copyfile(part, hidden)
             os.replace(hidden, self.inbox / part.name)
@@ -175,19 +191,20 @@ def run_stress(workdir: Path, broker: Broker, cloud: MqttSubscriber, plan: Stres
     agent = AgentProcess(_write_config(workdir, broker), workdir / "agent.log")
     faults = ["restart"] * plan.broker_restarts + ["kill"] * plan.agent_kills
     random.Random(plan.seed).shuffle(faults)
-    feed_s = max(len(faults), 1) * plan.fault_every_s
-    feeder = _Feeder(parts, inbox, feed_s / max(len(parts), 1))
+    per_fault = len(parts) / (len(faults) + 1)
+    feeder = _Feeder(parts, inbox, plan.fault_every_s / max(per_fault, 1.0) * 0.8)
     kills = restarts = 0
     try:
         agent.start()
         feeder.start()
         for number, fault in enumerate(faults, 1):
+            feeder.allow(round(per_fault * number))
+            before = judged(inbox)
+            time.sleep(plan.fault_every_s)  # parts arrive meanwhile: the pace of the line, not a wait for anything
             if fault == "kill":
-                # Kill an agent that is working: it has judged a part since it was started.
-                before = judged(inbox)
-                eventually(lambda before=before: judged(inbox) > before or feeder.dropped == len(parts),
-                           timeout_s=30.0, interval_s=0.02, message=lambda: "the agent judged nothing:\n"
-                           + agent.log()[-3000:])
+                # Kill an agent that is working: it has judged one of the parts that arrived meanwhile.
+                eventually(lambda before=before: judged(inbox) > before, timeout_s=30.0, interval_s=0.02,
+                           message=lambda: "the agent judged nothing:\n" + agent.log()[-3000:])
                 agent.kill()
                 agent.start()
                 kills += 1
@@ -197,9 +214,7 @@ def run_stress(workdir: Path, broker: Broker, cloud: MqttSubscriber, plan: Stres
             if progress is not None:
                 progress(f"fault {number}/{len(faults)}: {fault}; {feeder.dropped}/{len(parts)} parts dropped, "
                          f"{judged(inbox)} judged")
-            deadline = time.monotonic() + plan.fault_every_s
-            while time.monotonic() < deadline and feeder.is_alive():
-                feeder.join(0.05)
+        feeder.allow(len(parts))
         feeder.join(300)
         eventually(lambda: judged(inbox) == len(parts), timeout_s=60.0, interval_s=0.05,
                    message=lambda: f"{judged(inbox)}/{len(parts)} parts judged:\n{agent.log()[-3000:]}")

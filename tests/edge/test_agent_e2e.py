@@ -136,3 +136,5 @@ def test_no_alert_is_lost_through_ten_broker_restarts_and_ten_agent_kills(
     assert len(result.expected) >= 20, figures  # the scenario really alerts on a good share of the parts
     assert result.lost == set(), f"{figures} lost {sorted(result.lost)}\n{result.agent_log[-4000:]}"
     assert result.unexpected == set() and result.verdict_mismatches == [], (figures, result.verdict_mismatches)
+    # A part judged again after a kill between its commit and its move keeps its alert's message id.
+    assert result.unique_alert_ids == len(result.received), (figures, result.extra)

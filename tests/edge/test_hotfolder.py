@@ -144,3 +144,19 @@ def test_retention_comes_from_the_configuration_and_zero_keeps_everything(tmp_pa
     assert (inbox / DONE_DIR / "ancient.png").exists()
     defaults = AgentConfig.from_dict({**data, "source": {"kind": "hotfolder", "uri": str(inbox)}}).source
     assert (defaults.retain_s, defaults.retain_bytes) == (7 * 86400.0, 1024**3)
+
+
+def test_a_part_read_again_after_a_crash_keeps_its_frame_id_and_so_its_alert_id(tmp_path: Path) -> None:
+    from qcsight_edge.outputs import alert_ids
+
+    inbox = tmp_path / "inbox"
+    write_image(inbox / "part.png", value=200)
+    first = read_one(HotFolderSource(inbox, settle_s=0.0, poll_s=0.02))  # read, never finished: killed
+    restarted = HotFolderSource(inbox, settle_s=0.0, poll_s=0.02)
+    again = read_one(restarted)
+    assert first.frame_id == again.frame_id
+    assert alert_ids("t", first.frame_id) == alert_ids("t", again.frame_id)
+    restarted.finish(again, True)
+    write_image(inbox / "part.png", value=200)  # the next part under the same name: a new file, a new id
+    assert read_one(restarted).frame_id != first.frame_id
+    assert alert_ids("t", "a")[0] != alert_ids("t", "b")[0] != alert_ids("u", "a")[0]
