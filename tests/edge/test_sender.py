@@ -25,6 +25,7 @@ from qcsight_edge.mqtt import MqttSettings, make_publisher
 from qcsight_edge.outbox import Outbox
 from qcsight_edge.sender import Backoff, OutboxSender, SenderSettings
 from tests.edge.broker import Broker, MqttSubscriber, Received, device_message, encoded
+from tests.helpers.wait import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("metrics", "alerts", "status")
@@ -95,10 +96,10 @@ def test_every_message_survives_a_broker_outage(tmp_path: Path, broker: Broker, 
     try:
         cloud.wait_count(50, 5)
         broker.stop()
-        time.sleep(1.0)  # messages keep coming while the broker is down
-        depth_while_down.append(outbox.depth)
+        # Messages keep coming while the broker is down (polled: a fixed pause failed on a busy machine).
+        depth_while_down.append(eventually(lambda: outbox.depth if outbox.depth >= 50 else 0, timeout_s=20.0))
         broker.start()
-        time.sleep(0.5)
+        eventually(lambda: publisher.connected, timeout_s=20.0, message="the publisher did not reconnect")
         stop_producing.set()
         producer.join(5)
         got = cloud.wait_for(lambda ms: set(enqueued) <= set(_ids(ms)), 20)
