@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -110,7 +111,7 @@ class Agent:
         self.pipeline = Pipeline(self.parts.source, self.models, self.outputs, self.metrics, self.clock,
                                  self.config.roi, self.config.queue_size, on_model_change=self._model_changed)
         self._state = "running"
-        self.status("start", detail={"config": self.config.to_dict()})
+        self.status("start", detail={"config": self.config.redacted_dict()})
         now = self.clock.monotonic()
         self._next_heartbeat = now + self.config.metrics.heartbeat_s
         self._next_config_check = now + self.config.config_reload_s
@@ -234,12 +235,14 @@ class Agent:
         assert self._config_poll is not None
         try:
             new = self._config_poll()
+            if new is not None:
+                self.apply_config(new)
         except ConfigError as exc:
             log.error("changed configuration refused, keeping the running one: %s", exc)
             self.status("error", error=f"configuration refused: {exc}")
-            return
-        if new is not None:
-            self.apply_config(new)
+        except Exception as exc:  # the reload loop's boundary: no file, however broken, stops a running line
+            log.exception("reading the changed configuration failed, keeping the running one")
+            self.status("error", error=f"configuration refused: {type(exc).__name__}: {exc}")
 
     def _model_rejected(self, rejected: Rejected) -> None:
         self.status("model_rejected", error=rejected.error, detail={"bundle": str(rejected.source)})
@@ -276,7 +279,7 @@ class Agent:
             "event": event,
             "state": self._state,
             "uptime_s": round(self.clock.monotonic() - self._started_at, 3),
-            "detail": {**self._detail(), **(detail or {})},
+            "detail": {**self.status_detail(), **(detail or {})},
         }
         model = self.current_model()
         if model is not None:
@@ -292,10 +295,13 @@ class Agent:
         except QcsightError as exc:
             log.error("status %s not stored: %s", event, exc)
 
-    def _detail(self) -> dict[str, Any]:
+    def status_detail(self) -> dict[str, Any]:
+        """The ``detail`` object of every status message: source, frames, alerts, images, transport."""
         detail: dict[str, Any] = {"source": self.parts.source.stats()}
         if self.pipeline is not None:
             detail["frames"] = self.pipeline.snapshot()
+        if self.outputs is not None:
+            detail["alerts"] = self.outputs.stats()
         if self.parts.image_store is not None:
             stats = self.parts.image_store.stats()
             detail["images"] = {"files": stats.files, "bytes": stats.bytes, "evicted": stats.evicted}
@@ -349,7 +355,19 @@ def make_transport(thing: str, transport: TransportConfig) -> Publisher | None:
                             min_reconnect_delay_s=transport.min_reconnect_delay_s,
                             max_reconnect_delay_s=transport.max_reconnect_delay_s)
     settings.check_files()
+    warn_if_key_exposed(settings.key, "transport.key")
     return make_publisher(settings)
+
+
+def warn_if_key_exposed(key: Path, field: str) -> None:
+    """Log a warning when the private key file can be read (or written) by its group or by others."""
+    try:
+        mode = stat.S_IMODE(os.stat(key).st_mode)
+    except OSError:
+        return  # check_files has already refused a key that cannot be read
+    if mode & 0o077:
+        log.warning("%s %s is accessible to its group or others (mode %04o): anyone on this device could act as "
+                    "the thing; chmod 600 it", field, key, mode)
 
 
 def make_line_signal(thing: str, line: LineSignalConfig) -> LineSignal:
@@ -363,6 +381,7 @@ def make_line_signal(thing: str, line: LineSignalConfig) -> LineSignal:
     settings = MqttSettings(endpoint=line.endpoint, port=line.port, thing_name=thing, cert=line.cert, key=line.key,
                             ca=line.ca, protocol="mqtt5", iot_core_limits=False, client_id=f"{thing}-line")
     settings.check_files()
+    warn_if_key_exposed(settings.key, "line_signal.key")
     publisher = make_publisher(settings)
     try:
         publisher.connect(5.0)

@@ -8,8 +8,11 @@ counts it; it never stops the agent.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -21,9 +24,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from qcsight_core.errors import ImageError
-from qcsight_core.imageio import is_image_path, read_image
+from qcsight_core.imageio import decode_image, is_image_path
 from qcsight_edge.config import SourceConfig
 from qcsight_edge.errors import SourceError
+from qcsight_edge.redact import printable, redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 # leading dot) while writing and rename the file when it is complete.
 PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".uploading", ".crdownload")
 DONE_DIR, FAILED_DIR = "done", "failed"
+# A hot-folder file larger than this is refused unread: no part picture comes near it, and
+# reading it whole would take the device's memory.
+MAX_FILE_BYTES = 512 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,17 @@ class Frame:
 
 def new_frame_id() -> str:
     return uuid.uuid4().hex
+
+
+_FILE_NAMESPACE = uuid.UUID("0d6c2f4e-8a3b-4f0e-b1a7-2e9c5d4f7a31")
+
+
+def file_frame_id(name: str, info: os.stat_result) -> str:
+    """A frame id that stays the same for one file however often it is read (name, inode, size, mtime).
+
+    A part read again after a crash gets the same id, and so its alert the same message id.
+    """
+    return uuid.uuid5(_FILE_NAMESPACE, f"{name}\0{info.st_ino}\0{info.st_size}\0{info.st_mtime_ns}").hex
 
 
 class FrameSource(Protocol):
@@ -167,6 +185,8 @@ class OpenCvCamera:
         if config.uri is None:
             raise SourceError("camera source: uri is required")
         self.uri: str | int = config.uri
+        # What messages and log lines say: rtsp://user:password@... must never leave the device.
+        self.ref = printable(redact_uri(config.uri))
         self.config = config
         self.live = is_live_uri(self.uri) if live is None else live
         self._factory = capture_factory
@@ -193,24 +213,24 @@ class OpenCvCamera:
             capture = self._factory(self.uri)
             opened = capture.isOpened()
         except Exception as exc:  # OpenCV backends raise assorted errors for missing devices
-            log.debug("camera %s: open raised %s", self.uri, exc)
+            log.debug("camera %s: open raised %s", self.ref, printable(redact_text(str(exc), self.uri)))
             opened, capture = False, None
         if not opened:
             if capture is not None:
                 capture.release()
             self.failed_opens += 1
-            self._schedule_retry(f"cannot open {self.uri}")
+            self._schedule_retry(f"cannot open {self.ref}")
             return False
         self._capture = capture
         self.connects += 1
         self._backoff = self.config.reconnect_initial_s
         if self.connects > 1:
-            log.info("camera %s: reconnected", self.uri)
+            log.info("camera %s: reconnected", self.ref)
         return True
 
     def _schedule_retry(self, reason: str) -> None:
         self._next_attempt = time.monotonic() + self._backoff
-        log.warning("camera %s: %s; retrying in %.1f s", self.uri, reason, self._backoff)
+        log.warning("camera %s: %s; retrying in %.1f s", self.ref, reason, self._backoff)
         self._backoff = min(self._backoff * 2, self.config.reconnect_max_s)
 
     def _lost(self, reason: str) -> None:
@@ -219,7 +239,7 @@ class OpenCvCamera:
             self._capture = None
         if not self.live and not self.config.loop:
             self._ended = True
-            log.info("camera %s: end of file after %d frames", self.uri, self.frames)
+            log.info("camera %s: end of file after %d frames", self.ref, self.frames)
             return
         if self.live:
             self.disconnects += 1
@@ -267,8 +287,8 @@ class OpenCvCamera:
         self.frames += 1
         frame_id = new_frame_id()
         if image.dtype != np.uint8 or image.size == 0 or image.ndim not in (2, 3):
-            return Frame(frame_id, None, str(self.uri), error=f"unusable frame {image.shape} {image.dtype}")
-        return Frame(frame_id, image, str(self.uri))
+            return Frame(frame_id, None, self.ref, error=f"unusable frame {image.shape} {image.dtype}")
+        return Frame(frame_id, image, self.ref)
 
     def finish(self, frame: Frame, ok: bool) -> None:
         pass  # nothing to hand back for a live picture
@@ -301,15 +321,23 @@ class HotFolderSource:
         (seen on successive scans).
     Files are taken oldest first (mtime, then name). After judgement a file moves to done/,
     and one that cannot be decoded or judged to failed/ (both inside the inbox). Files still in the
-    inbox when the agent stops are read again on the next start.
+    inbox when the agent stops are read again on the next start. done/ and failed/ are pruned
+    every prune_every_s: files older than retain_s go, then the oldest until both folders
+    together hold at most retain_bytes (0 turns either rule off), so a line cannot fill the disk.
     """
 
     lossless = True
 
-    def __init__(self, inbox: Path, settle_s: float = 0.5, poll_s: float = 0.2) -> None:
+    def __init__(self, inbox: Path, settle_s: float = 0.5, poll_s: float = 0.2, *, retain_s: float = 0.0,
+                 retain_bytes: int = 0, prune_every_s: float = 60.0) -> None:
         self.inbox = inbox
         self.settle_s = settle_s
         self.poll_s = poll_s
+        self.retain_s = retain_s
+        self.retain_bytes = retain_bytes
+        self.prune_every_s = prune_every_s
+        self._next_prune = 0.0
+        self.pruned_count = 0
         self.done_dir = inbox / DONE_DIR
         self.failed_dir = inbox / FAILED_DIR
         try:
@@ -335,7 +363,11 @@ class HotFolderSource:
         return name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES)
 
     def scan(self) -> list[str]:
-        """Update what is on disk; returns the names ready to read, oldest first."""
+        """Update what is on disk; returns the names ready to read, oldest first.
+
+        Symbolic links (and sockets, FIFOs, devices) are never read: a link could point anywhere
+        on the device. They are moved aside to failed/ as they are, their targets untouched.
+        """
         now = time.monotonic()
         self._last_scan = now
         present: dict[str, tuple[int, int]] = {}
@@ -347,9 +379,12 @@ class HotFolderSource:
             if self.is_partial_name(entry.name) or not is_image_path(entry.name):
                 continue
             try:
-                if not entry.is_file():
+                if entry.is_dir(follow_symlinks=False):
                     continue
-                stat = entry.stat()
+                if not entry.is_file(follow_symlinks=False):
+                    self._refuse(entry.name, "a symbolic link or special file (not followed)")
+                    continue
+                stat = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # renamed or removed between listing and stat
             present[entry.name] = (stat.st_size, stat.st_mtime_ns)
@@ -362,12 +397,54 @@ class HotFolderSource:
                 seen = self._seen.get(name)
                 if seen is None or (seen.size, seen.mtime_ns) != (size, mtime_ns):
                     self._seen[name] = seen = _Seen(size, mtime_ns, now)
-                if now - seen.stable_since >= self.settle_s and size > 0 and name not in self._in_flight:
+                # An empty file that stays empty for the settle time is read too, and fails.
+                if now - seen.stable_since >= self.settle_s and name not in self._in_flight:
                     ready.append((mtime_ns, name))
             self._ready = [name for _, name in sorted(ready)]
             return list(self._ready)
 
+    def prune(self) -> int:
+        """Apply the retention to done/ and failed/ now; returns how many files were deleted."""
+        entries: list[tuple[int, int, Path]] = []
+        for folder in (self.done_dir, self.failed_dir):
+            try:
+                with os.scandir(folder) as listing:
+                    for entry in listing:
+                        with contextlib.suppress(OSError):
+                            if not entry.is_dir(follow_symlinks=False):
+                                info = entry.stat(follow_symlinks=False)
+                                entries.append((info.st_mtime_ns, info.st_size, Path(entry.path)))
+            except OSError as exc:
+                log.warning("hot folder: cannot list %s for pruning: %s", folder, exc.strerror or exc)
+        entries.sort()
+        cutoff_ns = time.time_ns() - int(self.retain_s * 1e9) if self.retain_s > 0 else None
+        total = sum(size for _, size, _ in entries)
+        removed, freed = 0, 0
+        for mtime_ns, size, path in entries:
+            too_old = cutoff_ns is not None and mtime_ns < cutoff_ns
+            too_much = self.retain_bytes > 0 and total > self.retain_bytes
+            if not (too_old or too_much):
+                break  # oldest first: everything after this one is newer, and the total fits
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("hot folder: cannot prune %s: %s", printable(str(path)), exc.strerror or exc)
+                continue
+            total -= size
+            removed += 1
+            freed += size
+        if removed:
+            self.pruned_count += removed
+            log.info("hot folder: pruned %d files (%d bytes) from %s/ and %s/ (retain_s %g, retain_bytes %d)",
+                     removed, freed, DONE_DIR, FAILED_DIR, self.retain_s, self.retain_bytes)
+        return removed
+
     def read(self, timeout_s: float) -> Frame | None:
+        if (self.retain_s > 0 or self.retain_bytes > 0) and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + self.prune_every_s
+            self.prune()
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
@@ -387,27 +464,45 @@ class HotFolderSource:
                 return None
 
     def _load(self, name: str) -> Frame:
+        """Read and decode one file; any failure fails this file alone, moved to failed/ before the next is read.
+
+        The boundary is deliberately broad: a decoder error of any kind (cv2.error for a header
+        claiming 40000x40000 pixels, MemoryError) must not stop the agent, and must not leave the
+        file in the inbox to stop it again on every restart.
+        """
         path = self.inbox / name
         self.read_count += 1
+        frame_id = new_frame_id()
         try:
-            image = read_image(path)
-        except ImageError as exc:
-            return Frame(new_frame_id(), None, name, error=str(exc), token=path)
-        return Frame(new_frame_id(), image, name, token=path)
+            data, info = _read_regular_file(path, name)
+            frame_id = file_frame_id(name, info)
+            image = decode_image(data, name)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ImageError) else f"{name}: {type(exc).__name__}: {exc}"
+            self._move(path, frame_id, ok=False)
+            log.warning("hot folder: %s not judged, moved to %s/: %s", printable(name), FAILED_DIR, printable(reason))
+            return Frame(frame_id, None, name, error=reason)
+        return Frame(frame_id, image, name, token=path)
+
+    def _refuse(self, name: str, reason: str) -> None:
+        log.warning("hot folder: %s is %s; moved to %s/", printable(name), reason, FAILED_DIR)
+        self._move(self.inbox / name, new_frame_id(), ok=False)
 
     def finish(self, frame: Frame, ok: bool) -> None:
         path = frame.token
-        if not isinstance(path, Path):
-            return
+        if isinstance(path, Path):
+            self._move(path, frame.frame_id, ok)
+
+    def _move(self, path: Path, frame_id: str, ok: bool) -> None:
         target_dir = self.done_dir if ok else self.failed_dir
         target = target_dir / path.name
-        if target.exists():
-            target = target_dir / f"{path.stem}.{frame.frame_id[:8]}{path.suffix}"
+        if os.path.lexists(target):
+            target = target_dir / f"{path.stem}.{frame_id[:8]}{path.suffix}"
         try:
             os.replace(path, target)
         except OSError as exc:
             # Left in flight on purpose: re-reading it would judge the same part again and again.
-            log.error("hot folder: cannot move %s to %s: %s", path, target_dir, exc)
+            log.error("hot folder: cannot move %s to %s: %s", printable(str(path)), target_dir, exc)
             return
         if ok:
             self.done_count += 1
@@ -424,7 +519,30 @@ class HotFolderSource:
         with self._lock:
             waiting = len(self._seen) - len(self._in_flight)
         return {"kind": "hotfolder", "read": self.read_count, "done": self.done_count, "failed": self.failed_count,
-                "waiting": max(0, waiting)}
+                "waiting": max(0, waiting), "pruned": self.pruned_count}
+
+
+def _read_regular_file(path: Path, name: str) -> tuple[bytes, os.stat_result]:
+    """The bytes and stat of a regular file, never through a symbolic link (O_NOFOLLOW: no race with a new link)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError(name, "a symbolic link (not followed)") from exc
+        raise ImageError(name, f"cannot read file: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(name, "not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError(name, f"{info.st_size} bytes, more than the {MAX_FILE_BYTES} a part picture may have")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(MAX_FILE_BYTES + 1), info
+    except OSError as exc:
+        raise ImageError(name, f"cannot read file: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
 
 
 class SyntheticSource:
@@ -478,5 +596,6 @@ def open_source(config: SourceConfig) -> FrameSource:
     if config.kind == "camera":
         return OpenCvCamera(config)
     if config.kind == "hotfolder":
-        return HotFolderSource(Path(str(config.uri)), config.settle_s, config.poll_s)
+        return HotFolderSource(Path(str(config.uri)), config.settle_s, config.poll_s, retain_s=config.retain_s,
+                               retain_bytes=config.retain_bytes)
     return SyntheticSource(config)

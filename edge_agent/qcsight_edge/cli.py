@@ -61,7 +61,7 @@ def main(argv: list[str], prog: str = "qcsight agent") -> int:
             return _run_greengrass(args)
         config = load_config(args.config)
         if args.check:
-            print(json.dumps(config.to_dict(), indent=2))
+            print(json.dumps(config.redacted_dict(), indent=2))
             return EXIT_OK
         return _run(config, watcher=FileConfigWatcher(args.config))
     except ConfigError as exc:
@@ -101,7 +101,7 @@ def _run_greengrass(args: argparse.Namespace) -> int:
         component = GreengrassConfig(session.client, validate_config)
         config = from_greengrass(component.get())
         if args.check:
-            print(json.dumps(config.to_dict(), indent=2))
+            print(json.dumps(config.redacted_dict(), indent=2))
             return EXIT_OK
         publisher = IpcPublisher.from_session(session) if config.transport.kind == "ipc" else None
 

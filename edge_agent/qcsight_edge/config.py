@@ -14,6 +14,8 @@ import yaml
 from qcsight_core.errors import ConfigError
 from qcsight_core.runner import PRECISION_CHOICES
 from qcsight_core.topics import check_thing_name
+from qcsight_edge import thumbnails
+from qcsight_edge.redact import redact_uri
 
 SOURCE_KINDS = ("camera", "hotfolder", "synthetic")
 SOURCE_MODES = ("free", "trigger")
@@ -21,6 +23,9 @@ TRANSPORTS = ("mqtt5", "mqtt311", "ipc", "none")
 LINE_SIGNALS = ("none", "log", "mqtt")
 GREENGRASS_KEYS = ("accessControl",)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+# The largest count any setting takes: SQLite's (and C's) 64-bit signed integer. A 400-digit value
+# would otherwise pass validation and overflow wherever it is used.
+MAX_INT = 2**63 - 1
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
           "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 
@@ -60,6 +65,8 @@ class SourceConfig:
         reconnect_max_s: the longest wait between reconnection attempts.
         settle_s: hot folder: a file is read only after its size and mtime have not changed for this long.
         poll_s: hot folder: how often the inbox is scanned.
+        retain_s: hot folder: files in done/ and failed/ older than this are deleted; 0 keeps them.
+        retain_bytes: hot folder: done/ and failed/ together hold at most this, oldest deleted first; 0: no cap.
         size: synthetic: frame side in pixels (square).
         defect_rate: synthetic: fraction of frames drawn with a defect.
         seed: synthetic: random seed.
@@ -74,6 +81,8 @@ class SourceConfig:
     reconnect_max_s: float = 30.0
     settle_s: float = 0.5
     poll_s: float = 0.2
+    retain_s: float = 7 * 86400.0
+    retain_bytes: int = 1024**3
     size: int = 256
     defect_rate: float = 0.05
     seed: int = 0
@@ -214,6 +223,13 @@ class AgentConfig:
         plain: dict[str, Any] = _plain(asdict(self))
         return plain
 
+    def redacted_dict(self) -> dict[str, Any]:
+        """to_dict() for what leaves the device (the status config echo, --check): no credentials in the camera URI."""
+        plain = self.to_dict()
+        if plain["source"]["uri"] is not None:
+            plain["source"]["uri"] = redact_uri(plain["source"]["uri"])
+        return plain
+
     def hot_fields_equal(self, other: AgentConfig) -> bool:
         """Whether other differs from self only in what the agent applies without a restart (the model)."""
         return self.to_dict() | {"model": None} == other.to_dict() | {"model": None}
@@ -230,9 +246,11 @@ def load_config(path: str | Path) -> AgentConfig:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("--config", str(file), f"a readable YAML file ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--config", str(file), f"a UTF-8 text file ({exc})") from exc
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:  # ValueError: an integer of over 4300 digits
         raise ConfigError("--config", str(file), f"valid YAML ({exc})") from exc
     return AgentConfig.from_dict(data if data is not None else {}, base_dir=file.resolve().parent)
 
@@ -303,15 +321,18 @@ class _Section:
 
     def integer(self, key: str, default: int, low: int, high: int | None = None) -> int:
         value = self.raw(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-            allowed = f"an integer from {low} to {high}" if high is not None else f"an integer, at least {low}"
-            raise ConfigError(self.name(key), value, allowed)
+        top = MAX_INT if high is None else high
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or value > top:
+            raise ConfigError(self.name(key), value, f"an integer from {low} to {top}")
         return value
 
     def number(self, key: str, default: float, low: float, high: float | None = None, *,
                open_low: bool = False) -> float:
         value = self.raw(key, default)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        try:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        except OverflowError:  # an integer too large for a float (400 digits)
+            ok = False
         if ok:
             ok = (value > low if open_low else value >= low) and (high is None or value <= high)
         if not ok:
@@ -328,9 +349,13 @@ class _Section:
             parsed = value
         elif isinstance(value, str) and (match := _SIZE.match(value)):
             unit = (match.group(2) or "").lower().rstrip("b")
-            parsed = int(float(match.group(1)) * _UNITS[unit])
-        if parsed is None or parsed < low:
-            raise ConfigError(self.name(key), value, f"a byte count of at least {low} (an integer or e.g. '256MiB')")
+            try:
+                parsed = int(float(match.group(1)) * _UNITS[unit])
+            except OverflowError:  # 400 digits: float infinity
+                parsed = None
+        if parsed is None or not low <= parsed <= MAX_INT:
+            raise ConfigError(self.name(key), value,
+                              f"a byte count from {low} to {MAX_INT} (an integer or e.g. '256MiB')")
         return parsed
 
     def text(self, key: str, default: str = "") -> str:
@@ -427,6 +452,8 @@ def _source(s: _Section) -> SourceConfig:
         reconnect_max_s=s.number("reconnect_max_s", max(30.0, initial), initial, 3600.0),
         settle_s=s.number("settle_s", 0.5, 0.0, 600.0),
         poll_s=s.number("poll_s", 0.2, 0.0, 60.0, open_low=True),
+        retain_s=s.number("retain_s", 7 * 86400.0, 0.0, 100 * 365 * 86400.0),
+        retain_bytes=s.size("retain_bytes", 1024**3, 0),
         size=s.integer("size", 256, 32, 2048),
         defect_rate=s.number("defect_rate", 0.05, 0.0, 1.0),
         seed=s.integer("seed", 0, 0),
@@ -453,6 +480,12 @@ def _alerts(s: _Section) -> AlertConfig:
         thumbnail_max_side=s.integer("thumbnail_max_side", 160, 16, 1024),
         thumbnail_quality=s.integer("thumbnail_quality", 80, 10, 100),
     )
+    side, quality = cfg.thumbnail_max_side, cfg.thumbnail_quality
+    if thumbnails.worst_case_size(side, quality) > thumbnails.THUMBNAIL_BUDGET:
+        fits = thumbnails.largest_side_that_fits(side, quality)
+        raise ConfigError(s.name("thumbnail_max_side"), side,
+                          f"at most about {fits} at thumbnail_quality {quality} (or a lower quality): a thumbnail "
+                          f"must fit with its alert in IoT Core's 128 KiB message whatever the picture holds")
     s.finish()
     return cfg
 

@@ -20,12 +20,15 @@ class NotConnectedError(PublishError):
 class PublishRejectedError(PublishError):
     """The peer answered and refused the message (e.g. an MQTT5 PUBACK with NOT_AUTHORIZED).
 
-    Retrying will not help until the peer's policy changes; the message stays in the outbox.
+    ``permanent`` refusals (not authorized, an invalid topic or payload, too large) will be refused
+    again however often they are sent: the sender moves such a message to the outbox's dead
+    letters. Others (quota exceeded, unspecified) are retried with backoff.
     """
 
-    def __init__(self, topic: str, reason: str) -> None:
+    def __init__(self, topic: str, reason: str, *, permanent: bool = False) -> None:
         self.topic = topic
         self.reason = reason
+        self.permanent = permanent
         super().__init__(f"publish to {topic} refused: {reason}")
 
 

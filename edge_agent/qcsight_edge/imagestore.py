@@ -48,7 +48,7 @@ class ImageStore:
         self._files: deque[tuple[str, int]] = deque()
         self._bytes = 0
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # pictures of the line: this user's alone
         except OSError as exc:
             raise ImageStoreError(f"{directory}: cannot create the image store: {exc.strerror or exc}") from exc
         self._scan()
@@ -74,7 +74,9 @@ class ImageStore:
         path = self.directory / name
         tmp = path.with_name(name + ".tmp")
         try:
-            tmp.write_bytes(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
             os.replace(tmp, path)
         except OSError as exc:
             raise ImageStoreError(f"{path}: cannot write: {exc.strerror or exc}") from exc

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("mqtt5", "mqtt311")
 # PUBACK codes that mean "stored by the broker". NO_MATCHING_SUBSCRIBERS is a success in MQTT5.
 _PUBACK_OK = (mqtt5.PubackReasonCode.SUCCESS, mqtt5.PubackReasonCode.NO_MATCHING_SUBSCRIBERS)
+# PUBACK codes that the same message will get again on every retry: it goes to the dead letters.
+_PUBACK_PERMANENT = (mqtt5.PubackReasonCode.NOT_AUTHORIZED, mqtt5.PubackReasonCode.TOPIC_NAME_INVALID,
+                     mqtt5.PubackReasonCode.PAYLOAD_FORMAT_INVALID)
 
 _F = TypeVar("_F", bound=Callable[..., None])
 
@@ -311,7 +314,11 @@ class Mqtt5Publisher(_Transport):
     def _on_puback(self, future: Future[None], topic: str, qos: int, crt_future: Future[Any]) -> None:
         exc = crt_future.exception()
         error: BaseException | None = None
-        if exc is not None:
+        if exc is not None and "VALIDATION" in str(getattr(exc, "name", "")):
+            # The client refused to send it (larger than the broker's maximum packet size, a bad
+            # topic): sending it again cannot succeed.
+            error = PublishRejectedError(topic, f"refused by the MQTT5 client: {exc}", permanent=True)
+        elif exc is not None:
             kind = PublishError if self.connected else NotConnectedError
             error = kind(f"MQTT5: publish to {topic} failed: {exc}")
         elif qos > 0:
@@ -320,7 +327,7 @@ class Mqtt5Publisher(_Transport):
             if code not in _PUBACK_OK:
                 name = getattr(code, "name", str(code))
                 detail = f"{name} ({puback.reason_string})" if getattr(puback, "reason_string", None) else name
-                error = PublishRejectedError(topic, f"PUBACK {detail}")
+                error = PublishRejectedError(topic, f"PUBACK {detail}", permanent=code in _PUBACK_PERMANENT)
         self._settle(future, error)
 
     @_guarded

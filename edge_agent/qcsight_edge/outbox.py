@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 # Eviction priority: lower goes first when the outbox is full.
 PRIORITY: Mapping[str, int] = {"metrics": 0, "status": 1, "alerts": 2}
-_COUNTERS = ("enqueued", "sent", "evicted")
+_COUNTERS = ("enqueued", "sent", "evicted", "dead_lettered")
+# Dead letters kept for inspection; beyond this the oldest go (the counter keeps counting).
+DEAD_LETTER_LIMIT = 1000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -52,6 +54,16 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_priority ON messages (priority, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    created REAL NOT NULL,
+    failed REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 
 
@@ -68,6 +80,19 @@ class OutboxMessage:
 
 
 @dataclass(frozen=True)
+class DeadLetter:
+    """A message the peer refused for good (NOT_AUTHORIZED, too large, ...), kept with the reason instead of sent."""
+
+    message_id: str
+    topic: str
+    payload: bytes
+    kind: str
+    created: float
+    failed: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class OutboxStats:
     """Counters for the status message; ``enqueued``/``sent``/``evicted`` persist across restarts."""
 
@@ -78,10 +103,11 @@ class OutboxStats:
     sent: int
     evicted: int
     seq: int
+    dead_lettered: int = 0
 
     def for_status(self) -> dict[str, int]:
         """The ``outbox`` object of a ``qcsight.status/1`` message."""
-        return {"depth": self.depth, "bytes": self.bytes, "evicted": self.evicted}
+        return {"depth": self.depth, "bytes": self.bytes, "evicted": self.evicted, "dead_letters": self.dead_lettered}
 
 
 class Outbox:
@@ -132,10 +158,14 @@ class Outbox:
         """
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The outbox holds every alert, with thumbnails of the parts: this user's alone. SQLite
+            # gives the -wal and -shm files the database file's mode.
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(self.path, 0o600)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise OutboxError(f"outbox {self.path}: cannot create lock file {lock_path}: {exc}") from exc
+            raise OutboxError(f"outbox {self.path}: cannot create {self.path} and its lock file: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -368,6 +398,55 @@ class Outbox:
             self._bytes -= freed
             return removed
 
+    def dead_letter(self, refused: Iterable[tuple[int, str]]) -> int:
+        """Move messages the peer refused for good out of the queue, with the reason; returns how many moved.
+
+        A refused message left in the queue would be retried forever and, sent first, hold up
+        everything behind it. Dead letters stay in the file (the newest DEAD_LETTER_LIMIT) for a
+        person to inspect; committed with a disk sync like a store, since the message leaves the queue.
+        """
+        items = list(dict(refused).items())
+        if not items:
+            return 0
+        now = time.time()
+        with self._lock:
+            self._check_open()
+            try:
+                with self._transaction():
+                    moved, freed = 0, 0
+                    for row_id, reason in items:
+                        row = self._db.execute("SELECT size FROM messages WHERE id = ?", (row_id,)).fetchone()
+                        if row is None:
+                            continue  # evicted meanwhile
+                        self._db.execute(
+                            "INSERT INTO dead_letters (message_id, topic, payload, kind, created, failed, reason)"
+                            " SELECT message_id, topic, payload, kind, created, ?, ? FROM messages WHERE id = ?",
+                            (now, reason, row_id))
+                        self._db.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+                        moved += 1
+                        freed += int(row[0])
+                    self._bump("dead_lettered", moved)
+                    self._db.execute("DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?",
+                                     (DEAD_LETTER_LIMIT,))
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path}: cannot move refused messages aside: {exc}") from exc
+            self._in_flight.difference_update(row_id for row_id, _ in items)
+            self._depth -= moved
+            self._bytes -= freed
+            return moved
+
+    def dead_letters(self, limit: int = DEAD_LETTER_LIMIT) -> list[DeadLetter]:
+        """The newest dead letters, oldest first."""
+        with self._lock:
+            self._check_open()
+            try:
+                rows = self._db.execute(
+                    "SELECT message_id, topic, payload, kind, created, failed, reason FROM dead_letters"
+                    " ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path}: cannot read dead letters: {exc}") from exc
+        return [DeadLetter(r[0], r[1], bytes(r[2]), r[3], r[4], r[5], r[6]) for r in reversed(rows)]
+
     def release(self, row_ids: Iterable[int]) -> None:
         """Return in-flight messages to the queue (their publish failed); they keep their place."""
         with self._lock:
@@ -386,7 +465,8 @@ class Outbox:
                 raise OutboxError(f"outbox {self.path}: cannot read counters: {exc}") from exc
             return OutboxStats(depth=self._depth, bytes=self._bytes, in_flight=len(self._in_flight),
                                enqueued=int(counters.get("enqueued", 0)), sent=int(counters.get("sent", 0)),
-                               evicted=int(counters.get("evicted", 0)), seq=int(counters.get("seq", 0)))
+                               evicted=int(counters.get("evicted", 0)), seq=int(counters.get("seq", 0)),
+                               dead_lettered=int(counters.get("dead_lettered", 0)))
 
     @property
     def depth(self) -> int:
@@ -448,12 +528,22 @@ class _Transaction:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
             if exc_type is None:
-                self._db.execute("COMMIT")
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.Error:
+                    self._rollback()  # a commit that failed (a full disk) must not leave the transaction open
+                    raise
             else:
-                self._db.execute("ROLLBACK")
+                self._rollback()
         finally:
             if not self._synced:
                 self._db.execute("PRAGMA synchronous=FULL")
+
+    def _rollback(self) -> None:
+        # After some errors (SQLITE_FULL on a full disk) SQLite has already rolled back by itself,
+        # and a second ROLLBACK would raise and hide the real error.
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
 
 def _chunks(items: list[int], size: int) -> Iterable[list[int]]:

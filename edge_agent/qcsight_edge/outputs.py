@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
-
-import cv2
-import numpy as np
 
 from qcsight_core import messages
 from qcsight_core.errors import QcsightError
-from qcsight_core.imageio import encode_jpeg
 from qcsight_core.topics import line_signal_topic, topic
 from qcsight_core.verdict import DEFECT, UNCERTAIN, Verdict
 from qcsight_edge.clock import Clock, iso_utc
 from qcsight_edge.config import AlertConfig, LineSignalConfig
+from qcsight_edge.errors import OutboxError
 from qcsight_edge.imagestore import ImageStore
 from qcsight_edge.publisher import Publisher
 from qcsight_edge.queues import BoundedQueue
+from qcsight_edge.redact import printable
+from qcsight_edge.thumbnails import IOT_CORE_MAX_PAYLOAD, fit_thumbnail
 
 if TYPE_CHECKING:
     from qcsight_edge.capture import Frame
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_ALERT_NAMESPACE = uuid.UUID("5b0f3a52-2d7e-4c1b-9a55-7c1e0f9d6a10")
+# The envelope's share of an alert (schema, message id, a thing name of up to 128 characters, seq, time).
+ENVELOPE_RESERVE = 512
 KIND_BY_SCHEMA = {messages.METRICS: "metrics", messages.ALERT: "alerts", messages.STATUS: "status"}
 
 
@@ -58,13 +61,19 @@ class MessageSink:
         self.emitted: dict[str, int] = {"metrics": 0, "alerts": 0, "status": 0}
         self.dropped = 0
 
-    def emit(self, schema: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Store one message; returns it as stored. Raises MessageError if body breaks the schema."""
+    def emit(self, schema: str, body: Mapping[str, Any], message_id: str | None = None) -> dict[str, Any]:
+        """Store one message; returns it as stored. Raises MessageError if body breaks the schema.
+
+        ``message_id`` replaces the envelope's random one, for a message that must keep its id if
+        it is built again (an alert for a part judged again after a crash: the cloud drops it).
+        """
         kind = KIND_BY_SCHEMA[schema]
         built: dict[str, Any] = {}
 
         def build(seq: int) -> tuple[str, bytes]:
             message = messages.envelope(schema, self.thing, seq)
+            if message_id is not None:
+                message["message_id"] = message_id
             message["time"] = iso_utc(self.clock.time())
             message.update(body)
             built.update(message)
@@ -154,23 +163,18 @@ def line_payload(frame_id: str, source_ref: str, verdict: Verdict, model_version
             "time": iso_utc(clock.time())}
 
 
-def thumbnail(image: np.ndarray, max_side: int, quality: int) -> dict[str, Any]:
-    """A JPEG no larger than max_side on its longer side, base64, as the alert's `thumbnail` object."""
-    h, w = image.shape[:2]
-    scale = min(1.0, max_side / max(h, w))
-    small = image
-    if scale < 1.0:
-        small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    data = encode_jpeg(small, quality)
-    return {"format": "jpeg", "width": int(small.shape[1]), "height": int(small.shape[0]),
-            "data": base64.b64encode(data).decode("ascii")}
+def alert_ids(thing: str, frame_id: str) -> tuple[str, str]:
+    """(message_id, alert_id) of the alert for one frame: derived from the frame id, so the same part judged
+    again after a crash (the hot folder's frame ids are stable) makes an alert the cloud drops as a duplicate."""
+    return (uuid.uuid5(_ALERT_NAMESPACE, f"message/{thing}/{frame_id}").hex,
+            uuid.uuid5(_ALERT_NAMESPACE, f"alert/{thing}/{frame_id}").hex)
 
 
 def alert_body(frame_id: str, source_ref: str, verdict: Verdict, classes: tuple[str, ...], model: Mapping[str, str],
-               thumb: Mapping[str, Any] | None, image_ref: str | None) -> dict[str, Any]:
+               thumb: Mapping[str, Any] | None, image_ref: str | None, alert_id: str | None = None) -> dict[str, Any]:
     """The qcsight.alert/1 fields after the envelope."""
     body: dict[str, Any] = {
-        "alert_id": messages.new_message_id(),
+        "alert_id": alert_id or messages.new_message_id(),
         "frame_id": frame_id,
         "source": source_ref,
         "model": dict(model),
@@ -206,6 +210,21 @@ class RateLimitedLog:
         self._logger.warning(message + suffix, *args)
 
 
+Finish = Callable[["Frame", bool], None]
+
+
+@dataclass
+class _PendingAlert:
+    """An alert owed for one judged frame; the frame is finished (``finish``) only once the alert is stored."""
+
+    frame: Frame
+    judgement: Judgement
+    model: LoadedModel
+    finish: Finish
+    image_ref: str | None = None
+    image_saved: bool = False
+
+
 class VerdictOutputs:
     """For each judged frame: the reject signal to the line, then (for alerts) the stored image and the alert.
 
@@ -214,10 +233,17 @@ class VerdictOutputs:
     own thread after start(), so a run of defects does not slow the line down; the hand-over
     queue is bounded and waits when full (an alert is never dropped). The full frame is kept in
     the image store, the thumbnail shows what the model judged (the ROI crop).
+
+    Zero loss: a frame is finished (the hot folder moves its file to done/) only after its alert
+    is committed to the outbox, so a kill at any moment leaves the part either in the inbox (read
+    again on the next start) or with its alert stored. An outbox that cannot store (a full disk)
+    is retried with backoff while the part stays unfinished and ``stats()["waiting"]`` says so;
+    at stop, alerts still unstored leave their parts unfinished for the next start.
     """
 
     def __init__(self, sink: MessageSink, line_signal: LineSignal, image_store: ImageStore | None,
-                 alerts: AlertConfig, line: LineSignalConfig, clock: Clock, queue_size: int = 16) -> None:
+                 alerts: AlertConfig, line: LineSignalConfig, clock: Clock, queue_size: int = 16,
+                 retry_initial_s: float = 0.2, retry_max_s: float = 5.0) -> None:
         self.sink = sink
         self.line_signal = line_signal
         self.image_store = image_store
@@ -227,20 +253,36 @@ class VerdictOutputs:
         self.signals = 0
         self.alert_count = 0
         self.alert_failures = 0
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
         self._warn = RateLimitedLog(log)
-        self._queue: BoundedQueue[tuple[Frame, Judgement, LoadedModel]] = BoundedQueue(queue_size)
+        self._queue: BoundedQueue[_PendingAlert] = BoundedQueue(queue_size)
         self._pending = 0
+        self._waiting = 0
+        self._abandoned = 0
+        self._last_error: str | None = None
+        self._thumbnails_shrunk = 0
+        self._thumbnails_dropped = 0
         self._idle = threading.Condition()
         self._stop = threading.Event()
+        self._abandon = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Build alerts on a background thread from now on (without it they are built inline)."""
         self._stop.clear()
+        self._abandon.clear()
         self._thread = threading.Thread(target=self._alert_loop, name="qcsight-alerts", daemon=True)
         self._thread.start()
 
-    def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None:
+    def stats(self) -> dict[str, Any]:
+        """For status: alerts stored, failed, waiting for the outbox, left unstored at stop; thumbnails cut."""
+        with self._idle:
+            return {"stored": self.alert_count, "failed": self.alert_failures, "waiting": self._waiting,
+                    "abandoned": self._abandoned, "last_error": self._last_error,
+                    "thumbnails_shrunk": self._thumbnails_shrunk, "thumbnails_dropped": self._thumbnails_dropped}
+
+    def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel, finish: Finish) -> None:
         verdict = judgement.verdict
         if verdict.status == DEFECT or (verdict.status == UNCERTAIN and self.line.on_uncertain):
             try:
@@ -250,20 +292,26 @@ class VerdictOutputs:
             except Exception as exc:  # the line signal must never stop judging
                 self._warn.warning("line-signal", "line signal failed: %s", exc)
         if verdict.status == DEFECT or (verdict.status == UNCERTAIN and self.alerts.on_uncertain):
-            self._submit((frame, judgement, model))
+            self._submit(_PendingAlert(frame, judgement, model, finish))
+        else:
+            finish(frame, True)
 
-    def _submit(self, item: tuple[Frame, Judgement, LoadedModel]) -> None:
+    def _submit(self, item: _PendingAlert) -> None:
         thread = self._thread
         if thread is None or not thread.is_alive():
-            self._alert(*item)
+            self._deliver(item, retry=False)
             return
         with self._idle:
             self._pending += 1
         while not self._queue.put_wait(item, 0.5):
-            if not thread.is_alive():  # the worker ended (stopping): build it here rather than lose it
+            if self._abandon.is_set() or not thread.is_alive():
                 with self._idle:
                     self._pending -= 1
-                self._alert(*item)
+                    self._idle.notify_all()
+                if self._abandon.is_set():
+                    self._gave_up(item, "stopping")
+                else:  # the worker ended (stopping): build it here rather than lose it
+                    self._deliver(item, retry=False)
                 return
 
     def _alert_loop(self) -> None:
@@ -272,9 +320,9 @@ class VerdictOutputs:
             if item is None:
                 continue
             try:
-                self._alert(*item)
+                self._deliver(item, retry=not self._abandon.is_set())
             except Exception:  # never lose the thread: the next alert must still go out
-                log.exception("building the alert for frame %s failed", item[0].frame_id)
+                log.exception("building the alert for frame %s failed", item.frame.frame_id)
             finally:
                 with self._idle:
                     self._pending -= 1
@@ -286,28 +334,86 @@ class VerdictOutputs:
             return self._idle.wait_for(lambda: self._pending <= 0, timeout_s)
 
     def close(self, timeout_s: float) -> bool:
-        """Store the alerts still queued (up to timeout_s), then end the thread."""
+        """Store the alerts still queued (up to timeout_s), then end the thread.
+
+        Alerts the outbox still refuses at the deadline are not stored: their parts stay unfinished.
+        """
         flushed = self.flush(timeout_s)
         self._stop.set()
+        if not flushed:
+            self._abandon.set()  # stop retrying: one more attempt each, then leave the parts unfinished
         if self._thread is not None:
             self._thread.join(max(0.5, timeout_s))
         if not flushed:
-            log.error("%d alerts were not stored before the deadline", self._pending)
+            log.error("%d alerts were not stored before the deadline; their parts stay unfinished", self._pending)
         return flushed
 
-    def _alert(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None:
-        image_ref = None
-        if self.image_store is not None and frame.image is not None:
-            try:
-                image_ref = self.image_store.save(frame.frame_id, frame.image)
-            except QcsightError as exc:
-                self._warn.warning("image-store", "alert %s sent without its image: %s", frame.frame_id, exc)
+    def _deliver(self, item: _PendingAlert, retry: bool) -> None:
+        """Store the alert, then finish the frame; while the outbox cannot store, retry with backoff (if retry)."""
+        delay = self._retry_initial_s
+        failing = False
         try:
-            thumb = thumbnail(judgement.judged, self.alerts.thumbnail_max_side, self.alerts.thumbnail_quality)
-            body = alert_body(frame.frame_id, frame.source_ref, judgement.verdict, model.bundle.manifest.classes,
-                              model.ident, thumb, image_ref)
-            self.sink.emit(messages.ALERT, body)
+            while True:
+                try:
+                    self._store(item)
+                except OutboxError as exc:  # the outbox cannot write now (a full disk): keep the part, try again
+                    if not failing:
+                        failing = True
+                        with self._idle:
+                            self._waiting += 1
+                    with self._idle:
+                        self._last_error = str(exc)
+                    self._warn.warning("alert-unstored", "alert for frame %s (%s) not stored: %s; the part stays "
+                                       "unfinished", item.frame.frame_id, printable(item.frame.source_ref), exc)
+                    if not retry or self._abandon.wait(delay):
+                        self._gave_up(item, str(exc))
+                        return
+                    delay = min(delay * 2, self._retry_max_s)
+                    continue
+                except QcsightError as exc:  # the alert itself is broken (it fails validation): retrying cannot help
+                    with self._idle:
+                        self.alert_failures += 1
+                        self._last_error = str(exc)
+                    log.error("alert for frame %s (%s) cannot be built: %s; the part goes to failed",
+                              item.frame.frame_id, printable(item.frame.source_ref), exc)
+                    item.finish(item.frame, False)
+                    return
+                item.finish(item.frame, True)
+                return
+        finally:
+            if failing:
+                with self._idle:
+                    self._waiting -= 1
+
+    def _gave_up(self, item: _PendingAlert, reason: str) -> None:
+        with self._idle:
+            self._abandoned += 1
+        log.error("alert for frame %s (%s) not stored (%s): the part stays unfinished and is judged again on the "
+                  "next start", item.frame.frame_id, printable(item.frame.source_ref), reason)
+
+    def _store(self, item: _PendingAlert) -> None:
+        frame, judgement, model = item.frame, item.judgement, item.model
+        if not item.image_saved:
+            item.image_saved = True  # a retry after an outbox failure keeps the image it already saved
+            if self.image_store is not None and frame.image is not None:
+                try:
+                    item.image_ref = self.image_store.save(frame.frame_id, frame.image)
+                except QcsightError as exc:
+                    self._warn.warning("image-store", "alert %s sent without its image: %s", frame.frame_id, exc)
+        message_id, alert_id = alert_ids(self.sink.thing, frame.frame_id)
+        body = alert_body(frame.frame_id, frame.source_ref, judgement.verdict, model.bundle.manifest.classes,
+                          model.ident, None, item.image_ref, alert_id)
+        budget = IOT_CORE_MAX_PAYLOAD - ENVELOPE_RESERVE - len(json.dumps(body, separators=(",", ":")))
+        thumb, shrunk = fit_thumbnail(judgement.judged, self.alerts.thumbnail_max_side,
+                                      self.alerts.thumbnail_quality, budget)
+        if thumb is not None:
+            body["thumbnail"] = thumb
+        with self._idle:
+            self._thumbnails_shrunk += shrunk and thumb is not None
+            self._thumbnails_dropped += thumb is None
+        if thumb is None:
+            self._warn.warning("thumbnail-dropped", "alert for frame %s goes without its thumbnail: it cannot fit "
+                               "IoT Core's %d-byte payload limit", frame.frame_id, IOT_CORE_MAX_PAYLOAD)
+        self.sink.emit(messages.ALERT, body, message_id)
+        with self._idle:
             self.alert_count += 1
-        except QcsightError as exc:
-            self.alert_failures += 1
-            log.error("alert for frame %s not stored: %s", frame.frame_id, exc)

@@ -29,6 +29,7 @@ from qcsight_edge.metrics import MetricsRecorder
 from qcsight_edge.models import LoadedModel, ModelManager
 from qcsight_edge.outputs import RateLimitedLog
 from qcsight_edge.queues import BoundedQueue
+from qcsight_edge.redact import printable
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,16 @@ def _run(model: LoadedModel, ready: Prepared) -> Judgement:
 
 
 class VerdictSink(Protocol):
-    """Where judged frames go (alerts, line signal, image store)."""
+    """Where judged frames go (alerts, line signal, image store).
 
-    def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None: ...
+    The sink owns finishing the frame: it calls ``finish(frame, True)`` once everything owed for
+    it is durable (its alert committed to the outbox), possibly later and on another thread. A
+    frame never finished stays with its source (the hot folder reads the file again on the next
+    start), so a crash in between loses nothing.
+    """
+
+    def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel,
+                   finish: Callable[[Frame, bool], None]) -> None: ...
 
 
 @dataclass
@@ -178,10 +186,7 @@ class Pipeline:
         self.metrics.record(verdict.status, verdict.label, verdict.confidence, latency, judgement.stats)
         with self._counter_lock:
             self.counters.judged += 1
-        try:
-            self.sink.on_verdict(frame, judgement, model)
-        finally:
-            self.source.finish(frame, True)
+        self.sink.on_verdict(frame, judgement, model, self.source.finish)
         return judgement
 
     @property
@@ -202,7 +207,8 @@ class Pipeline:
         self.metrics.error()
         with self._counter_lock:
             self.counters.errors += 1
-        self._warn.warning("frame-error", "frame %s from %s not judged: %s", frame.frame_id, frame.source_ref, reason)
+        self._warn.warning("frame-error", "frame %s from %s not judged: %s", frame.frame_id,
+                           printable(frame.source_ref), printable(reason))
         self.source.finish(frame, False)
 
     # ---------------------------------------------------------------- threads

@@ -5,7 +5,10 @@ publish future succeeded (PUBACK); a failure or a future that takes longer than
 ``ack_timeout_s`` returns the row to the queue, so delivery is at least once and the cloud
 drops duplicates by message id. While the transport is offline (it reconnects by itself) the
 sender backs off with jitter instead of spinning; after a refused publish it backs off too, so a
-message the broker keeps refusing cannot turn into a busy loop.
+message the broker keeps refusing cannot turn into a busy loop. A message that can never be
+delivered (a payload over IoT Core's 128 KiB, or a permanent refusal such as PUBACK
+NOT_AUTHORIZED) is moved to the outbox's dead letters with the reason, so it cannot hold up the
+messages behind it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from qcsight_core.errors import ConfigError
 from qcsight_edge.errors import NotConnectedError, PublishRejectedError
 from qcsight_edge.outbox import Outbox, OutboxMessage
 from qcsight_edge.publisher import Publisher
+from qcsight_edge.thumbnails import IOT_CORE_MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class SenderSettings:
         ack_timeout_s: a publish not settled within this is treated as failed and its row retried.
         idle_poll_s: how often an idle sender looks for new rows when nobody calls ``wake()``.
         backoff_min_s, backoff_max_s: bounds of the jittered exponential backoff while offline or refused.
+        max_payload_bytes: a larger message is never sent (IoT Core would refuse it): it is dead-lettered.
     """
 
     window: int = 32
@@ -62,6 +67,7 @@ class SenderSettings:
     idle_poll_s: float = 0.2
     backoff_min_s: float = 0.05
     backoff_max_s: float = 5.0
+    max_payload_bytes: int = IOT_CORE_MAX_PAYLOAD
 
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= 10_000:
@@ -74,6 +80,9 @@ class SenderSettings:
                 or not self.backoff_min_s <= self.backoff_max_s <= 3600):
             raise ConfigError("sender.backoff_max_s", self.backoff_max_s,
                               f"a number of seconds from backoff_min_s ({self.backoff_min_s}) to 3600")
+        if (isinstance(self.max_payload_bytes, bool) or not isinstance(self.max_payload_bytes, int)
+                or not 1 <= self.max_payload_bytes <= 256 * 1024**2):
+            raise ConfigError("sender.max_payload_bytes", self.max_payload_bytes, "an integer from 1 to 268435456")
 
 
 class Backoff:
@@ -105,6 +114,7 @@ class SenderStats:
     connected: bool
     last_error: str | None
     running: bool
+    dead_lettered: int = 0
 
 
 @dataclass
@@ -145,6 +155,7 @@ class OutboxSender:
         self._sent = 0
         self._failed = 0
         self._timed_out = 0
+        self._dead_lettered = 0
         self._last_error: str | None = None
 
     # ------------------------------------------------------------ control
@@ -191,7 +202,8 @@ class OutboxSender:
         with self._lock:
             return SenderStats(sent=self._sent, failed=self._failed, timed_out=self._timed_out,
                                in_flight=len(self._in_flight), connected=self.publisher.connected,
-                               last_error=self._last_error, running=self.running)
+                               last_error=self._last_error, running=self.running,
+                               dead_lettered=self._dead_lettered)
 
     # ------------------------------------------------------------ the loop
 
@@ -239,9 +251,17 @@ class OutboxSender:
         free = self.settings.window - len(self._in_flight)
         sent_any = False
         if free > 0:
+            too_large: list[tuple[int, str]] = []
             for message in self.outbox.claim(free):
+                if len(message.payload) > self.settings.max_payload_bytes:
+                    too_large.append((message.row_id, f"payload of {len(message.payload)} bytes, more than the "
+                                      f"{self.settings.max_payload_bytes} the broker takes"))
+                    continue
                 self._send(message, now)
                 sent_any = True
+            if too_large:
+                self._dead_letter(too_large)
+                sent_any = True  # look again at once: the queue moved
         if sent_any:
             return 0.0
         if self._in_flight:
@@ -289,9 +309,23 @@ class OutboxSender:
                 self._sent += len(acked)
             self._backoff.reset()
             self._retry_at = 0.0
+        permanent = [(row_id, f"{type(exc).__name__}: {exc}") for row_id, _, exc in failed
+                     if isinstance(exc, PublishRejectedError) and exc.permanent]
+        if permanent:
+            self._dead_letter(permanent)
+            failed = [item for item in failed if not (isinstance(item[2], PublishRejectedError)
+                                                      and item[2].permanent)]
         if failed:
             self.outbox.release(row_id for row_id, _, _ in failed)
             self._record_failures(failed, now)
+
+    def _dead_letter(self, refused: list[tuple[int, str]]) -> None:
+        moved = self.outbox.dead_letter(refused)
+        with self._lock:
+            self._dead_lettered += moved
+            self._last_error = refused[-1][1]
+        log.error("outbox sender: %d messages can never be delivered, moved to the dead letters: %s",
+                  moved, refused[-1][1])
 
     def _record_failures(self, failed: list[tuple[int, str, BaseException | None]], now: float) -> None:
         timed_out = sum(1 for _, _, exc in failed if exc is None)

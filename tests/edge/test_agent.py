@@ -27,7 +27,7 @@ from qcsight_edge.capture import DONE_DIR, FAILED_DIR
 from qcsight_edge.clock import ManualClock
 from qcsight_edge.config import AgentConfig, load_config
 from qcsight_edge.outputs import CallbackLineSignal
-from tests.edge.agent_helpers import agent_config, by_schema, outbox_messages, status_events
+from tests.edge.agent_helpers import agent_config, by_schema, outbox_messages, status_events, write_atomically
 from tests.edge.broker import Pki, free_port
 from tests.helpers.images import write_image
 from tests.helpers.models import make_tiny_bundle
@@ -57,7 +57,7 @@ class RunningAgent:
         self.inbox = Path(str(self.config.source.uri))
 
     def drop(self, name: str, value: int) -> None:
-        write_image(self.inbox / name, value=value, size=(60, 80))
+        write_atomically(self.inbox / name, value)  # never seen half-written (settle_s is 0 here)
 
     def wait_judged(self, count: int) -> None:
         def done() -> bool:
@@ -182,6 +182,44 @@ def test_invalid_config_change_is_refused_and_reported(running: RunningAgent) ->
     error = [m for m in running.stored() if m.get("event") == "error"]
     assert len(error) == 1 and "queue_size" in error[0]["error"]
     assert running.agent.config.queue_size == 4
+
+
+def test_the_reload_loop_survives_any_bad_config_file_and_applies_the_next_good_one(running: RunningAgent,
+                                                                                  tmp_path: Path) -> None:
+    agent = running.agent
+    agent.start()
+    good = yaml.safe_load(running.config_path.read_text())
+
+    def reload() -> None:
+        running.clock.advance(1.0)
+        agent.tick()  # must never raise: the line keeps running whatever the file holds
+
+    bad_versions: list[Callable[[Path], object]] = [
+        lambda p: p.write_text("thing_name: [unclosed\n"),
+        lambda p: p.write_bytes(b"\xff\xfe not utf-8 \x00\x01"),
+        lambda p: p.write_text(yaml.safe_dump({**good, "stop_deadline_s": 10**400})),
+        lambda p: p.write_text(yaml.safe_dump({**good, "outbox": {"max_bytes": "1" + "0" * 400}})),
+        lambda p: p.write_text("- a list\n- not a mapping\n"),
+        lambda p: p.unlink(),
+        lambda p: p.mkdir(),  # replaced by something that cannot be read
+    ]
+    for write in bad_versions:
+        write(running.config_path)
+        reload()
+    running.config_path.rmdir()
+
+    make_tiny_bundle(tmp_path / "bundle-v2", version="2")
+    running.config_path.write_text(yaml.safe_dump({**good, "model": {**good["model"],
+                                                                    "bundle": str(tmp_path / "bundle-v2")}}))
+    reload()
+    assert agent.models is not None and agent.models.wait_idle(10.0)
+    running.drop("after.png", 240)
+    running.wait_judged(1)
+    alerts = by_schema(running.stored(), messages.ALERT)
+    assert [a["model"]["version"] for a in alerts] == ["2"]
+    errors = [m["error"] for m in running.stored() if m.get("event") == "error"]
+    assert len(errors) == 6 and any("stop_deadline_s" in e for e in errors), errors
+    assert agent.pipeline is not None and agent.pipeline.fatal is None
 
 
 def test_a_tampered_bundle_at_start_is_refused_with_an_error_status(tmp_path: Path) -> None:

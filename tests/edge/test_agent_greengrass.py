@@ -20,8 +20,8 @@ import yaml
 
 from qcsight_core import messages
 from qcsight_edge.greengrass_ipc import SOCKET_ENV, TOKEN_ENV
+from tests.edge.agent_helpers import write_atomically
 from tests.edge.ipc_server import IpcServer
-from tests.helpers.images import write_image
 from tests.helpers.models import make_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +82,7 @@ def test_agent_runs_from_the_component_configuration_validates_deployments_and_h
             # The accepted deployment is applied: the new bundle is hot-swapped in, no restart.
             server.set_configuration(new)
             server.wait_until(lambda: "model_change" in events(server), 30.0, "the model change")
-            write_image(tmp_path / "inbox" / "part-1.png", value=240, size=(40, 40))
+            write_atomically(tmp_path / "inbox" / "part-1.png", 240, size=(40, 40))
             server.wait_until(lambda: any(m["schema"] == messages.ALERT for m in published(server)), 30.0,
                               "an alert")
             process.send_signal(signal.SIGTERM)

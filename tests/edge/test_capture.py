@@ -223,7 +223,7 @@ def test_hot_folder_moves_judged_files_to_done_and_bad_ones_to_failed(tmp_path: 
         source.finish(frame, ok=frame.error is None)
     assert sorted(p.name for p in (inbox / DONE_DIR).iterdir()) == ["001.png", "003.jpg"]
     assert [p.name for p in (inbox / FAILED_DIR).iterdir()] == ["002.jpg"]
-    assert source.stats() == {"kind": "hotfolder", "read": 3, "done": 2, "failed": 1, "waiting": 0}
+    assert source.stats() == {"kind": "hotfolder", "read": 3, "done": 2, "failed": 1, "waiting": 0, "pruned": 0}
     # A part with the same name again (next shift) does not overwrite the first in done/.
     write_image(inbox / "001.png", value=40)
     again = read_all(source, 1)

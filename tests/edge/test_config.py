@@ -140,3 +140,36 @@ def test_cli_check_prints_the_resolved_configuration(tmp_path: Path, capsys: pyt
     path.write_text(yaml.safe_dump(base(model={"bundle": "models/b"})))
     assert cli.main(["--config", str(path), "--check"], prog="qcsight agent") == 0
     assert str(tmp_path / "models" / "b") in capsys.readouterr().out
+
+
+HUGE = "1" + "0" * 400
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (f"image_store:\n  max_bytes: {HUGE}\n", "image_store.max_bytes"),
+        (f"outbox:\n  max_bytes: '{HUGE}'\n", "outbox.max_bytes"),
+        (f"outbox:\n  max_bytes: {HUGE} MiB\n", "outbox.max_bytes"),
+        (f"outbox:\n  max_messages: {HUGE}\n", "outbox.max_messages"),
+        (f"stop_deadline_s: {HUGE}\n", "stop_deadline_s"),
+        ("stop_deadline_s: 1.0e+400\n", "stop_deadline_s"),
+        (f"source:\n  seed: {HUGE}\n", "source.seed"),
+        (f"metrics:\n  window_s: -{HUGE}\n", "metrics.window_s"),
+        ("queue_size: 1" + "0" * 5000 + "\n", "--config"),  # past Python's int parsing limit: YAML cannot read it
+    ],
+)
+def test_a_value_that_overflows_is_a_config_error_naming_the_field(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("thing_name: line1-cam1\nmodel:\n  bundle: b\n" + text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == field
+
+
+def test_a_file_that_is_not_text_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(b"thing_name: \xff\xfe\x00 line\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.field == "--config"

@@ -59,7 +59,7 @@ def test_fifo_claim_release_ack(tmp_path: Path) -> None:
         stats = outbox.stats()
         assert (stats.depth, stats.sent, stats.enqueued, stats.in_flight) == (3, 2, 5, 3)
         assert stats.bytes == sum(len(m.payload) for m in second)
-        assert stats.for_status() == {"depth": 3, "bytes": stats.bytes, "evicted": 0}
+        assert stats.for_status() == {"depth": 3, "bytes": stats.bytes, "evicted": 0, "dead_letters": 0}
 
 
 def test_messages_counters_and_seq_survive_reopen(tmp_path: Path) -> None:

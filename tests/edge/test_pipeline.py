@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -30,8 +31,10 @@ class Collect:
         self.hold.set()
         self.holding = threading.Event()
 
-    def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None:
+    def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel,
+                   finish: Callable[[Frame, bool], None]) -> None:
         self.items.append((frame, judgement, model))
+        finish(frame, True)
         if not self.hold.is_set():
             self.holding.set()
             assert self.hold.wait(10.0)

@@ -25,6 +25,7 @@ from qcsight_edge.mqtt import MqttSettings, make_publisher
 from qcsight_edge.outbox import Outbox
 from qcsight_edge.sender import Backoff, OutboxSender, SenderSettings
 from tests.edge.broker import Broker, MqttSubscriber, Received, device_message, encoded
+from tests.helpers.wait import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = ("metrics", "alerts", "status")
@@ -95,10 +96,10 @@ def test_every_message_survives_a_broker_outage(tmp_path: Path, broker: Broker, 
     try:
         cloud.wait_count(50, 5)
         broker.stop()
-        time.sleep(1.0)  # messages keep coming while the broker is down
-        depth_while_down.append(outbox.depth)
+        # Messages keep coming while the broker is down (polled: a fixed pause failed on a busy machine).
+        depth_while_down.append(eventually(lambda: outbox.depth if outbox.depth >= 50 else 0, timeout_s=20.0))
         broker.start()
-        time.sleep(0.5)
+        eventually(lambda: publisher.connected, timeout_s=20.0, message="the publisher did not reconnect")
         stop_producing.set()
         producer.join(5)
         got = cloud.wait_for(lambda ms: set(enqueued) <= set(_ids(ms)), 20)
@@ -396,3 +397,34 @@ def test_backoff_bounds() -> None:
     assert all(0.5 <= d <= 4.0 for d in delays) and delays[0] == 0.5
     backoff.reset()
     assert backoff.next() == 0.5
+
+
+@pytest.mark.broker
+def test_a_message_the_broker_refuses_for_good_is_dead_lettered_and_the_rest_flows(
+        tmp_path: Path, cloud: MqttSubscriber, mqtt_settings: Callable[..., MqttSettings]) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    # thing-a may not publish under thing-b: Mosquitto's ACL answers PUBACK NOT_AUTHORIZED, every time.
+    topic, foreign_id, payload = encoded("alerts", "thing-b", outbox.next_seq())
+    assert outbox.enqueue(topic, payload, foreign_id, "alerts")
+    # Over IoT Core's 128 KiB payload limit: refused without being sent.
+    big = {**device_message("status", "thing-a", outbox.next_seq()), "detail": {"blob": "x" * 140_000}}
+    assert outbox.enqueue(topics.topic("thing-a", "status"), messages.encode(big), big["message_id"], "status")
+    expected = {_enqueue(outbox, "thing-a", kind) for kind in KINDS}
+    publisher = make_publisher(mqtt_settings())
+    publisher.connect(5)
+    sender = OutboxSender(outbox, publisher, SenderSettings(window=4, backoff_max_s=0.3))
+    sender.start()
+    try:
+        assert _wait_ids(cloud, expected, 10) == expected
+        assert sender.stop(5)  # drained: nothing blocks the head of the outbox
+    finally:
+        sender.stop(1)
+        publisher.close(5)
+    stats = outbox.stats()
+    letters = {letter.message_id: letter for letter in outbox.dead_letters()}
+    outbox.close()
+    assert stats.depth == 0 and stats.dead_lettered == 2 and stats.for_status()["dead_letters"] == 2
+    assert set(letters) == {foreign_id, big["message_id"]}
+    assert "NOT_AUTHORIZED" in letters[foreign_id].reason and letters[foreign_id].payload == payload
+    assert "131072" in letters[big["message_id"]].reason
+    assert sender.stats().dead_lettered == 2
