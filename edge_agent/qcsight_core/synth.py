@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from qcsight_core.checks import check_int
 from qcsight_core.dataset import MASKS_DIR, DatasetIndex, Sample
 from qcsight_core.errors import ConfigError, DataError
 
@@ -262,10 +263,8 @@ def render(rng: np.random.Generator, label: str, size: int = 128, surface: str |
 
 
 def _check_arguments(output: Path, count: int, size: int, classes: Sequence[str]) -> None:
-    if count < 1:
-        raise ConfigError("count", count, "a positive number of images")
-    if not 32 <= size <= 2048:
-        raise ConfigError("size", size, "from 32 to 2048 pixels")
+    check_int("count", count, 1)
+    check_int("size", size, 32, 2048)
     unknown = [c for c in classes if c not in DEFAULT_CLASSES]
     if unknown or not classes or len(set(classes)) != len(classes):
         raise ConfigError("classes", list(classes), f"distinct names from {', '.join(DEFAULT_CLASSES)}")

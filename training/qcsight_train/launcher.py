@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from qcsight_core.bundle import Manifest, load_bundle
+from qcsight_core.checks import argument, check_int, check_number
 from qcsight_core.cli import configure_logging, parse_args
 from qcsight_core.errors import ConfigError, QcsightError
 from qcsight_train import neo
@@ -205,24 +206,9 @@ Exit codes: 0 done (or dry run printed), 1 an AWS call failed or no credentials,
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
+# argparse names the flag, the check says what is allowed: "argument --instance-count: an integer at least 1, got '0'"
+_positive_int = argument(check_int, 1)
+_positive_float = argument(check_number, 0.0, open_low=True)
 
 
 def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
