@@ -14,7 +14,6 @@ import io
 import json
 import re
 import tarfile
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 from qcsight_core.bundle import ModelFile, write_bundle
-from tests.helpers.aws import FAKE_ENV
+from tests.helpers.aws import FAKE_ENV, assert_valid, reset_moto
 from tests.helpers.models import make_tiny_bundle
 
 pytest.importorskip("moto.server")
@@ -100,8 +99,7 @@ def moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[str,
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    # moto keeps its backends per process, not per server: start each test from an empty account.
-    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).close()
+    reset_moto(url)
     recording.other.clear()
     monkeypatch.setenv("AWS_ENDPOINT_URL", url)
     try:
@@ -118,64 +116,6 @@ def _isolate_from_user_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("SAGEMAKER_TELEMETRY_OPT_OUT", "true")
-
-
-# --------------------------------------------------------------------------- service-model validation
-
-
-def _problems(shape: Any, value: Any, path: str) -> Iterator[str]:
-    kind = shape.type_name
-    meta = shape.metadata
-    if kind == "structure":
-        if not isinstance(value, dict):
-            yield f"{path}: expected an object"
-            return
-        for name in shape.required_members:
-            if name not in value:
-                yield f"{path}.{name}: required but missing"
-        for name, item in value.items():
-            if name not in shape.members:
-                yield f"{path}.{name}: not a member of {shape.name}"
-            else:
-                yield from _problems(shape.members[name], item, f"{path}.{name}")
-    elif kind == "list":
-        if not isinstance(value, list):
-            yield f"{path}: expected a list"
-            return
-        if not meta.get("min", 0) <= len(value) <= meta.get("max", 10**9):
-            yield f"{path}: {len(value)} items outside [{meta.get('min')}, {meta.get('max')}]"
-        for i, item in enumerate(value):
-            yield from _problems(shape.member, item, f"{path}[{i}]")
-    elif kind == "map":
-        if not meta.get("min", 0) <= len(value) <= meta.get("max", 10**9):
-            yield f"{path}: {len(value)} entries outside [{meta.get('min')}, {meta.get('max')}]"
-        for key, item in value.items():
-            yield from _problems(shape.key, key, f"{path}<key {key}>")
-            yield from _problems(shape.value, item, f"{path}.{key}")
-    elif kind == "string":
-        if not isinstance(value, str):
-            yield f"{path}: expected a string, got {value!r}"
-            return
-        if shape.enum and value not in shape.enum:
-            yield f"{path}: {value!r} not in enum {shape.name}"
-        if "pattern" in meta and not re.fullmatch(meta["pattern"], value, flags=re.DOTALL):
-            yield f"{path}: {value!r} does not match {meta['pattern']}"
-        if not meta.get("min", 0) <= len(value) <= meta.get("max", 10**9):
-            yield f"{path}: length {len(value)} outside [{meta.get('min')}, {meta.get('max')}]"
-    elif kind in ("integer", "long"):
-        if not isinstance(value, int) or not meta.get("min", -(10**18)) <= value <= meta.get("max", 10**18):
-            yield f"{path}: {value!r} is not an integer within [{meta.get('min')}, {meta.get('max')}]"
-    elif kind == "boolean" and not isinstance(value, bool):
-        yield f"{path}: expected true/false, got {value!r}"
-
-
-def assert_valid(operation: str, request: Mapping[str, Any]) -> None:
-    """Check a request body the way SageMaker's API front end would, from botocore's service model."""
-    import botocore.session
-
-    model = botocore.session.get_session().get_service_model("sagemaker").operation_model(operation)
-    problems = list(_problems(model.input_shape, dict(request), operation))
-    assert not problems, "\n".join(problems)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -694,7 +634,7 @@ def test_this_checkout_packs_the_code_the_job_needs(tmp_path: Path) -> None:
     assert launcher.default_source_dir() == REPO_ROOT
     package = launcher.package_source(REPO_ROOT, tmp_path)
     for needed in ("training/sagemaker_entry.py", "training/qcsight_train/cli.py", "edge_agent/qcsight_core/bundle.py",
-                   "edge_agent/qcsight_core/preprocess.py", "pyproject.toml"):
+                   "edge_agent/qcsight_core/preprocess.py", "infra/qcsight_aws/s3.py", "pyproject.toml"):
         assert needed in package.files
     assert not [f for f in package.files if f.startswith(("tests/", ".venv/", ".git/")) or f.endswith(".pyc")]
     names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in package.requirements}

@@ -47,7 +47,8 @@ def _epoch_lines(text: str) -> list[tuple[int, int]]:
 
 def _subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO / "edge_agent"), str(REPO / "training"), str(REPO)]),
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO / "edge_agent"), str(REPO / "training"), str(REPO / "infra"),
+                                           str(REPO)]),
                OMP_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1", **extra)
     return env
 

@@ -59,7 +59,8 @@ DEFAULT_MAX_RUN_S = 24 * 3600
 DEFAULT_COMPILE_MAX_RUN_S = 900
 
 # What the container needs from a checkout; everything else (venv, .git, data, runs) stays home.
-SOURCE_TOP_LEVEL = ("pyproject.toml", "README.md", "LICENSE", "edge_agent", "batch", "training")
+# qcsight_aws: qcsight_train.data imports it (for s3:// data given to a local run).
+SOURCE_TOP_LEVEL = ("pyproject.toml", "README.md", "LICENSE", "edge_agent", "batch", "training", "infra/qcsight_aws")
 _SOURCE_SKIP_DIRS = {"__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".ipynb_checkpoints"}
 _SOURCE_SKIP_SUFFIXES = (".pyc", ".pyo")
 # Installed by the PyTorch image with matching CUDA builds; reinstalling them from PyPI would not.
