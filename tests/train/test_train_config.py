@@ -142,7 +142,7 @@ def test_epoch_line_is_what_the_launchers_metric_regexes_read() -> None:
     import numpy as np
 
     from qcsight_train.engine import EpochStats, EvalResult, epoch_line
-    from qcsight_train.launcher import METRIC_DEFINITIONS
+    from qcsight_train.launch.plan import METRIC_DEFINITIONS
 
     del torch
     confusion = np.array([[8, 1], [2, 9]])

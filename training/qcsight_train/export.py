@@ -485,7 +485,7 @@ class _Export:
             self._warn(f"TorchScript not written: traced model differs from eager by {max_diff:.3g}")
             return None, {"written": False, "reason": f"traced output differs from eager by {max_diff:.3g}"}
         shape = [1, *self.input_shape]
-        # torch_version: Neo loads the file with its own (older) PyTorch; qcsight_train.neo compares the two.
+        # torch_version: Neo loads the file with its own (older) PyTorch; qcsight_train.launch.neo compares the two.
         details = {"input_shape": shape, "data_input_config": {"input0": shape}, "framework": "PYTORCH",
                    "torch_version": torch.__version__.split("+")[0], "traced": True, "output": OUTPUT_NAME}
         return (ModelFile(TORCHSCRIPT_FILE, format="torchscript", precision="fp32", runtime="neo", details=details),
