@@ -29,7 +29,7 @@ lint: venv
 
 typecheck: venv
 	$(VENV)/bin/mypy edge_agent/qcsight_core edge_agent/qcsight_edge batch/qcsight_batch infra/qcsight_aws \
-	  training/qcsight_train/launch
+	  training/qcsight_data training/qcsight_train/launch
 
 contracts: venv
 	$(VENV)/bin/lint-imports

@@ -21,10 +21,10 @@ from torch.utils.data import Dataset, Sampler
 
 from qcsight_aws.errors import AwsError
 from qcsight_aws.s3 import S3Uri, download_prefix
-from qcsight_core.dataset import DatasetIndex, Sample, fingerprint, load_index, split_index
 from qcsight_core.errors import ConfigError, DataError
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import PreprocessSpec, normalize, prepare_pixels
+from qcsight_data.dataset import DatasetIndex, Sample, fingerprint, load_index, split_index
 from qcsight_train.augment import Augment
 from qcsight_train.config import GOOD_NAMES, TrainConfig
 
@@ -43,7 +43,7 @@ class Splits:
         val: validation samples (model selection, thresholds).
         test: held-out samples for the final evaluation; may be empty.
         classes: class names in output order.
-        fingerprint: sha256 of the dataset (qcsight_core.dataset.fingerprint).
+        fingerprint: sha256 of the dataset (qcsight_data.dataset.fingerprint).
         source: where the data came from.
     """
 
@@ -125,7 +125,7 @@ def load_data(cfg: TrainConfig, cache_dir: Path) -> Splits:
     """Load and split the configured sources.
 
     Without separate validation/test sources, the data is split by near-duplicate group and
-    class (qcsight_core.dataset.split_index); preset splits in a CSV are kept.
+    class (qcsight_data.dataset.split_index); preset splits in a CSV are kept.
 
     Raises:
         DataError: a source is unreadable or a split lacks samples or classes.

@@ -11,7 +11,7 @@ from pathlib import Path
 from qcsight_core.bundle import load_bundle
 from qcsight_core.checks import argument, check_int, check_number
 from qcsight_core.cli import EXIT_OK, configure_logging, parse_args
-from qcsight_core.dataset import SPLITS, DatasetIndex, load_index
+from qcsight_data.dataset import SPLITS, DatasetIndex, load_index
 from qcsight_train.errors import EvaluationError
 from qcsight_train.evaluate import METRICS_FILE, REPORT_FILE, Unreadable, evaluate_bundle
 

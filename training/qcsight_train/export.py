@@ -62,7 +62,7 @@ from qcsight_train.metrics import json_safe, review_band, threshold_for_recall
 if TYPE_CHECKING:
     import torch
 
-    from qcsight_core.dataset import Sample
+    from qcsight_data.dataset import Sample
 
 log = logging.getLogger(__name__)
 
