@@ -1,6 +1,6 @@
 """SageMaker training job, once per node: install the requirements, fill in SM_*, start torchrun on this node.
 
-The launcher (qcsight_train.launch.requests.NODE_COMMAND) starts every node with
+The launcher (qcsight_train.launch.job_requests.NODE_COMMAND) starts every node with
 ``bash -c 'cd /opt/ml/code; tar -xzf .../sourcedir.tar.gz; exec python3 training/sagemaker_node.py'``.
 SageMaker describes the job in /opt/ml/input/config/*.json; this script turns that into the
 SM_* variables qcsight_train reads (the ones SageMaker's training toolkit sets), pip-installs

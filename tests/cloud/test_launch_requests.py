@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from qcsight_aws.s3 import S3Uri
-from qcsight_train.launch import cli, neo, requests
+from qcsight_train.launch import cli, job_requests, neo
 from qcsight_train.launch.plan import CompilationPlan, TrainingPlan
 from tests.helpers.aws import assert_valid
 
@@ -57,8 +57,8 @@ def send(method: str, request: dict[str, Any], response: dict[str, Any]) -> None
 def test_training_requests_pass_the_service_model(flags: tuple[str, ...]) -> None:
     training = plan(*flags)
     assert isinstance(training, TrainingPlan)
-    name = requests.training_job_name(training.job.base_job_name, NOW)
-    request = requests.training_request(training, name, SOURCE)
+    name = job_requests.training_job_name(training.job.base_job_name, NOW)
+    request = job_requests.training_request(training, name, SOURCE)
     assert_valid("CreateTrainingJob", request)
     send("create_training_job", request, {"TrainingJobArn": f"{ARN}:training-job/{name}"})
     assert request["InputDataConfig"][-1]["DataSource"]["S3DataSource"]["S3Uri"] == SOURCE.uri
@@ -75,9 +75,9 @@ def test_training_requests_pass_the_service_model(flags: tuple[str, ...]) -> Non
 def test_tuning_requests_pass_the_service_model(flags: tuple[str, ...]) -> None:
     tuning = plan(*flags)
     assert isinstance(tuning, TrainingPlan) and tuning.tuning is not None
-    name = requests.tuning_job_name(tuning.job.base_job_name, NOW)
+    name = job_requests.tuning_job_name(tuning.job.base_job_name, NOW)
     assert len(name) <= 32 and name.endswith("-261123-101500")
-    request = requests.tuning_request(tuning, name, SOURCE)
+    request = job_requests.tuning_request(tuning, name, SOURCE)
     assert_valid("CreateHyperParameterTuningJob", request)
     send("create_hyper_parameter_tuning_job", request,
          {"HyperParameterTuningJobArn": f"{ARN}:hyper-parameter-tuning-job/{name}"})
@@ -102,5 +102,5 @@ def test_compilation_requests_pass_the_service_model(target: tuple[str, str]) ->
 def test_the_node_command_fits_one_container_argument() -> None:
     longest = plan("--processes-per-node", "4096")
     assert isinstance(longest, TrainingPlan)
-    command = requests.node_command(longest.job.compute)
+    command = job_requests.node_command(longest.job.compute)
     assert len(command) <= 256 and command.endswith("--processes-per-node 4096")

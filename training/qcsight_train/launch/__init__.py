@@ -5,12 +5,12 @@ what `--dry-run` prints is exactly what is sent and botocore's service model can
 SageMaker Python SDK is used for one public lookup only (the PyTorch training image's URI).
 
 Module map:
-    plan.py      what a launch is: frozen specs (AWS, compute, job, tuning), defaults, metric definitions
-    cli.py       the command line: flags and examples, flags -> plan (errors name the flag), main()
-    source.py    the reproducible source tarball the job unpacks (our code plus requirements.txt)
-    requests.py  CreateTrainingJob and CreateHyperParameterTuningJob requests, job names
-    neo.py       Neo's PyTorch version policy and the CreateCompilationJob request
-    submit.py    upload the tarball, send the request, wait for the job (qcsight_aws does the AWS part)
+    plan.py          what a launch is: frozen specs (AWS, compute, job, tuning), defaults, metric definitions
+    cli.py           the command line: flags and examples, flags -> plan (errors name the flag), main()
+    source.py        the reproducible source tarball the job unpacks (our code plus requirements.txt)
+    job_requests.py  CreateTrainingJob and CreateHyperParameterTuningJob requests, job names
+    neo.py           Neo's PyTorch version policy and the CreateCompilationJob request
+    submit.py        upload the tarball, send the request, wait for the job (qcsight_aws does the AWS part)
 
 In the job: training/sagemaker_node.py runs once per node (SM_* environment, requirements,
 torchrun) and training/sagemaker_entry.py once per process. Only this package and those

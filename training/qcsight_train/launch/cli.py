@@ -408,13 +408,19 @@ def main(argv: list[str], prog: str = DEFAULT_PROG) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as exc:
-        print(f"{prog}: needs the 'cloud' extra (module {exc.name!r} is missing): pip install 'qcsight[cloud]'",
-              file=sys.stderr)
-        return EXIT_USAGE
+        return _missing_cloud_extra(prog, exc)
     try:
         result = submit_compilation(plan) if isinstance(plan, CompilationPlan) else submit_training(plan)
     except AwsError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except ModuleNotFoundError as exc:  # boto3, when --region and --image-uri needed neither it nor the SDK
+        return _missing_cloud_extra(prog, exc)
     print(json.dumps(result, indent=2, default=str))
     return EXIT_OK
+
+
+def _missing_cloud_extra(prog: str, exc: ModuleNotFoundError) -> int:
+    print(f"{prog}: needs the 'cloud' extra (module {exc.name!r} is missing): pip install 'qcsight[cloud]'",
+          file=sys.stderr)
+    return EXIT_USAGE

@@ -14,14 +14,14 @@ from qcsight_aws.errors import aws_errors
 from qcsight_aws.s3 import upload_file
 from qcsight_aws.session import boto_session
 from qcsight_train.launch import neo
-from qcsight_train.launch.plan import AwsSpec, CompilationPlan, TrainingPlan
-from qcsight_train.launch.requests import (
+from qcsight_train.launch.job_requests import (
     source_location,
     training_job_name,
     training_request,
     tuning_job_name,
     tuning_request,
 )
+from qcsight_train.launch.plan import AwsSpec, CompilationPlan, TrainingPlan
 from qcsight_train.launch.source import package_source
 
 log = logging.getLogger(__name__)
