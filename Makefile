@@ -6,8 +6,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo_out
+# The device install: the edge extra and what the device-side tests themselves use (onnx builds
+# their tiny models, cryptography the broker's certificates); never torch, never boto3.
+EDGE_VENV := .venv-edge
+DEVICE_TEST_DEPS := 'pytest>=8' 'pytest-timeout>=2.3' 'onnx>=1.16' 'cryptography>=42'
 
-.PHONY: demo test lint typecheck contracts unit system-deps venv clean
+.PHONY: demo test test-device lint typecheck contracts unit system-deps venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +32,8 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 typecheck: venv
-	$(VENV)/bin/mypy edge_agent/qcsight_core edge_agent/qcsight_edge batch/qcsight_batch
+	$(VENV)/bin/mypy edge_agent/qcsight_core edge_agent/qcsight_edge batch/qcsight_batch infra/qcsight_aws \
+	  training/qcsight_data training/qcsight_train/launch
 
 contracts: venv
 	$(VENV)/bin/lint-imports
@@ -38,8 +43,20 @@ unit: venv system-deps
 
 test: lint typecheck contracts unit
 
+$(EDGE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(EDGE_VENV)
+	$(EDGE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EDGE_VENV)/bin/python -m pip install --quiet -e '.[edge]' $(DEVICE_TEST_DEPS)
+	touch $@
+
+# The device-side tests (tests/core, tests/edge, not marked torch or cloud) in a venv holding
+# only the edge extra: proves the device code imports and runs without torch or boto3.
+test-device: $(EDGE_VENV)/.installed system-deps
+	@! $(EDGE_VENV)/bin/python -c 'import torch' 2>/dev/null || { echo "torch is installed in $(EDGE_VENV)"; exit 1; }
+	$(EDGE_VENV)/bin/python -m pytest tests/core tests/edge -m 'not torch and not cloud' -p no:cacheprovider
+
 demo: venv
 	bash scripts/demo.sh $(DEMO_DIR)
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(EDGE_VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

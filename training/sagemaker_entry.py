@@ -13,10 +13,11 @@ from pathlib import Path
 
 def _add_source_tree() -> None:
     # When the job ships the repository as source code rather than an installed wheel, the
-    # packages sit beside this file (training/) and in ../edge_agent; an installed qcsight wins.
+    # packages sit beside this file (training/) and in ../edge_agent, ../infra; an installed qcsight wins.
     here = Path(__file__).resolve().parent
-    for folder in (here, here.parent / "edge_agent"):
-        if (folder / ("qcsight_train" if folder == here else "qcsight_core")).is_dir() and str(folder) not in sys.path:
+    for folder, package in ((here, "qcsight_train"), (here.parent / "edge_agent", "qcsight_core"),
+                            (here.parent / "infra", "qcsight_aws")):
+        if (folder / package).is_dir() and str(folder) not in sys.path:
             sys.path.append(str(folder))
 
 

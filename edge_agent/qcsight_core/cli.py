@@ -1,7 +1,8 @@
 """The `qcsight` command: dispatches each subcommand to the package that owns it.
 
-Subcommand modules are named by string and imported only when run, so `qcsight data`
-works on a device without torch and a missing extra is reported, not a traceback.
+Subcommand modules are named by string and imported only when run, so `qcsight data` runs
+without torch and a missing extra is reported, not a traceback (tests/core/test_cli.py checks
+that every named module and its main exist).
 qcsight_core never imports the other qcsight packages at module level.
 """
 
@@ -32,7 +33,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "data": Command("qcsight_core.data_cli", None, "index, split, fingerprint and synthesise datasets"),
+    "data": Command("qcsight_data.cli", None, "index, split, fingerprint and synthesise datasets"),
     "train": Command(
         "qcsight_train.cli", "train", "train a model and export a bundle (local, torchrun, SageMaker)",
         ("torch", "torchvision", "albumentations", "onnx"),

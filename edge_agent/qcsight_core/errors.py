@@ -14,7 +14,13 @@ class ConfigError(QcsightError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"invalid configuration {field}={value!r}: {allowed}")
+        super().__init__(f"invalid configuration {field}={_shown(value)}: {allowed}")
+
+
+def _shown(value: object, limit: int = 200) -> str:
+    """The value's repr, cut short when it is long (a 400-digit number need not fill a screen)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text)} characters)"
 
 
 class BundleError(QcsightError):

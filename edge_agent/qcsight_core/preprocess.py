@@ -13,6 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from qcsight_core.checks import check_choice, check_int, check_number
 from qcsight_core.errors import ConfigError, PreprocessError
 
 COLOR_ORDERS = ("RGB", "BGR", "GRAY")
@@ -54,17 +55,11 @@ class PreprocessSpec:
 
     def __post_init__(self) -> None:
         for name in ("height", "width"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 8 or value > 8192:
-                raise ConfigError(f"input.{name}", value, "an integer from 8 to 8192")
-        if self.color not in COLOR_ORDERS:
-            raise ConfigError("input.color", self.color, f"one of {', '.join(COLOR_ORDERS)}")
-        if self.resize not in RESIZE_RULES:
-            raise ConfigError("input.resize", self.resize, f"one of {', '.join(RESIZE_RULES)}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ConfigError("input.interpolation", self.interpolation, f"one of {', '.join(INTERPOLATIONS)}")
-        if not 0.1 <= self.crop_fraction <= 1.0:
-            raise ConfigError("input.crop_fraction", self.crop_fraction, "a number from 0.1 to 1.0")
+            object.__setattr__(self, name, check_int(f"input.{name}", getattr(self, name), 8, 8192))
+        check_choice("input.color", self.color, COLOR_ORDERS)
+        check_choice("input.resize", self.resize, RESIZE_RULES)
+        check_choice("input.interpolation", self.interpolation, INTERPOLATIONS)
+        object.__setattr__(self, "crop_fraction", check_number("input.crop_fraction", self.crop_fraction, 0.1, 1.0))
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ConfigError(
                 "input.mean/std", (self.mean, self.std), f"{self.channels} value(s) each for color {self.color}"

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from qcsight_core.bundle import Bundle
-from qcsight_core.errors import ConfigError, RunnerError
+from qcsight_core.checks import check_choice, check_int
+from qcsight_core.errors import RunnerError
 from qcsight_core.verdict import softmax
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,9 @@ class RunnerOptions:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISION_CHOICES:
-            raise ConfigError("precision", self.precision, f"one of {', '.join(PRECISION_CHOICES)}")
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
-            raise ConfigError("threads", (self.intra_op_threads, self.inter_op_threads), "0 or more")
+        check_choice("precision", self.precision, PRECISION_CHOICES)
+        for name in ("intra_op_threads", "inter_op_threads", "warmup_runs"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 0))
 
 
 class OnnxRunner:

@@ -1,4 +1,7 @@
-"""Synthetic surface-defect images with pixel masks, seeded and byte-for-byte reproducible.
+"""Synthetic surface-defect pictures with pixel masks, drawn from a seeded generator, reproducible.
+
+Rendered here for the agent's synthetic camera (the demo); qcsight_data.synth writes them out as
+a labelled dataset.
 
 Four surface families (brushed metal, cast, woven, wood-like) under a random lighting
 gradient and sensor noise, each image with its own texture, brightness, contrast and tint.
@@ -9,34 +12,25 @@ brightness rule cannot separate good from defective while a small CNN can.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from qcsight_core.dataset import MASKS_DIR, DatasetIndex, Sample
-from qcsight_core.errors import ConfigError, DataError
+from qcsight_core.errors import ConfigError
 
 GOOD_CLASS = "good"
 DEFECT_CLASSES = ("scratch", "crack", "spot", "dent", "missing")
 DEFAULT_CLASSES = (GOOD_CLASS, *DEFECT_CLASSES)
 SURFACES = ("brushed", "cast", "woven", "wood")
-CONFIG_NAME = "synth.json"
 # Bump when the pictures for a given seed change, so a stored fingerprint can be explained.
 GENERATOR_VERSION = 1
-_WINDOW = 64
-_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]  # level 1: half the time of 3, 1% larger
 # Tints (B, G, R multipliers) per surface; jittered per image.
 _TINTS = {"brushed": (1.04, 1.0, 0.95), "cast": (1.0, 1.0, 1.0), "woven": (0.9, 1.0, 1.05), "wood": (0.62, 0.84, 1.08)}
 
-Progress = Callable[[int, int], None]
 Array = np.ndarray
 
 
@@ -259,82 +253,3 @@ def render(rng: np.random.Generator, label: str, size: int = 128, surface: str |
     image = np.clip(colour + 0.5, 0, 255).astype(np.uint8)
     mask_u8 = None if mask is None else (mask.astype(np.uint8) * 255)
     return SynthImage(image, label, surface, mask_u8)
-
-
-def _check_arguments(output: Path, count: int, size: int, classes: Sequence[str]) -> None:
-    if count < 1:
-        raise ConfigError("count", count, "a positive number of images")
-    if not 32 <= size <= 2048:
-        raise ConfigError("size", size, "from 32 to 2048 pixels")
-    unknown = [c for c in classes if c not in DEFAULT_CLASSES]
-    if unknown or not classes or len(set(classes)) != len(classes):
-        raise ConfigError("classes", list(classes), f"distinct names from {', '.join(DEFAULT_CLASSES)}")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise DataError(f"{output}: exists and is not an empty directory; choose a new output directory")
-
-
-def generate(
-    output: Path,
-    count: int,
-    seed: int,
-    size: int = 128,
-    classes: Sequence[str] = DEFAULT_CLASSES,
-    progress: Progress | None = None,
-    workers: int | None = None,
-) -> DatasetIndex:
-    """Write count images, folder per class, with masks for defects; return their index.
-
-    Image i has class classes[i % len(classes)] and is drawn from its own generator seeded by
-    (seed, i), so the same seed writes byte-identical files (whatever the number of workers)
-    and a larger count extends a smaller one. Files: ``output/<class>/<class>_<i>.png`` (BGR)
-    and, for defects, ``output/masks/<class>/<class>_<i>.png`` (0/255 grey);
-    ``output/synth.json`` records the parameters.
-
-    Args:
-        workers: threads drawing and encoding images (OpenCV and numpy release the GIL);
-            default: the number of CPUs, at most 8.
-
-    Raises:
-        ConfigError: count, size or classes are not allowed.
-        DataError: output exists and is not empty.
-    """
-    output = Path(output)
-    _check_arguments(output, count, size, classes)
-    for label in classes:
-        (output / label).mkdir(parents=True, exist_ok=True)
-        if label != GOOD_CLASS:
-            (output / MASKS_DIR / label).mkdir(parents=True, exist_ok=True)
-
-    def make(i: int) -> Sample:
-        label = classes[i % len(classes)]
-        picture = render(np.random.default_rng([seed, i]), label, size)
-        name = f"{label}_{i:06d}.png"
-        path = output / label / name
-        _write_png(path, picture.image)
-        if picture.mask is not None:
-            _write_png(output / MASKS_DIR / label / name, picture.mask)
-        absolute = os.path.normpath(os.path.abspath(path))
-        return Sample(absolute, label, absolute)
-
-    samples: list[Sample] = []
-    threads = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qcsight-synth") as pool:
-        # Submitted a window at a time, so the pool's queue stays bounded whatever the count.
-        for start in range(0, count, _WINDOW):
-            for sample in pool.map(make, range(start, min(count, start + _WINDOW))):
-                samples.append(sample)
-                if progress is not None:
-                    progress(len(samples), count)
-    config = {"generator": "qcsight.synth", "version": GENERATOR_VERSION, "seed": seed, "count": count,
-              "size": size, "classes": list(classes), "surfaces": list(SURFACES)}
-    (output / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    samples.sort(key=lambda s: (s.label, s.path))
-    root = os.path.normpath(os.path.abspath(output))
-    return DatasetIndex(tuple(samples), tuple(sorted(classes)), (), str(output), root, "folder")
-
-
-def _write_png(path: Path, pixels: Array) -> None:
-    ok, encoded = cv2.imencode(".png", pixels, _PNG_PARAMS)
-    if not ok:
-        raise DataError(f"{path}: PNG encoding failed")
-    path.write_bytes(encoded.tobytes())

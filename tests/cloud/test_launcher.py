@@ -1,7 +1,7 @@
 """The SageMaker launcher against a moto server on loopback.
 
-`launcher.main` runs exactly as `qcsight train --sagemaker ...` would; AWS_ENDPOINT_URL points
-boto3 and the SageMaker SDK at moto. A WSGI wrapper records every request moto receives, so the
+`launch.main` runs exactly as `qcsight train --sagemaker ...` would; AWS_ENDPOINT_URL points
+boto3 at moto. A WSGI wrapper records every request moto receives, so the
 assertions read the CreateTrainingJob / CreateHyperParameterTuningJob / CreateCompilationJob
 bodies actually sent, check them against botocore's SageMaker service model (required members,
 enums, patterns, lengths and ranges: what the real service validates), and read back what moto
@@ -14,7 +14,6 @@ import io
 import json
 import re
 import tarfile
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,13 +22,16 @@ from typing import Any
 import pytest
 
 from qcsight_core.bundle import ModelFile, write_bundle
-from tests.helpers.aws import FAKE_ENV
+from tests.helpers.aws import FAKE_ENV, assert_valid, reset_moto
 from tests.helpers.models import make_tiny_bundle
 
 pytest.importorskip("moto.server")
-pytest.importorskip("sagemaker.train.model_trainer")  # the SDK import is slow: once, here, for the module
+pytest.importorskip("sagemaker.core.image_uris")  # the image URI lookup; the SDK import is slow: once, here
 
-from qcsight_train import launcher, neo
+from qcsight_train.launch import cli as launcher
+from qcsight_train.launch import neo
+from qcsight_train.launch.plan import DEFAULT_MAX_RUN_S, ENTRY_SCRIPT, METRIC_DEFINITIONS, NODE_SCRIPT
+from qcsight_train.launch.source import default_source_dir, package_source
 
 pytestmark = pytest.mark.cloud
 
@@ -100,8 +102,7 @@ def moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[str,
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    # moto keeps its backends per process, not per server: start each test from an empty account.
-    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).close()
+    reset_moto(url)
     recording.other.clear()
     monkeypatch.setenv("AWS_ENDPOINT_URL", url)
     try:
@@ -120,64 +121,6 @@ def _isolate_from_user_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("SAGEMAKER_TELEMETRY_OPT_OUT", "true")
 
 
-# --------------------------------------------------------------------------- service-model validation
-
-
-def _problems(shape: Any, value: Any, path: str) -> Iterator[str]:
-    kind = shape.type_name
-    meta = shape.metadata
-    if kind == "structure":
-        if not isinstance(value, dict):
-            yield f"{path}: expected an object"
-            return
-        for name in shape.required_members:
-            if name not in value:
-                yield f"{path}.{name}: required but missing"
-        for name, item in value.items():
-            if name not in shape.members:
-                yield f"{path}.{name}: not a member of {shape.name}"
-            else:
-                yield from _problems(shape.members[name], item, f"{path}.{name}")
-    elif kind == "list":
-        if not isinstance(value, list):
-            yield f"{path}: expected a list"
-            return
-        if not meta.get("min", 0) <= len(value) <= meta.get("max", 10**9):
-            yield f"{path}: {len(value)} items outside [{meta.get('min')}, {meta.get('max')}]"
-        for i, item in enumerate(value):
-            yield from _problems(shape.member, item, f"{path}[{i}]")
-    elif kind == "map":
-        if not meta.get("min", 0) <= len(value) <= meta.get("max", 10**9):
-            yield f"{path}: {len(value)} entries outside [{meta.get('min')}, {meta.get('max')}]"
-        for key, item in value.items():
-            yield from _problems(shape.key, key, f"{path}<key {key}>")
-            yield from _problems(shape.value, item, f"{path}.{key}")
-    elif kind == "string":
-        if not isinstance(value, str):
-            yield f"{path}: expected a string, got {value!r}"
-            return
-        if shape.enum and value not in shape.enum:
-            yield f"{path}: {value!r} not in enum {shape.name}"
-        if "pattern" in meta and not re.fullmatch(meta["pattern"], value, flags=re.DOTALL):
-            yield f"{path}: {value!r} does not match {meta['pattern']}"
-        if not meta.get("min", 0) <= len(value) <= meta.get("max", 10**9):
-            yield f"{path}: length {len(value)} outside [{meta.get('min')}, {meta.get('max')}]"
-    elif kind in ("integer", "long"):
-        if not isinstance(value, int) or not meta.get("min", -(10**18)) <= value <= meta.get("max", 10**18):
-            yield f"{path}: {value!r} is not an integer within [{meta.get('min')}, {meta.get('max')}]"
-    elif kind == "boolean" and not isinstance(value, bool):
-        yield f"{path}: expected true/false, got {value!r}"
-
-
-def assert_valid(operation: str, request: Mapping[str, Any]) -> None:
-    """Check a request body the way SageMaker's API front end would, from botocore's service model."""
-    import botocore.session
-
-    model = botocore.session.get_session().get_service_model("sagemaker").operation_model(operation)
-    problems = list(_problems(model.input_shape, dict(request), operation))
-    assert not problems, "\n".join(problems)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -188,7 +131,8 @@ def checkout(tmp_path: Path) -> Path:
     files = {
         "pyproject.toml": (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"),
         "README.md": "# qcsight\n",
-        launcher.ENTRY_SCRIPT: "import sys\nfrom qcsight_train.cli import main\nsys.exit(main(sys.argv[1:]))\n",
+        ENTRY_SCRIPT: "import sys\nfrom qcsight_train.cli import main\nsys.exit(main(sys.argv[1:]))\n",
+        NODE_SCRIPT: "# starts torchrun on each node\n",
         "training/qcsight_train/__init__.py": '"""train"""\n',
         "edge_agent/qcsight_core/__init__.py": '"""core"""\n',
         "batch/qcsight_batch/__init__.py": '"""batch"""\n',
@@ -247,7 +191,7 @@ def channel_uri(request: Mapping[str, Any], name: str) -> str:
 
 def metric_values(line: str) -> dict[str, float]:
     values = {}
-    for definition in launcher.METRIC_DEFINITIONS:
+    for definition in METRIC_DEFINITIONS:
         match = re.search(definition["Regex"], line)
         if match:
             values[definition["Name"]] = float(match.group(1))
@@ -264,7 +208,7 @@ def metric_values(line: str) -> dict[str, float]:
 ])
 def test_metric_regexes_read_every_value_of_the_epoch_line(line: str) -> None:
     assert metric_values(line) == pytest.approx(EXPECTED_METRICS)
-    for definition in launcher.METRIC_DEFINITIONS:
+    for definition in METRIC_DEFINITIONS:
         assert re.compile(definition["Regex"]).groups == 1, "SageMaker reads the first group: keep only one"
 
 
@@ -285,9 +229,9 @@ def test_metric_regexes_read_scientific_notation() -> None:
 # --------------------------------------------------------------------------- training job
 
 
-def test_training_job_request_sent_through_the_sdk(moto: tuple[str, Recording], checkout: Path,
-                                                   capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_job_request_as_sagemaker_received_it(moto: tuple[str, Recording], checkout: Path,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import boto3
     from sagemaker.core.telemetry import telemetry_logging
 
@@ -319,23 +263,18 @@ def test_training_job_request_sent_through_the_sdk(moto: tuple[str, Recording], 
                                        "warmup_epochs": "0.5"}
     assert sent["OutputDataConfig"]["S3OutputPath"] == "s3://qc-out/qcsight/models"
     spec = sent["AlgorithmSpecification"]
-    assert spec["MetricDefinitions"] == [dict(m) for m in launcher.METRIC_DEFINITIONS]
+    assert spec["MetricDefinitions"] == [dict(m) for m in METRIC_DEFINITIONS]
     assert spec["TrainingImage"] == "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.10.0-gpu-py313"
-    # Torchrun: the SDK runs its own sm_train.sh, which starts torchrun_driver.py with distributed.json
+    # Every node unpacks the code channel and runs our node script, which starts torchrun with
+    # 4 processes on this node (what it runs: tests/train/test_sagemaker_node.py).
     assert spec["ContainerEntrypoint"] == ["/bin/bash"]
-    assert "sm_drivers/sm_train.sh" in spec["ContainerArguments"][-1]
-    assert [c["ChannelName"] for c in sent["InputDataConfig"]] == ["train", "validation", "code", "sm_drivers"]
+    flag, command = spec["ContainerArguments"]
+    assert flag == "-c"
+    assert "tar -xzf /opt/ml/input/data/code/sourcedir.tar.gz" in command
+    assert command.endswith(f"exec python3 {NODE_SCRIPT} --processes-per-node 4")
+    assert [c["ChannelName"] for c in sent["InputDataConfig"]] == ["train", "validation", "code"]
     assert channel_uri(sent, "train") == "s3://qc-data/tiles/train/"
     assert channel_uri(sent, "validation") == "s3://qc-data/tiles/val/"
-
-    drivers = channel_uri(sent, "sm_drivers")
-    assert json.loads(s3_read(drivers + "/distributed.json")) == {"process_count_per_node": 4, "smp": None}
-    train_script = s3_read(drivers + "/sm_train.sh").decode()
-    assert "distributed_drivers/torchrun_driver.py" in train_script
-    assert "tar -xzf sourcedir.tar.gz" in train_script
-    assert "install_requirements.py requirements.txt" in train_script
-    source_code = json.loads(s3_read(drivers + "/sourcecode.json"))
-    assert source_code["entry_script"] == "training/sagemaker_entry.py"
 
     code_uri = channel_uri(sent, "code")
     assert code_uri == result["source_s3"]
@@ -344,7 +283,7 @@ def test_training_job_request_sent_through_the_sdk(moto: tuple[str, Recording], 
         requirements = tar.extractfile("requirements.txt").read().decode().split()  # type: ignore[union-attr]
     assert members == sorted(["README.md", "batch/qcsight_batch/__init__.py", "edge_agent/qcsight_core/__init__.py",
                               "pyproject.toml", "requirements.txt", "training/qcsight_train/__init__.py",
-                              "training/sagemaker_entry.py"])
+                              ENTRY_SCRIPT, NODE_SCRIPT])
     assert not [r for r in requirements if re.match(r"torch(vision)?\b", r)]
     assert any(r.startswith("albumentations") for r in requirements)
 
@@ -355,7 +294,7 @@ def test_training_job_request_sent_through_the_sdk(moto: tuple[str, Recording], 
     assert stored["StoppingCondition"]["MaxWaitTimeInSeconds"] == 7200
     assert stored["CheckpointConfig"]["S3Uri"] == "s3://qc-out/qcsight/ckpt"
     assert stored["HyperParameters"] == sent["HyperParameters"]
-    assert telemetry == [], "the launcher opts out of SDK telemetry"
+    assert telemetry == [], "the image lookup sends no SDK telemetry"
 
 
 def test_spot_without_checkpoint_prefix_gets_one_per_job(moto: tuple[str, Recording], checkout: Path,
@@ -369,8 +308,8 @@ def test_spot_without_checkpoint_prefix_gets_one_per_job(moto: tuple[str, Record
     name = result["training_job_name"]
     assert sent["CheckpointConfig"]["S3Uri"].startswith("s3://qc-out/qcsight/")
     assert sent["CheckpointConfig"]["S3Uri"].endswith(f"/{name}/checkpoints")
-    assert sent["StoppingCondition"] == {"MaxRuntimeInSeconds": launcher.DEFAULT_MAX_RUN_S,
-                                         "MaxWaitTimeInSeconds": 2 * launcher.DEFAULT_MAX_RUN_S}
+    assert sent["StoppingCondition"] == {"MaxRuntimeInSeconds": DEFAULT_MAX_RUN_S,
+                                         "MaxWaitTimeInSeconds": 2 * DEFAULT_MAX_RUN_S}
     assert sent["AlgorithmSpecification"]["TrainingImage"].endswith("pytorch-training:2.10.0-cpu-py313")
     assert "HyperParameters" not in sent or sent["HyperParameters"] == {}
 
@@ -391,7 +330,7 @@ def test_dry_run_prints_the_request_sends_nothing_and_matches_what_is_sent(
     request = dry["request"]
     assert_valid("CreateTrainingJob", request)
     uploads = {u["what"]: u for u in dry["uploads"]}
-    assert set(uploads) == {"source", "sm_drivers"}
+    assert set(uploads) == {"source"}
     assert channel_uri(request, "code") == uploads["source"]["s3"]
 
     make_buckets()
@@ -437,7 +376,7 @@ def test_tuning_job_request(moto: tuple[str, Recording], checkout: Path, capsys:
     assert static["sagemaker_program"] == "training/sagemaker_entry.py"
     assert static["sagemaker_torch_distributed_enabled"] == "true"
     assert s3_read(static["sagemaker_submit_directory"])[:2] == b"\x1f\x8b"  # the uploaded sourcedir.tar.gz
-    assert definition["AlgorithmSpecification"]["MetricDefinitions"] == [dict(m) for m in launcher.METRIC_DEFINITIONS]
+    assert definition["AlgorithmSpecification"]["MetricDefinitions"] == [dict(m) for m in METRIC_DEFINITIONS]
     assert definition["ResourceConfig"]["InstanceType"] == "ml.g4dn.xlarge"
     assert definition["EnableManagedSpotTraining"] is True
     assert definition["StoppingCondition"] == {"MaxRuntimeInSeconds": 1800, "MaxWaitTimeInSeconds": 3600}
@@ -681,8 +620,8 @@ def test_dispatch_through_the_qcsight_command_ships_this_checkout(moto: tuple[st
 def test_source_package_is_reproducible_and_leaves_the_rest_home(checkout: Path, tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = launcher.package_source(checkout, tmp_path / "a")
-    second = launcher.package_source(checkout, tmp_path / "b")
+    first = package_source(checkout, tmp_path / "a")
+    second = package_source(checkout, tmp_path / "b")
     assert first.sha256 == second.sha256
     assert first.tarball.read_bytes() == second.tarball.read_bytes()
     assert "training/sagemaker_entry.py" in first.files
@@ -691,38 +630,12 @@ def test_source_package_is_reproducible_and_leaves_the_rest_home(checkout: Path,
 
 
 def test_this_checkout_packs_the_code_the_job_needs(tmp_path: Path) -> None:
-    assert launcher.default_source_dir() == REPO_ROOT
-    package = launcher.package_source(REPO_ROOT, tmp_path)
-    for needed in ("training/sagemaker_entry.py", "training/qcsight_train/cli.py", "edge_agent/qcsight_core/bundle.py",
-                   "edge_agent/qcsight_core/preprocess.py", "pyproject.toml"):
+    assert default_source_dir() == REPO_ROOT
+    package = package_source(REPO_ROOT, tmp_path)
+    for needed in (ENTRY_SCRIPT, NODE_SCRIPT, "training/qcsight_train/cli.py", "edge_agent/qcsight_core/bundle.py",
+                   "edge_agent/qcsight_core/preprocess.py", "infra/qcsight_aws/s3.py", "pyproject.toml"):
         assert needed in package.files
     assert not [f for f in package.files if f.startswith(("tests/", ".venv/", ".git/")) or f.endswith(".pyc")]
     names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in package.requirements}
     assert {"onnxruntime", "onnx", "albumentations", "opencv-python-headless", "numpy"} <= names
     assert not names & {"torch", "torchvision", "sagemaker", "boto3", "pytest"}
-
-
-def test_wait_polls_until_done_and_reports_failure_and_timeout() -> None:
-    now = [0.0]
-
-    def clock() -> float:
-        return now[0]
-
-    def sleep(seconds: float) -> None:
-        now[0] += seconds
-
-    def describing(*statuses: str, reason: str = "") -> Callable[[], dict[str, str]]:
-        queue = list(statuses)
-        return lambda: {"TrainingJobStatus": queue.pop(0) if len(queue) > 1 else queue[0], "FailureReason": reason}
-
-    done = launcher.wait_for_job(describing("InProgress", "InProgress", "Completed"), "TrainingJobStatus",
-                                 ("Completed",), ("Failed",), timeout_s=100, poll_s=10, clock=clock, sleep=sleep)
-    assert done["TrainingJobStatus"] == "Completed" and now[0] == 20
-    with pytest.raises(launcher.LaunchError, match="Failed: CUDA out of memory"):
-        launcher.wait_for_job(describing("Failed", reason="CUDA out of memory"), "TrainingJobStatus",
-                              ("Completed",), ("Failed",), 100, 10, clock=clock, sleep=sleep)
-    now[0] = 0.0
-    with pytest.raises(launcher.LaunchError, match="still InProgress after 60 s"):
-        launcher.wait_for_job(describing("InProgress"), "TrainingJobStatus", ("Completed",), ("Failed",),
-                              60, 10, clock=clock, sleep=sleep)
-    assert now[0] <= 60

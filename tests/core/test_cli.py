@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +73,19 @@ def test_data_command_works_without_torch() -> None:
     result = _run_blocked({"torch", "torchvision", "albumentations"}, ["data", "--help"])
     assert result.returncode == 0, result.stderr
     assert "synth" in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_command_names_a_module_with_the_main_the_dispatcher_calls(name: str) -> None:
+    """The dispatcher names modules by string: a move that forgets COMMANDS fails here, not on a user's device.
+
+    Read without importing, since a command's module may need an extra this venv lacks.
+    """
+    module = cli.COMMANDS[name].module
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, f"qcsight {name}: no module {module}"
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    mains = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main"]
+    assert mains, f"qcsight {name}: {module} has no top-level main()"
+    parameters = [a.arg for a in mains[0].args.args]
+    assert len(parameters) >= 2 and parameters[1] == "prog", f"{module}.main must take (argv, prog): {parameters}"

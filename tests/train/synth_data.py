@@ -1,4 +1,4 @@
-"""Small synthetic defect datasets for the training tests (qcsight_core.synth: real PNG files, seeded)."""
+"""Small synthetic defect datasets for the training tests (qcsight_data.synth: real PNG files, seeded)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qcsight_core.synth import generate
+from qcsight_data.synth import generate
 
 CLASSES = ("good", "scratch", "spot")
 DEFECTS = ("scratch", "spot")

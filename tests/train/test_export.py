@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from qcsight_core.bundle import Bundle, load_bundle
-from qcsight_core.dataset import Sample
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import PreprocessSpec, normalize, prepare_pixels, preprocess_batch
 from qcsight_core.runner import OnnxRunner, RunnerOptions
 from qcsight_core.verdict import Decider
+from qcsight_data.dataset import Sample
 from qcsight_train.errors import ExportError, ParityError
 from qcsight_train.export import ExportOptions, export_bundle
 from qcsight_train.metrics import threshold_for_recall

@@ -73,6 +73,26 @@ def test_bad_values_name_the_field(argv: list[str], field: str) -> None:
     assert caught.value.field == field
 
 
+@pytest.mark.parametrize(("settings", "field"), [
+    ({"lr": 10**400}, "lr"),  # too large for a float: a ConfigError, not an OverflowError
+    ({"lr": "1e400"}, "lr"),
+    ({"epochs": "9" * 400}, "epochs"),
+    ({"seed": 10**400}, "seed"),
+    ({"hflip": "maybe"}, "hflip"),
+    ({"batch_size": 32.5}, "batch_size"),
+])
+def test_overflow_and_wrong_types_name_the_field(settings: dict[str, object], field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config({"data": "d", "output": "o", **settings})
+    assert caught.value.field == field
+
+
+def test_values_arriving_as_text_or_integral_floats_are_coerced() -> None:
+    cfg = build_config({"data": "d", "output": "o", "epochs": 5.0, "lr": "0.01", "hflip": "yes"})
+    assert (cfg.epochs, cfg.lr, cfg.augment.hflip) == (5, 0.01, True) and type(cfg.epochs) is int
+    assert TrainConfig(data="d", output="o", epochs="3").epochs == 3  # type: ignore[arg-type]
+
+
 def test_missing_data_and_unknown_yaml_keys_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--data"):
         _resolve(["--output", "o"])
@@ -122,7 +142,7 @@ def test_epoch_line_is_what_the_launchers_metric_regexes_read() -> None:
     import numpy as np
 
     from qcsight_train.engine import EpochStats, EvalResult, epoch_line
-    from qcsight_train.launcher import METRIC_DEFINITIONS
+    from qcsight_train.launch.plan import METRIC_DEFINITIONS
 
     del torch
     confusion = np.array([[8, 1], [2, 9]])

@@ -35,7 +35,7 @@ from qcsight_train.models import preprocess_spec  # noqa: E402
 def test_without_augmentation_the_dataset_yields_exactly_qcsight_core_preprocessing(dataset: Path) -> None:  # noqa: F811
     spec = preprocess_spec("efficientnet_lite0", 48)
     paths = sorted(dataset.glob("*/*.png"))[:3]
-    from qcsight_core.dataset import Sample
+    from qcsight_data.dataset import Sample
 
     items = ImageDataset([Sample(str(p), p.parent.name, str(p)) for p in paths], CLASSES, spec)
     for i, path in enumerate(paths):
@@ -45,7 +45,7 @@ def test_without_augmentation_the_dataset_yields_exactly_qcsight_core_preprocess
 
 
 def test_grey_images_become_three_identical_channels(tmp_path: Path) -> None:
-    from qcsight_core.dataset import Sample
+    from qcsight_data.dataset import Sample
 
     path = tmp_path / "grey.png"
     cv2.imwrite(str(path), np.tile(np.arange(80, dtype=np.uint8), (60, 1)))
@@ -60,7 +60,7 @@ def test_grey_images_become_three_identical_channels(tmp_path: Path) -> None:
 
 
 def test_augmentation_is_seeded_by_image_and_epoch_and_changes_between_epochs(dataset: Path) -> None:  # noqa: F811
-    from qcsight_core.dataset import Sample
+    from qcsight_data.dataset import Sample
 
     spec = preprocess_spec("mobilenet_v3_small", 64)
     path = sorted(dataset.glob("scratch/*.png"))[0]

@@ -18,6 +18,7 @@ from qcsight_core.bundle import load_bundle, pack_bundle
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import preprocess_batch
 from qcsight_core.runner import OnnxRunner
+from tests.helpers.scripts import load_script
 from tests.train.synth_data import (  # noqa: F401  (dataset is a fixture)
     CLASSES,
     DEFECTS,
@@ -47,7 +48,8 @@ def _epoch_lines(text: str) -> list[tuple[int, int]]:
 
 def _subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO / "edge_agent"), str(REPO / "training"), str(REPO)]),
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO / "edge_agent"), str(REPO / "training"), str(REPO / "infra"),
+                                           str(REPO)]),
                OMP_NUM_THREADS="1", NO_ALBUMENTATIONS_UPDATE="1", **extra)
     return env
 
@@ -155,11 +157,12 @@ def test_torchrun_two_processes_train_together_and_only_rank_0_writes(dataset: P
 
 
 def test_sagemaker_environment_is_honoured(dataset: Path, tmp_path: Path) -> None:  # noqa: F811
-    """Channels, SM_MODEL_DIR, SM_OUTPUT_DATA_DIR and SM_HPS, with argv built by SageMaker's own driver code."""
-    utils = pytest.importorskip("sagemaker.train.container_drivers.common.utils")
+    """Channels, SM_MODEL_DIR, SM_OUTPUT_DATA_DIR and SM_HPS, with argv built by training/sagemaker_node.py."""
+    node = load_script("training/sagemaker_node.py")
     validation = make_dataset(tmp_path / "validation", count=9, seed=7)
-    hps = {"epochs": 2, "img-size": 64, "batch-size": 8, "arch": "mobilenet_v3_small", "weights": "none",
-           "int8": False, "torchscript": False, "workers": 0, "test_fraction": 0.2, "name": "line7"}
+    # As SageMaker stores them (hyperparameters.json): every value a string.
+    hps = {"epochs": "2", "img-size": "64", "batch-size": "8", "arch": "mobilenet_v3_small", "weights": "none",
+           "int8": "false", "torchscript": "false", "workers": "0", "test_fraction": "0.2", "name": "line7"}
     model_dir, data_dir, checkpoints = tmp_path / "model", tmp_path / "output" / "data", tmp_path / "checkpoints"
     model_dir.mkdir()
     data_dir.mkdir(parents=True)
@@ -167,7 +170,10 @@ def test_sagemaker_environment_is_honoured(dataset: Path, tmp_path: Path) -> Non
         SM_CHANNEL_TRAIN=str(dataset), SM_CHANNEL_VALIDATION=str(validation), SM_MODEL_DIR=str(model_dir),
         SM_OUTPUT_DATA_DIR=str(data_dir), SM_HPS=json.dumps(hps), SM_HOSTS='["algo-1"]', SM_CURRENT_HOST="algo-1",
         TRAINING_JOB_NAME="qcsight-train-test-1", QCSIGHT_CHECKPOINT_DIR=str(checkpoints))
-    argv = utils.hyperparameters_to_cli_args(hps)  # what SageMaker's torchrun driver appends to the entry script
+    job = node.JobConfig(current_host="algo-1", hosts=("algo-1",), network_interface="eth0", channels=(),
+                         hyperparameters=hps)
+    command = node.torchrun_command(job, 1)
+    argv = command[command.index("training/sagemaker_entry.py") + 1:]  # what our node script passes the entry
     done = subprocess.run([sys.executable, str(ENTRY), *argv, "--sagemaker_torch_distributed_enabled", "true"],
                           env=env, capture_output=True, text=True, timeout=240, check=False, cwd=tmp_path)
     text = done.stdout + done.stderr

@@ -139,9 +139,9 @@ def _without_sagemaker_internal(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str], prog: str = "qcsight train") -> int:
     argv = list(argv)
     if "--sagemaker" in argv:
-        from qcsight_train import launcher
+        from qcsight_train.launch import cli as launch
 
-        return int(launcher.main(argv, prog))
+        return int(launch.main(argv, prog))
     parser = get_args_parser(prog)
     args = parser.parse_args(_without_sagemaker_internal(argv))
     configure_logging(args.verbose)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import types
 import typing
-from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from qcsight_core.checks import check_bool, check_choice, check_int, check_number
 from qcsight_core.errors import ConfigError
 
 # Kept here, not only in models.ARCHITECTURES, so that the command line is checked before torch loads.
@@ -22,8 +23,6 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 RESIZE_CHOICES = ("stretch", "shorter_side_crop", "letterbox")
 # Class names that mean "no defect" when neither --defect-classes nor --good-classes is given.
 GOOD_NAMES = ("good", "ok", "free", "normal", "pass", "no_defect", "nodefect", "defect_free", "clean")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -59,8 +58,8 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         for name in ("brightness", "gamma", "blur_p", "noise_p", "affine_p", "dropout_p"):
-            _check_range(name, getattr(self, name), 0.0, 1.0)
-        _check_range("affine_degrees", self.affine_degrees, 0.0, 45.0)
+            _store(self, check_number, name, 0.0, 1.0)
+        _store(self, check_number, "affine_degrees", 0.0, 45.0)
 
 
 @dataclass(frozen=True)
@@ -156,28 +155,28 @@ class TrainConfig:
             raise ConfigError("data", self.data, "a dataset folder, CSV, manifest or s3:// prefix (--data)")
         if not self.output:
             raise ConfigError("output", self.output, "an output directory (--output)")
-        _check_range("epochs", self.epochs, 1, 10_000)
-        _check_range("freeze_epochs", self.freeze_epochs, 0, self.epochs - 1 if self.epochs > 1 else 0)
-        _check_range("batch_size", self.batch_size, 1, 4096)
-        _check_range("lr", self.lr, 1e-8, 1.0)
-        _check_range("backbone_lr_scale", self.backbone_lr_scale, 0.0, 10.0)
-        _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
-        _check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))
-        _check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _check_range("label_smoothing", self.label_smoothing, 0.0, 0.5)
-        _check_range("balance_power", self.balance_power, 0.0, 2.0)
-        _check_range("img_size", self.img_size, 32, 1024)
-        _check_range("val_fraction", self.val_fraction, 0.0, 0.9)
-        _check_range("test_fraction", self.test_fraction, 0.0, 0.9)
-        _check_range("target_recall", self.target_recall, 0.5, 1.0)
-        _check_range("review_fraction", self.review_fraction, 0.0, 1.0)
-        _check_range("workers", self.workers, 0, 64)
-        _check_range("threads", self.threads, 0, 1024)
-        _check_range("calibration_images", self.calibration_images, 1, 100_000)
-        _check_choice("arch", self.arch, ARCH_NAMES)
-        _check_choice("balance", self.balance, BALANCE_CHOICES)
-        _check_choice("amp", self.amp, AMP_CHOICES)
-        _check_choice("resize", self.resize, RESIZE_CHOICES)
+        _store(self, check_int, "epochs", 1, 10_000)
+        _store(self, check_int, "freeze_epochs", 0, self.epochs - 1 if self.epochs > 1 else 0)
+        _store(self, check_int, "batch_size", 1, 4096)
+        _store(self, check_number, "lr", 1e-8, 1.0)
+        _store(self, check_number, "backbone_lr_scale", 0.0, 10.0)
+        _store(self, check_number, "weight_decay", 0.0, 1.0)
+        _store(self, check_number, "warmup_epochs", 0.0, float(self.epochs))
+        _store(self, check_number, "min_lr_ratio", 0.0, 1.0)
+        _store(self, check_number, "label_smoothing", 0.0, 0.5)
+        _store(self, check_number, "balance_power", 0.0, 2.0)
+        _store(self, check_int, "img_size", 32, 1024)
+        _store(self, check_number, "val_fraction", 0.0, 0.9)
+        _store(self, check_number, "test_fraction", 0.0, 0.9)
+        _store(self, check_number, "target_recall", 0.5, 1.0)
+        _store(self, check_number, "review_fraction", 0.0, 1.0)
+        _store(self, check_int, "workers", 0, 64)
+        _store(self, check_int, "threads", 0, 1024)
+        _store(self, check_int, "calibration_images", 1, 100_000)
+        _store(self, check_choice, "arch", ARCH_NAMES)
+        _store(self, check_choice, "balance", BALANCE_CHOICES)
+        _store(self, check_choice, "amp", AMP_CHOICES)
+        _store(self, check_choice, "resize", RESIZE_CHOICES)
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ConfigError("val_fraction+test_fraction", self.val_fraction + self.test_fraction,
                               "below 0.9, so that most data is left for training")
@@ -199,19 +198,13 @@ class TrainConfig:
         return path
 
 
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ConfigError(name, value, f"a number from {low:g} to {high:g}")
-
-
-def _check_choice(name: str, value: str, choices: Iterable[str]) -> None:
-    allowed = tuple(choices)
-    if value not in allowed:
-        raise ConfigError(name, value, f"one of {', '.join(allowed)}")
-
-
 TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "augment"}
 AUGMENT_FIELDS = {f.name: f for f in fields(AugmentConfig)}
+
+
+def _store(config: object, check: Callable[..., Any], name: str, *bounds: Any) -> None:
+    """Check a field and keep its coerced value: TrainConfig(epochs="3") holds 3, as one read from YAML does."""
+    object.__setattr__(config, name, check(name, getattr(config, name), *bounds))
 
 
 def field_names() -> tuple[str, ...]:
@@ -227,17 +220,13 @@ def _field_type(name: str) -> Any:
 def coerce(name: str, value: Any) -> Any:
     """Turn a YAML, JSON (SM_HPS) or command-line value into the field's type, naming the field on failure."""
     kind = _field_type(name)
+    if kind is bool:
+        return check_bool(name, value)
+    if kind is int:
+        return check_int(name, value)
+    if kind is float:
+        return check_number(name, value)
     try:
-        if kind is bool:
-            return parse_bool(value)
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
         if kind is str:
             if isinstance(value, (dict, list)):
                 raise ValueError(value)
@@ -255,18 +244,6 @@ def _type_name(kind: Any) -> str:
     if isinstance(kind, types.GenericAlias) or typing.get_origin(kind) is tuple:
         return "a comma-separated list of names"
     return str(kind)
-
-
-def parse_bool(value: Any) -> bool:
-    """true/false, yes/no, on/off, 1/0 (SageMaker passes booleans as the strings true/false)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(f"{value!r} is not a boolean (true/false)")
 
 
 def parse_names(value: Any) -> tuple[str, ...]:
@@ -331,10 +308,3 @@ def build_config(*layers: Mapping[str, Any]) -> TrainConfig:
     top = {k: v for k, v in merged.items() if k in TRAIN_FIELDS}
     return TrainConfig(**top, augment=augment)
 
-
-def default_of(name: str) -> Any:
-    spec = AUGMENT_FIELDS.get(name) or TRAIN_FIELDS[name]
-    if spec.default is not MISSING:
-        return spec.default
-    factory: Any = spec.default_factory
-    return factory()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -20,10 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from qcsight_core.dataset import DatasetIndex, Sample, fingerprint, load_index, split_index
+from qcsight_aws.errors import AwsError
+from qcsight_aws.s3 import S3Uri, download_prefix
 from qcsight_core.errors import ConfigError, DataError
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import PreprocessSpec, normalize, prepare_pixels
+from qcsight_data.dataset import DatasetIndex, Sample, fingerprint, load_index, split_index
 from qcsight_train.augment import Augment
 from qcsight_train.config import GOOD_NAMES, TrainConfig
 
@@ -42,7 +43,7 @@ class Splits:
         val: validation samples (model selection, thresholds).
         test: held-out samples for the final evaluation; may be empty.
         classes: class names in output order.
-        fingerprint: sha256 of the dataset (qcsight_core.dataset.fingerprint).
+        fingerprint: sha256 of the dataset (qcsight_data.dataset.fingerprint).
         source: where the data came from.
     """
 
@@ -88,35 +89,16 @@ def fetch_s3(uri: str, cache_dir: Path) -> Path:
     """
     import boto3  # only runs that read s3:// need it
 
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise ConfigError("data", uri, "s3://bucket/prefix")
+    location = S3Uri.parse(uri, "data", allowed="s3://bucket/prefix", legacy_bucket=True)
+    key = location.key
     is_file = bool(key) and not key.endswith("/") and Path(key).suffix.lower() in (".csv", ".manifest", ".jsonl")
-    prefix = key.rsplit("/", 1)[0] + "/" if is_file and "/" in key else ("" if is_file else key)
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    local_root = cache_dir / bucket / prefix
-    client = boto3.client("s3")
-    fetched = 0
-    paginator = client.get_paginator("list_objects_v2")
+    folder = S3Uri(location.bucket, key.rsplit("/", 1)[0] if is_file and "/" in key else ("" if is_file else key))
+    local_root = cache_dir / location.bucket / folder.prefix
     try:
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                rel = item["Key"][len(prefix):]
-                if not rel or rel.endswith("/"):
-                    continue
-                target = local_root / rel
-                if target.is_file() and target.stat().st_size == item["Size"]:
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(target.name + ".part")
-                client.download_file(bucket, item["Key"], str(tmp))
-                os.replace(tmp, target)
-                fetched += 1
-    except Exception as exc:  # botocore raises many unrelated types for one failure: no data
+        download_prefix(boto3.client("s3"), folder, local_root)
+    except AwsError as exc:
         raise DataError(f"{uri}: cannot download ({exc})") from exc
-    log.info("%s: %d objects downloaded to %s", uri, fetched, local_root)
-    result = local_root / key[len(prefix):] if is_file else local_root
+    result = local_root / key[len(folder.prefix):] if is_file else local_root
     if not result.exists():
         raise DataError(f"{uri}: no objects under this prefix")
     return result
@@ -143,7 +125,7 @@ def load_data(cfg: TrainConfig, cache_dir: Path) -> Splits:
     """Load and split the configured sources.
 
     Without separate validation/test sources, the data is split by near-duplicate group and
-    class (qcsight_core.dataset.split_index); preset splits in a CSV are kept.
+    class (qcsight_data.dataset.split_index); preset splits in a CSV are kept.
 
     Raises:
         DataError: a source is unreadable or a split lacks samples or classes.

@@ -34,7 +34,7 @@ from qcsight_train.metrics import (
 )
 
 if TYPE_CHECKING:
-    from qcsight_core.dataset import Sample
+    from qcsight_data.dataset import Sample
 
 log = logging.getLogger(__name__)
 

@@ -9,34 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qcsight_core.bundle import load_bundle
+from qcsight_core.checks import argument, check_int, check_number
 from qcsight_core.cli import EXIT_OK, configure_logging, parse_args
-from qcsight_core.dataset import SPLITS, DatasetIndex, load_index
+from qcsight_data.dataset import SPLITS, DatasetIndex, load_index
 from qcsight_train.errors import EvaluationError
 from qcsight_train.evaluate import METRICS_FILE, REPORT_FILE, Unreadable, evaluate_bundle
 
 log = logging.getLogger(__name__)
 
 ALL = "all"
-
-
-def _recall(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is not a recall in (0, 1]")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -58,13 +39,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--split", default=None, choices=[*SPLITS, ALL],
                         help="which split to evaluate; default: 'test' when the dataset assigns splits, "
                         "otherwise every image ('all')")
-    parser.add_argument("--target-recall", type=_recall, default=0.99,
+    parser.add_argument("--target-recall", type=argument(check_number, 0.0, 1.0, open_low=True), default=0.99,
                         help="defect recall for the reported operating threshold (default 0.99)")
     parser.add_argument("--int8", action="store_true", help="evaluate the bundle's INT8 model instead of FP32")
     parser.add_argument("--image-root", type=Path, default=None,
                         help="local folder holding the images a manifest names by s3:// URI")
-    parser.add_argument("--batch-size", type=_positive, default=32, help="images per inference call (default 32)")
-    parser.add_argument("--worst", type=_positive, default=20,
+    parser.add_argument("--batch-size", type=argument(check_int, 1), default=32,
+                        help="images per inference call (default 32)")
+    parser.add_argument("--worst", type=argument(check_int, 1), default=20,
                         help="how many misclassified images report.md lists (default 20)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
     return parser

@@ -50,8 +50,8 @@ from qcsight_core.bundle import (
     pack_bundle,
     write_bundle,
 )
+from qcsight_core.checks import check_int, check_number
 from qcsight_core.drift import histogram
-from qcsight_core.errors import ConfigError
 from qcsight_core.preprocess import PreprocessSpec, normalize, prepare_pixels
 from qcsight_core.runner import OnnxRunner, RunnerOptions
 from qcsight_core.verdict import Decider
@@ -62,7 +62,7 @@ from qcsight_train.metrics import json_safe, review_band, threshold_for_recall
 if TYPE_CHECKING:
     import torch
 
-    from qcsight_core.dataset import Sample
+    from qcsight_data.dataset import Sample
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +117,12 @@ class ExportOptions:
     pack: bool = True
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.parity_tolerance < 1.0:
-            raise ConfigError("export.parity_tolerance", self.parity_tolerance, "a probability difference in (0, 1)")
+        check_number("export.parity_tolerance", self.parity_tolerance, 0.0, 1.0, open_low=True, open_high=True)
         for name in ("parity_images", "calibration_images", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"export.{name}", getattr(self, name), "at least 1")
-        for name in ("review_fraction", "uncertain_floor"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"export.{name}", getattr(self, name), "a fraction from 0 to 1")
-        if not 0.0 <= self.default_threshold <= 1.0:
-            raise ConfigError("export.default_threshold", self.default_threshold, "a probability from 0 to 1")
-        if not 13 <= self.opset <= 23:
-            raise ConfigError("export.opset", self.opset, "an ONNX opset from 13 to 23")
+            check_int(f"export.{name}", getattr(self, name), 1)
+        for name in ("review_fraction", "uncertain_floor", "default_threshold"):
+            check_number(f"export.{name}", getattr(self, name), 0.0, 1.0)
+        check_int("export.opset", self.opset, 13, 23)
 
 
 def default_torch_preprocess(spec: PreprocessSpec) -> TorchPreprocess:
@@ -491,7 +485,7 @@ class _Export:
             self._warn(f"TorchScript not written: traced model differs from eager by {max_diff:.3g}")
             return None, {"written": False, "reason": f"traced output differs from eager by {max_diff:.3g}"}
         shape = [1, *self.input_shape]
-        # torch_version: Neo loads the file with its own (older) PyTorch; qcsight_train.neo compares the two.
+        # torch_version: Neo loads the file with its own (older) PyTorch; qcsight_train.launch.neo compares the two.
         details = {"input_shape": shape, "data_input_config": {"input0": shape}, "framework": "PYTORCH",
                    "torch_version": torch.__version__.split("+")[0], "traced": True, "output": OUTPUT_NAME}
         return (ModelFile(TORCHSCRIPT_FILE, format="torchscript", precision="fp32", runtime="neo", details=details),

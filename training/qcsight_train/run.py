@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from qcsight_core.bundle import Bundle
-from qcsight_core.dataset import Sample
+from qcsight_data.dataset import Sample
 from qcsight_train.config import TrainConfig
 from qcsight_train.data import Splits, defect_classes, load_data, resolve_source
 from qcsight_train.distributed import DistInfo, barrier, broadcast, init_distributed, shutdown

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qcsight_core.dataset import DatasetIndex, Sample, fingerprint, load_index, split_index, write_index
 from qcsight_core.errors import ConfigError, DataError
+from qcsight_data.dataset import DatasetIndex, Sample, fingerprint, load_index, split_index, write_index
 from tests.helpers.images import truncate, write_image
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from qcsight_core.bundle import sha256_file
+from qcsight_core.checks import check_number
 from qcsight_core.errors import ConfigError, DataError, ImageError
 from qcsight_core.imageio import is_image_path, read_image
 
@@ -466,9 +467,8 @@ def split_index(index: DatasetIndex, *, val: float = 0.15, test: float = 0.15, s
     Raises:
         ConfigError: val or test is outside [0, 1) or they leave nothing for training.
     """
-    for name, value in (("val", val), ("test", test)):
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(name, value, "a fraction from 0 to below 1")
+    val = check_number("val", val, 0.0, 1.0, open_high=True)
+    test = check_number("test", test, 0.0, 1.0, open_high=True)
     if val + test >= 1.0:
         raise ConfigError("val+test", val + test, "below 1, so that something is left for training")
     fractions = {"train": 1.0 - val - test, "val": val, "test": test}

@@ -7,8 +7,8 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from qcsight_core.dataset import SPLITS, DatasetIndex, Sample, split_index
 from qcsight_core.errors import ConfigError
+from qcsight_data.dataset import SPLITS, DatasetIndex, Sample, split_index
 
 
 def random_index(seed: int) -> DatasetIndex:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qcsight_core.cli import main
-from qcsight_core.data_cli import ProgressReporter, elpv_class
+from qcsight_data.cli import ProgressReporter, elpv_class
 from tests.helpers.images import truncate, write_image
 
 

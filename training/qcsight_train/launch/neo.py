@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from qcsight_aws.s3 import S3Uri
 from qcsight_core.bundle import Manifest
 from qcsight_core.errors import ConfigError
 
@@ -59,8 +60,6 @@ PLATFORM_ACCELERATORS = ("INTEL_GRAPHICS", "MALI", "NVIDIA", "NNA")
 
 # CreateCompilationJob's own constraint on the job name.
 _JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
-_S3_TARBALL = re.compile(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]/.+\.tar\.gz")
-_S3_PREFIX = re.compile(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?")
 _TRACE_HINT = (
     "Neo loads TorchScript with its own PyTorch, so trace the model with an accepted version "
     "(for example in a separate venv: pip install 'torch==2.0.1' 'torchvision==0.15.2', then torch.jit.trace "
@@ -190,11 +189,10 @@ class CompilationSpec:
     def __post_init__(self) -> None:
         if not _JOB_NAME.fullmatch(self.job_name):
             raise ConfigError("--job-name", self.job_name, "1-63 letters, digits and hyphens, starting alphanumeric")
-        if not _S3_TARBALL.fullmatch(self.model_s3):
-            raise ConfigError("--model-s3", self.model_s3,
-                              "an s3://bucket/key.tar.gz holding the TorchScript model (model.pth) Neo compiles")
-        if not _S3_PREFIX.fullmatch(self.output_s3):
-            raise ConfigError("--output-s3", self.output_s3, "an s3://bucket/prefix for the compiled model")
+        tarball = "an s3://bucket/key.tar.gz holding the TorchScript model (model.pth) Neo compiles"
+        if not S3Uri.parse(self.model_s3, "--model-s3", allowed=tarball).key.endswith(".tar.gz"):
+            raise ConfigError("--model-s3", self.model_s3, tarball)
+        S3Uri.parse(self.output_s3, "--output-s3", allowed="an s3://bucket/prefix for the compiled model")
         if self.framework_version not in accepted_pytorch_versions(self.target):
             raise ConfigError("--neo-framework-version", self.framework_version,
                               f"one of {', '.join(accepted_pytorch_versions(self.target))}")

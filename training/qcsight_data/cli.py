@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import TextIO
 
 from qcsight_core.cli import EXIT_OK, configure_logging, parse_args
-from qcsight_core.dataset import (
+from qcsight_core.errors import DataError
+from qcsight_core.synth import DEFAULT_CLASSES
+from qcsight_data.dataset import (
     SPLITS,
     DatasetIndex,
     fingerprint,
@@ -22,8 +24,7 @@ from qcsight_core.dataset import (
     split_index,
     write_index,
 )
-from qcsight_core.errors import DataError
-from qcsight_core.synth import DEFAULT_CLASSES, generate
+from qcsight_data.synth import generate
 
 log = logging.getLogger(__name__)
 
