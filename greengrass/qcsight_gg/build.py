@@ -52,6 +52,7 @@ WHEELHOUSE = "wheelhouse.zip"
 BUNDLE_ZIP = "bundle.zip"
 OFFER_SCRIPT = "offer_model.sh"
 LOCK = "requirements.lock"
+INSTALLER_SUMS = "installer.sha256"
 VERSION_TOKEN = "@COMPONENT_VERSION@"
 DEFAULT_ARTIFACT_BASE = "s3://replace-with-bucket/qcsight"
 # Greengrass's names for the CPU architectures pip's platform tags spell out.
@@ -239,11 +240,35 @@ def download_wheels(own_wheel: Path, dest: Path, target: DeviceTarget, wheels: P
          f"{', '.join(target.platforms)}")
 
 
+def download_installer(dest: Path, wheels: Path | None = None) -> Path:
+    """pip's own wheel, the installer install.sh runs from the wheelhouse; its sha256 goes to installer.sha256.
+
+    The device's venv is made without pip (``venv --without-pip``): ensurepip costs seconds of CPU
+    per install (27 s on this shared 2-core machine) and is missing where Debian's python3-venv is
+    not installed. pip runs from its wheel instead, as pip documents for bootstrapping.
+
+    Raises:
+        BuildError: pip's wheel cannot be downloaded.
+    """
+    from importlib.metadata import version as installed_version
+
+    pip_version = installed_version("pip")
+    args = ["download", "--dest", str(dest), "--only-binary=:all:", "--no-deps", f"pip=={pip_version}"]
+    if wheels is not None:
+        args += ["--no-index", "--find-links", str(wheels)]
+    _pip(args, dict(os.environ), f"download pip {pip_version} (the installer)")
+    (wheel,) = dest.glob(f"pip-{pip_version}-*.whl")
+    (dest / INSTALLER_SUMS).write_text(f"{sha256_file(wheel).hex()}  {wheel.name}\n", encoding="utf-8")
+    return wheel
+
+
 def write_lock(wheelhouse: Path, target: DeviceTarget) -> Path:
-    """requirements.lock: every wheel pinned by version and sha256, sorted by name."""
+    """requirements.lock: every wheel pinned by version and sha256, sorted by name (pip, the installer, apart)."""
     lines = [f"# qcsight edge agent wheelhouse for CPython {target.python_version} on {', '.join(target.platforms)}.",
              "# Installed by install.sh: pip install --no-index --find-links . --require-hashes -r requirements.lock"]
     for wheel in sorted(wheelhouse.glob("*.whl"), key=lambda p: p.name.lower()):
+        if wheel.name.startswith("pip-"):
+            continue
         match = _WHEEL_NAME.match(wheel.name)
         if match is None:
             raise BuildError(f"{wheel.name} is not a wheel file name")
@@ -269,6 +294,7 @@ def build_agent(source: Path, out: Path, artifact_base: str = DEFAULT_ARTIFACT_B
         house = Path(tmp) / "wheelhouse"
         own = build_own_wheel(source, house)
         download_wheels(own, house, target, wheels)
+        download_installer(house, wheels)
         write_lock(house, target)
         shutil.copy2(source / "greengrass" / "scripts" / "install_wheelhouse.sh", house / "install.sh")
         (house / "python-version").write_text(target.python_version + "\n", encoding="utf-8")

@@ -111,7 +111,8 @@ class NucleusConfig:
         flavor: ``classic`` (the Java nucleus) or ``lite`` (Greengrass nucleus lite).
         broker: where PublishToIoTCore goes (mutual TLS); None keeps messages in the IPC server only.
         region: AWS_REGION for components.
-        settle_s: a started component must stay up this long before a deployment counts it started.
+        settle_s: a component's run process must stay up this long before a deployment counts it started
+            (the agent refuses a bad configuration or model within about 3 s of its start).
         restart_delay_s: wait before restarting a component that errored.
         stop_timeout_s: SIGTERM, then SIGKILL after this long.
         extra_env: more environment for lifecycle scripts (a test's PATH for python3, say).
@@ -123,7 +124,7 @@ class NucleusConfig:
     flavor: str = CLASSIC
     broker: BrokerSettings | None = None
     region: str = "us-east-1"
-    settle_s: float = 2.0
+    settle_s: float = 5.0
     restart_delay_s: float = 0.5
     stop_timeout_s: float = 20.0
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -850,7 +851,8 @@ class LocalNucleus:
                                             [f"{name} {component.version}: {component.errors} errors; last: "
                                              f"{component.last_error}"])
                 if state in UP:
-                    if not settle:
+                    # A finished startup step is up by definition; a run process must stay up settle_s.
+                    if not settle or "run" not in component.package.lifecycle:
                         break
                     up_since = up_since or time.monotonic()
                     if time.monotonic() - up_since >= self.config.settle_s:

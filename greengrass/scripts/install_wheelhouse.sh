@@ -31,10 +31,19 @@ if [ "$have" != "$want" ]; then
     exit 1
 fi
 
+# pip itself runs from its wheel in this folder, checked against installer.sha256 first: the venv
+# is made without pip (no ensurepip: slow, and absent without Debian's python3-venv).
+installer=$(cut -d ' ' -f 3 "$here/installer.sha256")
+if ! (cd "$here" && sha256sum -c installer.sha256 > /dev/null); then
+    echo "qcsight: $installer does not match installer.sha256" >&2
+    exit 1
+fi
+
 rm -rf "$venv"
-"$python" -m venv "$venv"
-PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip install --isolated --quiet --disable-pip-version-check \
-    --no-cache-dir --no-index --find-links "$here" --only-binary=:all: --require-hashes -r "$lock"
+"$python" -m venv --without-pip "$venv"
+PIP_CONFIG_FILE=/dev/null "$venv/bin/python" "$here/$installer/pip" install --isolated --quiet \
+    --disable-pip-version-check --no-cache-dir --no-index --find-links "$here" --only-binary=:all: \
+    --require-hashes -r "$lock"
 "$venv/bin/qcsight" --version
 echo "$lock_sum" > "$stamp"
 
