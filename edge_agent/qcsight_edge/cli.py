@@ -166,7 +166,7 @@ def _run_greengrass(args: argparse.Namespace) -> int:
 
             component.subscribe(on_update, on_refused=lambda reason: agent.status(
                 "error", error=f"configuration refused: {reason}"))
-            updates = ComponentUpdates(link, lambda: _busy(agent))
+            updates = ComponentUpdates(link, lambda: _busy(agent), recheck_ms=250)
             updates.subscribe()
             closers.append(updates.close)
             if slot is not None and offer is not None:
@@ -228,9 +228,19 @@ def _load(agent: Agent, bundle: Path) -> None:
 
 
 def _busy(agent: Agent) -> bool:
-    """A part waits to be judged, or a model is loading."""
+    """A part is being judged right now, or a model is loading.
+
+    Not "parts are queued": on a running line the queue is rarely empty, and deferring every
+    deployment until it is would hold updates back for the policy's whole timeout.
+    """
     pipeline, models = agent.pipeline, agent.models
-    return (pipeline is not None and int(pipeline.snapshot()["queued"]) > 0) or (models is not None and models.busy)
+    if models is not None and models.busy:
+        return True
+    if pipeline is None:
+        return False
+    counts = pipeline.snapshot()
+    in_flight = counts["captured"] - counts["judged"] - counts["errors"] - counts["dropped"] - counts["queued"]
+    return int(in_flight) > 0
 
 
 if __name__ == "__main__":

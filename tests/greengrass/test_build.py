@@ -40,7 +40,11 @@ def test_the_wheelhouse_pins_every_wheel_by_hash_and_the_recipe_by_digest(
     (artifact,) = {a["URI"]: a for m in recipe["Manifests"] for a in m["Artifacts"]}.values()
     assert artifact["Digest"] == artifact_digest(built.artifacts[0])
     assert all(m["Platform"]["architecture"] == DeviceTarget.this_machine().architecture for m in recipe["Manifests"])
-    wheels = sorted(wheelhouse.glob("*.whl"))
+    # pip, the installer, runs from its own wheel, checked against installer.sha256, and is not installed.
+    (installer,) = wheelhouse.glob("pip-*.whl")
+    digest, name = (wheelhouse / "installer.sha256").read_text().split()
+    assert name == installer.name and digest == hashlib.sha256(installer.read_bytes()).hexdigest()
+    wheels = sorted(w for w in wheelhouse.glob("*.whl") if w != installer)
     entries = lock_entries(wheelhouse)
     assert len(entries) == len(wheels)
     for wheel in wheels:
