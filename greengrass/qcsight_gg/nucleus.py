@@ -448,6 +448,9 @@ class Component:
             problem = self._install_and_start()
             if problem is None:
                 return
+            with self._lock:
+                if self._stopping:
+                    return  # the step failed because the nucleus stopped it
             self._error(problem)
             if self.state == "BROKEN":
                 return
@@ -617,6 +620,7 @@ class LocalNucleus:
         self.socket_path = str(socket_path)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+        self._state_lock = threading.Lock()
         self.components: dict[str, Component] = {}
         self.roots: set[str] = set()
         self._deployments: dict[str, DeploymentResult] = {}
@@ -822,10 +826,7 @@ class LocalNucleus:
             component.stop()
             self.server.remove_component(name)
         for name in reconfigure:
-            with self._lock:
-                self.components[name].configuration = configs[name]
-            self._serve(self.components[name])
-            self.server.set_configuration(configs[name], name)
+            self._reconfigure(self.components[name], configs[name])
         for name in self._dependency_order(list(to_start), packages):
             component = Component(self, packages[name], configs[name])
             with self._lock:
@@ -833,6 +834,14 @@ class LocalNucleus:
             self._serve(component)
             component.launch()
             self._await_up([name], settle=False)
+
+    def _reconfigure(self, component: Component, configuration: dict[str, Any]) -> None:
+        """A running component's new configuration: its policies first, then one event per changed key."""
+        with self._lock:
+            component.configuration = configuration
+        allow = publish_resources(configuration.get("accessControl"), self.config.thing_name)
+        self.server.set_publish_allow(component.name, allow)
+        self.server.set_configuration(configuration, component.name)
 
     def _serve(self, component: Component) -> None:
         allow = publish_resources(component.configuration.get("accessControl"), self.config.thing_name)
@@ -877,9 +886,7 @@ class LocalNucleus:
         packages = {n: p for n, (p, _) in old.items()}
         for name in old:
             if name not in to_start and self.components[name].configuration != old[name][1]:
-                self.components[name].configuration = old[name][1]
-                self._serve(self.components[name])
-                self.server.set_configuration(old[name][1], name)
+                self._reconfigure(self.components[name], old[name][1])
         for name in self._dependency_order(to_start, packages):
             component = Component(self, packages[name], old[name][1])
             with self._lock:
@@ -1086,6 +1093,12 @@ class LocalNucleus:
         self._write_state()
 
     def _write_state(self) -> None:
+        # Snapshot and write under one lock: a writer that took its snapshot earlier can never
+        # replace the file after one that took a later snapshot.
+        with self._state_lock, self._lock:
+            self._write_state_locked()
+
+    def _write_state_locked(self) -> None:
         with self._lock:
             state = {
                 "flavor": self.config.flavor,
@@ -1097,7 +1110,7 @@ class LocalNucleus:
             }
         path = self.root / "state.json"
         with contextlib.suppress(OSError):
-            tmp = path.with_name(f".state.{threading.get_ident()}.json")
+            tmp = path.with_name(".state.json.tmp")
             tmp.write_text(json.dumps(state, indent=2, default=str))
             tmp.replace(path)
 

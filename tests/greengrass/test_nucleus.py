@@ -148,13 +148,15 @@ def test_a_configuration_the_component_rejects_changes_nothing(tmp_path: Path, n
             raise ConfigError("limit", config["limit"], "from 1 to 9")
 
     config = GreengrassConfig(session, validate, timeout_s=5.0)
-    config.subscribe(lambda new: None)
+    delivered: list[dict[str, Any]] = []
+    config.subscribe(delivered.append)
     eventually(lambda: nucleus.server.validates(NAME), timeout_s=5)
     refused = nucleus.deploy(LocalDeployment(merges={NAME: {"limit": 50}})).wait(30)
     assert refused.detailed_status == "FAILED_NO_STATE_CHANGE" and "limit=50" in refused.failure_cause
     assert nucleus.configuration(NAME) == {"limit": 5}
     assert nucleus.deploy(LocalDeployment(merges={NAME: {"limit": 7}})).wait(30).succeeded
     assert nucleus.configuration(NAME) == {"limit": 7}
+    eventually(lambda: delivered == [{"limit": 7}], timeout_s=5, message=lambda: f"delivered {delivered}")
     config.close()
     session.close(5.0)
 
