@@ -33,7 +33,7 @@ lint: venv
 
 typecheck: venv
 	$(VENV)/bin/mypy edge_agent/qcsight_core edge_agent/qcsight_edge batch/qcsight_batch infra/qcsight_aws \
-	  training/qcsight_data training/qcsight_train/launch
+	  training/qcsight_data training/qcsight_train/launch greengrass/qcsight_gg
 
 contracts: venv
 	$(VENV)/bin/lint-imports

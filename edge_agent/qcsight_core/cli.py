@@ -44,6 +44,10 @@ COMMANDS: dict[str, Command] = {
     "batch": Command("qcsight_batch.cli", "batch", "score bulk imagery with a bundle; submit Batch Transform jobs"),
     "agent": Command("qcsight_edge.cli", "edge", "run the edge agent: camera -> verdict -> MQTT", ("awscrt", "awsiot")),
     "bundle": Command("qcsight_core.bundle_cli", None, "inspect, verify, pack and unpack model bundles"),
+    "gg": Command(
+        "qcsight_gg.cli", "gg", "Greengrass: build, validate, publish, deploy the components; run-local",
+        ("boto3", "jsonschema", "awscrt", "awsiot"),
+    ),
 }
 
 

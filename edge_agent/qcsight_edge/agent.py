@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qcsight_core import messages
 from qcsight_core.errors import ConfigError, QcsightError
@@ -35,6 +35,14 @@ from qcsight_edge.sender import OutboxSender
 log = logging.getLogger(__name__)
 
 ConfigPoll = Callable[[], AgentConfig | None]
+
+
+class ModelListener(Protocol):
+    """Told when a requested bundle was swapped in or refused (the Greengrass model slot answers from these)."""
+
+    def model_loaded(self, bundle: Path) -> None: ...
+
+    def model_rejected(self, bundle: Path, reason: str) -> None: ...
 
 
 class NoLineSignal:
@@ -89,6 +97,7 @@ class Agent:
         self._next_heartbeat = 0.0
         self._next_config_check = 0.0
         self._stopped = False
+        self.model_listeners: list[ModelListener] = []
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -103,7 +112,10 @@ class Agent:
         except QcsightError as exc:
             self._state = "failed"
             self.status("error", error=f"model bundle {self.config.model.bundle}: {exc}")
+            reason = str(exc)
+            self._tell_listeners(lambda listener: listener.model_rejected(self.config.model.bundle, reason))
             raise
+        self._tell_listeners(lambda listener: listener.model_loaded(model.source))
         self.models = ModelManager(model, self.config.model, self._model_rejected, self._loader)
         self.metrics = MetricsRecorder(self.clock, self.config.metrics.reservoir_size, model.reference)
         self.outputs = VerdictOutputs(self.sink, self.parts.line_signal, self.parts.image_store, self.config.alerts,
@@ -246,6 +258,7 @@ class Agent:
 
     def _model_rejected(self, rejected: Rejected) -> None:
         self.status("model_rejected", error=rejected.error, detail={"bundle": str(rejected.source)})
+        self._tell_listeners(lambda listener: listener.model_rejected(rejected.source, rejected.error))
 
     def _model_changed(self, old: LoadedModel, new: LoadedModel) -> None:
         # A window belongs to one model: drift is measured against that model's reference.
@@ -254,6 +267,14 @@ class Agent:
         self._emit_window(window, model=old.ident, skip_empty=True)
         self.status("model_change", detail={"previous": old.ident, "bundle": str(new.source),
                                             "precision": new.runner.precision})
+        self._tell_listeners(lambda listener: listener.model_loaded(new.source))
+
+    def _tell_listeners(self, call: Callable[[ModelListener], None]) -> None:
+        for listener in list(self.model_listeners):
+            try:
+                call(listener)
+            except Exception:  # a listener must not break the swap or the loader thread
+                log.exception("a model listener failed")
 
     # ---------------------------------------------------------------- messages
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 from qcsight_core.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, configure_logging
 from qcsight_core.errors import ConfigError, QcsightError
 from qcsight_edge.agent import Agent, FileConfigWatcher, build_parts
-from qcsight_edge.config import AgentConfig, from_greengrass, load_config
+from qcsight_edge.config import AgentConfig, from_greengrass, load_config, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,12 @@ Examples:
   qcsight agent --greengrass                    as a Greengrass component: settings from the
                                                 component configuration; proposed updates are
                                                 validated before a deployment applies them
+  qcsight agent --greengrass --thing-name {iot:thingName} --state-dir {work:path}/state \
+      --model-slot {kernel:rootPath}/work/com.qcsight.Model
+                                                what the com.qcsight.EdgeAgent recipe runs: values
+                                                neither nucleus interpolates in configuration come
+                                                from the lifecycle script; the model comes from the
+                                                com.qcsight.Model component (qcsight_edge/model_slot.py)
 
 While running, a changed config file (or a Greengrass configuration update) that names a new
 model bundle is loaded, verified and warmed up in the background and swapped in between frames;
@@ -49,12 +57,25 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--check", action="store_true", help="validate the configuration, print it resolved, exit")
     parser.add_argument("--ipc-timeout", type=float, default=10.0, metavar="S",
                         help="seconds to wait for the Greengrass nucleus (default 10)")
+    gg = parser.add_argument_group("under --greengrass (passed by the component's lifecycle script)")
+    gg.add_argument("--thing-name", metavar="NAME",
+                    help="the device's thing name when the configuration names none (default $AWS_IOT_THING_NAME, "
+                         "which both nuclei set)")
+    gg.add_argument("--state-dir", type=Path, metavar="DIR",
+                    help="state folder (outbox, images) when the configuration names none")
+    gg.add_argument("--model-slot", type=Path, metavar="DIR",
+                    help="the folder where com.qcsight.Model offers its bundle: the agent runs the offered bundle "
+                         "and answers each new offer (swapped in, or refused with the reason)")
+    gg.add_argument("--ipc-give-up", type=float, default=60.0, metavar="S",
+                    help="a lost IPC connection is reopened; unreachable this long, the agent exits 1 so that "
+                         "the nucleus restarts it (default 60)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
     return parser
 
 
 def main(argv: list[str], prog: str = "qcsight agent") -> int:
     args = _parser(prog).parse_args(argv)
+    args.prog = prog
     configure_logging(args.verbose)
     try:
         if args.greengrass:
@@ -82,8 +103,8 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def _run(config: AgentConfig, watcher: FileConfigWatcher | None = None, publisher: Any = None,
-         subscribe: Callable[[Agent], None] | None = None) -> int:
-    stop = threading.Event()
+         subscribe: Callable[[Agent], None] | None = None, stop: threading.Event | None = None) -> int:
+    stop = stop or threading.Event()
     _stop_on_signals(stop)
     parts = build_parts(config, publisher=publisher)
     agent = Agent(config, parts, config_poll=watcher)
@@ -93,33 +114,133 @@ def _run(config: AgentConfig, watcher: FileConfigWatcher | None = None, publishe
 
 
 def _run_greengrass(args: argparse.Namespace) -> int:
-    from qcsight_edge.config import validate_config
-    from qcsight_edge.greengrass_ipc import GreengrassConfig, IpcPublisher, connect_ipc
+    from qcsight_edge.greengrass_ipc import (
+        ComponentUpdates,
+        GreengrassConfig,
+        IpcLink,
+        IpcPublisher,
+        ReconnectPolicy,
+        connect_ipc,
+    )
+    from qcsight_edge.model_slot import ModelSlot, SlotWatcher
 
-    session = connect_ipc(args.ipc_timeout)
+    stop = threading.Event()
+    gave_up: list[str] = []
+
+    def give_up(reason: str) -> None:
+        gave_up.append(reason)
+        stop.set()
+
+    link = IpcLink(lambda on_lost: connect_ipc(args.ipc_timeout, on_lost=on_lost),
+                   ReconnectPolicy(give_up_after_s=args.ipc_give_up), give_up)
+    link.start()
+    slot = ModelSlot(args.model_slot) if args.model_slot is not None else None
+    closers: list[Callable[[], None]] = []
     try:
-        component = GreengrassConfig(session.client, validate_config)
-        config = from_greengrass(component.get())
+        offer = slot.require_offer() if slot is not None else None
+        running: list[Path | None] = [offer.bundle if offer is not None else None]
+        thing = args.thing_name or os.environ.get("AWS_IOT_THING_NAME", "")
+
+        def complete(data: dict[str, Any]) -> dict[str, Any]:
+            return lifecycle_values(data, thing, args.state_dir, running[0])
+
+        component = GreengrassConfig(link, lambda data: validate_config(complete(data)))
+        closers.append(component.close)
+        config = from_greengrass(complete(component.get()))
         if args.check:
             print(json.dumps(config.redacted_dict(), indent=2))
             return EXIT_OK
-        publisher = IpcPublisher.from_session(session) if config.transport.kind == "ipc" else None
+        publisher = IpcPublisher(link) if config.transport.kind == "ipc" else None
 
         def follow(agent: Agent) -> None:
             def on_update(data: dict[str, Any]) -> None:
                 try:
-                    agent.apply_config(from_greengrass(data))
+                    agent.apply_config(from_greengrass(complete(data)))
                 except ConfigError as exc:  # validation normally refused it already; never raise into the SDK
                     log.error("Greengrass configuration update refused: %s", exc)
+                    agent.status("error", error=f"configuration refused: {exc}")
 
-            component.subscribe(on_update)
+            def current_bundle() -> Path | None:
+                model = agent.current_model()
+                return None if model is None else model.source
 
-        try:
-            return _run(config, publisher=publisher, subscribe=follow)
-        finally:
-            component.close()
+            component.subscribe(on_update, on_refused=lambda reason: agent.status(
+                "error", error=f"configuration refused: {reason}"))
+            updates = ComponentUpdates(link, lambda: _busy(agent), recheck_ms=250)
+            updates.subscribe()
+            closers.append(updates.close)
+            if slot is not None and offer is not None:
+                watcher = SlotWatcher(slot, offer, lambda path: _load(agent, path), current_bundle)
+                agent.model_listeners.append(_Running(running))
+                agent.model_listeners.append(watcher)
+                slot.claim()
+                closers.append(slot.release)
+                watcher.start()
+                closers.append(watcher.stop)
+
+        code = _run(config, publisher=publisher, subscribe=follow, stop=stop)
     finally:
-        session.close(2.0)
+        for close in reversed(closers):
+            close()
+        link.close(2.0)
+    if gave_up:
+        print(f"{args.prog}: error: {gave_up[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    return code
+
+
+def lifecycle_values(data: dict[str, Any], thing_name: str, state_dir: Path | None,
+                     bundle: Path | None) -> dict[str, Any]:
+    """The component configuration completed with what the lifecycle script passed.
+
+    Neither nucleus interpolates recipe variables inside component configuration by default (Lite
+    never does), so the recipe leaves thing_name and state_dir out and the script passes them; a
+    value the configuration sets (a deployment merge) wins. The model bundle is always the one
+    running from the model slot.
+    """
+    completed = dict(data)
+    if thing_name and not completed.get("thing_name"):
+        completed["thing_name"] = thing_name
+    if state_dir is not None and not completed.get("state_dir"):
+        completed["state_dir"] = str(state_dir)
+    if bundle is not None:
+        model = completed.get("model")
+        completed["model"] = {**(model if isinstance(model, dict) else {}), "bundle": str(bundle)}
+    return completed
+
+
+class _Running:
+    """Keeps the bundle the agent judges with, so configuration updates keep it."""
+
+    def __init__(self, running: list[Path | None]) -> None:
+        self._running = running
+
+    def model_loaded(self, bundle: Path) -> None:
+        self._running[0] = bundle
+
+    def model_rejected(self, bundle: Path, reason: str) -> None:
+        pass
+
+
+def _load(agent: Agent, bundle: Path) -> None:
+    if agent.models is not None:
+        agent.models.request(replace(agent.config.model, bundle=bundle))
+
+
+def _busy(agent: Agent) -> bool:
+    """A part is being judged right now, or a model is loading.
+
+    Not "parts are queued": on a running line the queue is rarely empty, and deferring every
+    deployment until it is would hold updates back for the policy's whole timeout.
+    """
+    pipeline, models = agent.pipeline, agent.models
+    if models is not None and models.busy:
+        return True
+    if pipeline is None:
+        return False
+    counts = pipeline.snapshot()
+    in_flight = counts["captured"] - counts["judged"] - counts["errors"] - counts["dropped"] - counts["queued"]
+    return int(in_flight) > 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,37 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 MAX_INT = 2**63 - 1
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
           "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+_INTEGER_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
+# Greengrass Lite serves every scalar of a YAML recipe's DefaultConfiguration as a string (its YAML
+# decoder keeps scalars as text: max_fps 2 arrives as '2', true as 'true'), and a configuration merge
+# on the Java nucleus can turn 10 into 10.0. The readers below take those forms for what they mean
+# and then apply the same range checks; anything else is left as it is, to be refused by name.
+def coerce_integer(value: Any) -> Any:
+    """'10', ' 10 ' and 10.0 as 10; any other value unchanged."""
+    if isinstance(value, str) and _INTEGER_TEXT.match(value):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def coerce_number(value: Any) -> Any:
+    """'0.5' as 0.5 and '2' as 2.0; any other value unchanged (non-finite text is refused by the caller)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def coerce_boolean(value: Any) -> Any:
+    """'true' and 'false' (any case) as booleans; any other value unchanged."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
 
 
 @dataclass(frozen=True)
@@ -314,21 +345,24 @@ class _Section:
         return str(value)
 
     def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw(key, default)
+        given = self.raw(key, default)
+        value = coerce_boolean(given)
         if not isinstance(value, bool):
-            raise ConfigError(self.name(key), value, "true or false")
+            raise ConfigError(self.name(key), given, "true or false")
         return value
 
     def integer(self, key: str, default: int, low: int, high: int | None = None) -> int:
-        value = self.raw(key, default)
+        given = self.raw(key, default)
+        value = coerce_integer(given)
         top = MAX_INT if high is None else high
         if isinstance(value, bool) or not isinstance(value, int) or value < low or value > top:
-            raise ConfigError(self.name(key), value, f"an integer from {low} to {top}")
+            raise ConfigError(self.name(key), given, f"an integer from {low} to {top}")
         return value
 
     def number(self, key: str, default: float, low: float, high: float | None = None, *,
                open_low: bool = False) -> float:
-        value = self.raw(key, default)
+        given = self.raw(key, default)
+        value = coerce_number(given)
         try:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         except OverflowError:  # an integer too large for a float (400 digits)
@@ -338,14 +372,16 @@ class _Section:
         if not ok:
             bound = f"more than {low}" if open_low else f"at least {low}"
             allowed = f"a number {bound}" + (f" and at most {high}" if high is not None else "")
-            raise ConfigError(self.name(key), value, allowed)
+            raise ConfigError(self.name(key), given, allowed)
         return float(value)
 
     def size(self, key: str, default: int, low: int) -> int:
         """A byte count: an integer or a string such as '256MiB' or '1GB'."""
         value = self.raw(key, default)
         parsed: int | None = None
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, float) and value.is_integer():
+            parsed = coerce_integer(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
             parsed = value
         elif isinstance(value, str) and (match := _SIZE.match(value)):
             unit = (match.group(2) or "").lower().rstrip("b")
@@ -428,6 +464,8 @@ def _model(s: _Section) -> ModelConfig:
 def _source(s: _Section) -> SourceConfig:
     kind = s.choice("kind", "synthetic", SOURCE_KINDS)
     uri = s.raw("uri")
+    if kind == "camera":
+        uri = coerce_integer(uri)  # a device index served as '0' (Greengrass Lite) or 0.0 (a merge)
     if kind in ("camera", "hotfolder") and uri in (None, ""):
         raise ConfigError(s.name("uri"), uri, f"required for a {kind} source (a device index, URL or path)")
     if uri is not None and (isinstance(uri, bool) or not isinstance(uri, (int, str))):

@@ -1,8 +1,9 @@
-"""The Greengrass IPC publisher and configuration source, driving the unmodified awsiotsdk client.
+"""The Greengrass IPC session, publisher, configuration and update notices, driving the unmodified awsiotsdk client.
 
-The peer is tests/edge/ipc_server.py: an event-stream RPC server on a Unix socket that checks the
-framing, the SVCUID handshake, the request shapes and the mqttproxy allow-list the way the nucleus
-does. Its allow-list is taken from the agent's own recipe, so these tests also prove the recipe
+The peer is qcsight_gg/ipc_server.py, the IPC server of `qcsight gg run-local`: event-stream RPC on
+a Unix socket that checks the framing, the SVCUID handshake, the request shapes and the mqttproxy
+allow-list the way the nucleus does (in both flavours: the Java nucleus and Greengrass nucleus
+lite). Its allow-list is taken from the agent's own recipe, so these tests also prove the recipe
 lets the agent publish its messages and nothing else.
 """
 
@@ -34,8 +35,8 @@ from qcsight_edge.greengrass_ipc import (
     IpcSession,
     connect_ipc,
 )
-from tests.edge import ipc_server as ipc
-from tests.edge.ipc_server import IpcServer
+from qcsight_gg import ipc_server as ipc
+from qcsight_gg.ipc_server import IpcServer
 
 THING = "line-7-camera-2"
 SVCUID = "5b0f3b8e-e4f7-4c8a-9c1e-6f4ad3e2c011"
@@ -224,7 +225,7 @@ def test_publish_after_the_nucleus_goes_away_is_not_connected(server: IpcServer,
 
 def test_get_returns_the_served_configuration_without_access_control(server: IpcServer,
                                                                       session: IpcSession) -> None:
-    config = GreengrassConfig(session.client, small_validator, timeout_s=TIMEOUT)
+    config = GreengrassConfig(session, small_validator, timeout_s=TIMEOUT)
     served = server.configuration()
     assert "accessControl" in served
     got = config.get()
@@ -236,7 +237,7 @@ def test_get_returns_the_served_configuration_without_access_control(server: Ipc
 
 def test_configuration_updates_reach_the_callback(server: IpcServer, session: IpcSession,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    config = GreengrassConfig(session.client, small_validator, timeout_s=TIMEOUT)
+    config = GreengrassConfig(session, small_validator, timeout_s=TIMEOUT)
     updates: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=10)
     config.subscribe(updates.put)
     server.wait_for_subscriptions(TIMEOUT)
@@ -258,7 +259,7 @@ def test_configuration_updates_reach_the_callback(server: IpcServer, session: Ip
 
 def test_an_exception_in_the_update_callback_is_logged_and_the_subscription_lives_on(
         server: IpcServer, session: IpcSession, caplog: pytest.LogCaptureFixture) -> None:
-    config = GreengrassConfig(session.client, small_validator, timeout_s=TIMEOUT)
+    config = GreengrassConfig(session, small_validator, timeout_s=TIMEOUT)
     seen: queue.Queue[int] = queue.Queue(maxsize=10)
 
     def on_update(new: dict[str, Any]) -> None:
@@ -279,7 +280,7 @@ def test_an_exception_in_the_update_callback_is_logged_and_the_subscription_live
 
 
 def test_proposed_configurations_are_validated_before_deployment(server: IpcServer, session: IpcSession) -> None:
-    config = GreengrassConfig(session.client, small_validator, timeout_s=TIMEOUT)
+    config = GreengrassConfig(session, small_validator, timeout_s=TIMEOUT)
     config.subscribe(lambda new: None)
     server.wait_for_subscriptions(TIMEOUT)
     good = {**server.configuration(), "metrics": {"window_s": 10}}
@@ -300,7 +301,7 @@ def test_a_validator_bug_rejects_rather_than_lets_a_config_through(server: IpcSe
     def broken(config: dict[str, Any]) -> object:
         raise KeyError("model")
 
-    config = GreengrassConfig(session.client, broken, timeout_s=TIMEOUT)
+    config = GreengrassConfig(session, broken, timeout_s=TIMEOUT)
     config.subscribe(lambda new: None)
     server.wait_for_subscriptions(TIMEOUT)
     report = server.propose_configuration(server.configuration(), "deployment-9", TIMEOUT)
@@ -406,3 +407,127 @@ def test_stand_in_refuses_what_the_nucleus_refuses() -> None:
         client.close()
         assert any("does not follow" in v for v in server.violations)
         assert [a.accepted for a in server.connect_attempts] == [False, True]
+
+
+# --- both nuclei: Greengrass nucleus lite -----------------------------------------------------------
+
+
+@pytest.fixture
+def lite(monkeypatch: pytest.MonkeyPatch) -> Iterator[IpcServer]:
+    with IpcServer(SVCUID, COMPONENT, served_configuration(), recipe_publish_resources(THING),
+                   flavor=ipc.LITE) as srv:
+        monkeypatch.setenv(SOCKET_ENV, srv.socket_path)
+        monkeypatch.setenv(TOKEN_ENV, SVCUID)
+        yield srv
+        assert srv.violations == [], "the SDK client broke the IPC protocol"
+
+
+def test_lite_refuses_validation_and_updates_are_validated_on_receipt(
+        lite: IpcServer, caplog: pytest.LogCaptureFixture) -> None:
+    session = connect_ipc(TIMEOUT)
+    config = GreengrassConfig(session, small_validator, timeout_s=TIMEOUT)
+    updates: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=10)
+    with caplog.at_level(logging.INFO, logger="qcsight_edge.greengrass_ipc"):
+        config.subscribe(updates.put)  # Lite refuses the validation subscription: not fatal
+    assert not config.validates_proposals
+    # The refusal's text is Lite's _message, which awsiotsdk does not read into ServiceError.message.
+    assert any("does not validate proposed configurations" in r.getMessage()
+               and "Unhandled operation requested" in r.getMessage() for r in caplog.records)
+    lite.wait_for_subscriptions(TIMEOUT, validation=False)
+    with caplog.at_level(logging.ERROR, logger="qcsight_edge.greengrass_ipc"):
+        lite.set_configuration({**lite.configuration(), "metrics": {"window_s": 0}})
+        wait_for_log(caplog, "metrics.window_s")
+    assert updates.empty(), "a bad update is refused on receipt"
+    lite.set_configuration({**lite.configuration(), "metrics": {"window_s": 15}})
+    assert updates.get(timeout=TIMEOUT)["metrics"] == {"window_s": 15}
+    config.close()
+    session.close(TIMEOUT)
+
+
+@pytest.mark.parametrize("flavor", [ipc.CLASSIC, ipc.LITE])
+def test_a_refused_publish_carries_the_nucleus_text_on_both_nuclei(flavor: str) -> None:
+    with IpcServer(SVCUID, COMPONENT, served_configuration(), recipe_publish_resources(THING),
+                   flavor=flavor) as server:
+        session = connect_ipc(TIMEOUT, environ={SOCKET_ENV: server.socket_path, TOKEN_ENV: SVCUID})
+        publisher = IpcPublisher.from_session(session)
+        with pytest.raises(PublishError, match="accessControl") as info:
+            publisher.publish(topics.line_signal_topic(THING), status_message(1)).result(TIMEOUT)
+        assert "is not authorized to perform" in str(info.value), "the nucleus's own text, read from _message on Lite"
+        session.close(TIMEOUT)
+
+
+def test_component_updates_are_deferred_while_busy_and_refused_quietly_on_lite(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qcsight_edge.greengrass_ipc import ComponentUpdates
+
+    busy = [True]
+    with IpcServer(SVCUID, COMPONENT, served_configuration(), recipe_publish_resources(THING)) as server:
+        session = connect_ipc(TIMEOUT, environ={SOCKET_ENV: server.socket_path, TOKEN_ENV: SVCUID})
+        updates = ComponentUpdates(session, lambda: busy[0], recheck_ms=250, timeout_s=TIMEOUT)
+        assert updates.subscribe()
+        server.wait_until(lambda: server.update_subscribers() == [COMPONENT], TIMEOUT, "the update subscription")
+        assert server.notify_component_update("deployment-7") == 1
+        server.wait_until(lambda: len(server.deferrals) == 1, TIMEOUT, "a deferral")
+        busy[0] = False
+        server.notify_component_update("deployment-7")
+        server.wait_until(lambda: len(server.deferrals) == 2, TIMEOUT, "the go-ahead")
+        assert [(d.deployment_id, d.recheck_after_ms) for d in server.deferrals] == [("deployment-7", 250),
+                                                                                    ("deployment-7", 0)]
+        updates.close()
+        session.close(TIMEOUT)
+    with IpcServer(SVCUID, COMPONENT, served_configuration(), flavor=ipc.LITE) as server:
+        session = connect_ipc(TIMEOUT, environ={SOCKET_ENV: server.socket_path, TOKEN_ENV: SVCUID})
+        assert not ComponentUpdates(session, lambda: True, timeout_s=TIMEOUT).subscribe()
+        session.close(TIMEOUT)
+
+
+# --- a lost IPC connection (issue 10 item 4) ----------------------------------------------------------
+
+
+def test_a_dropped_connection_is_reopened_and_publishing_and_updates_resume(
+        server: IpcServer, greengrass_env: None) -> None:
+    from qcsight_edge.greengrass_ipc import IpcLink, ReconnectPolicy
+
+    gave_up: list[str] = []
+    link = IpcLink(lambda on_lost: connect_ipc(TIMEOUT, on_lost=on_lost),
+                   ReconnectPolicy(give_up_after_s=10.0, initial_delay_s=0.05, check_s=0.2), gave_up.append)
+    link.start()
+    publisher = IpcPublisher(link)
+    config = GreengrassConfig(link, small_validator, timeout_s=TIMEOUT)
+    updates: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=10)
+    config.subscribe(updates.put)
+    server.wait_for_subscriptions(TIMEOUT)
+    publisher.publish(topics.status_topic(THING), status_message(1)).result(TIMEOUT)
+
+    assert server.drop_connections() == 1
+    # A change made while the agent is disconnected is not lost: it is read on the new session.
+    server.set_configuration({**server.configuration(), "metrics": {"window_s": 42}})
+    server.wait_until(lambda: sum(a.accepted for a in server.connect_attempts) == 2, TIMEOUT, "a new session")
+    assert updates.get(timeout=TIMEOUT)["metrics"] == {"window_s": 42}
+    server.wait_for_subscriptions(TIMEOUT)  # subscriptions made again on the new session
+    deadline = time.monotonic() + TIMEOUT
+    while not publisher.connected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    publisher.publish(topics.status_topic(THING), status_message(2)).result(TIMEOUT)
+    server.set_configuration({**server.configuration(), "metrics": {"window_s": 43}})
+    assert updates.get(timeout=TIMEOUT)["metrics"] == {"window_s": 43}
+    assert [messages.decode(p.payload)["seq"] for p in server.published] == [1, 2]
+    assert link.reconnects == 1 and gave_up == []
+    config.close()
+    link.close(TIMEOUT)
+
+
+def test_a_nucleus_gone_past_the_limit_is_reported_once(server: IpcServer, greengrass_env: None) -> None:
+    from qcsight_edge.greengrass_ipc import IpcLink, ReconnectPolicy
+
+    gave_up: queue.Queue[str] = queue.Queue(maxsize=2)
+    link = IpcLink(lambda on_lost: connect_ipc(1.0, on_lost=on_lost),
+                   ReconnectPolicy(give_up_after_s=0.6, initial_delay_s=0.05, check_s=0.1), gave_up.put)
+    link.start()
+    started = time.monotonic()
+    server.stop(remove_dir=False)
+    reason = gave_up.get(timeout=TIMEOUT)
+    assert "unreachable" in reason and "limit 0.6s" in reason
+    assert 0.6 <= time.monotonic() - started < 4.0
+    assert not link.connected and gave_up.empty()
+    link.close(TIMEOUT)
+    server.start()  # the fixture's teardown stops it again

@@ -1,222 +1,263 @@
-"""The Greengrass component recipes and the model-component build, checked without AWS.
+"""Recipe validation before publishing: the recipe format, then one bad recipe per rule, each named by field.
 
-The recipes are checked for what the nucleus and the agent rely on: the recipe format, an
-mqttproxy policy scoped to this device's own topics, the model as a separate component behind a
-version range, and a default configuration the agent's own validator accepts. The build script
-is run on a real tiny ONNX bundle and its artifact is unpacked the way the nucleus unpacks it and
-verified with the same loader the agent uses.
+The good recipes are the templates in greengrass/recipes and the model component built from a
+real tiny ONNX bundle; each bad one changes exactly one thing.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
-import importlib.util
-import logging
-import re
-import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
-from qcsight_core import topics
 from qcsight_core.bundle import Bundle, load_bundle, pack_bundle
-from qcsight_core.errors import ConfigError
+from qcsight_core.errors import BundleError
+from qcsight_gg import build, recipes
+from qcsight_gg.errors import BuildError, RecipeError
+from qcsight_gg.recipes import ComponentRecipe, validate
+from qcsight_gg.semver import Requirement, Version, VersionError
 from tests.helpers.models import make_tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ROOT / "greengrass" / "recipes"
-AGENT, MODEL = "com.qcsight.EdgeAgent", "com.qcsight.Model"
-THING = "line-7-camera-2"
+AGENT, MODEL = build.AGENT, build.MODEL
 
 
-def _load_build_script() -> ModuleType:
-    path = ROOT / "greengrass" / "build_component.py"
-    spec = importlib.util.spec_from_file_location("qcsight_greengrass_build", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-build_component = _load_build_script()
-
-
-def recipe(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((RECIPES / f"{name}.yaml").read_text(encoding="utf-8"))
+def template(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "greengrass" / "recipes" / f"{name}.yaml").read_text())
     return data
 
 
-def resolve(value: Any, variables: dict[str, str]) -> Any:
-    """Interpolate recipe variables the way the nucleus does for component configuration."""
-    if isinstance(value, dict):
-        return {k: resolve(v, variables) for k, v in value.items()}
-    if isinstance(value, list):
-        return [resolve(v, variables) for v in value]
-    if isinstance(value, str):
-        for name, replacement in variables.items():
-            value = value.replace("{" + name + "}", replacement)
-    return value
+def problems_of(data: dict[str, Any], *others: dict[str, Any], layout: Path | None = None) -> list[str]:
+    return validate([ComponentRecipe(data), *(ComponentRecipe(o) for o in others)], layout, build.CONFIG_CHECKS)
 
 
-@pytest.mark.parametrize("name", [AGENT, MODEL])
-def test_recipe_structure(name: str) -> None:
-    data = recipe(name)
-    assert data["RecipeFormatVersion"] == "2020-01-25"
-    assert data["ComponentName"] == name
-    assert re.fullmatch(r"\d+\.\d+\.\d+", data["ComponentVersion"])
-    assert data["ComponentDescription"] and data["ComponentPublisher"] == "qcsight"
-    assert data["Manifests"] and all("Platform" in m and "Lifecycle" in m for m in data["Manifests"])
+def test_the_templates_are_valid_for_both_nuclei() -> None:
+    assert problems_of(template(AGENT), template(MODEL)) == []
+    for data in (template(AGENT), template(MODEL)):
+        runtimes = [m["Platform"].get("runtime") for m in data["Manifests"]]
+        assert runtimes == ["*", None], "a manifest Lite reads beside the classic one"
+        assert all(set(m["Lifecycle"]) <= set(recipes.PHASES) for m in data["Manifests"])
 
 
-def test_agent_may_publish_only_its_own_message_topics() -> None:
-    access = recipe(AGENT)["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"]
-    assert set(access) == {"aws.greengrass.ipc.mqttproxy"}
-    policies = access["aws.greengrass.ipc.mqttproxy"]
-    assert all(p["operations"] == ["aws.greengrass#PublishToIoTCore"] for p in policies.values())
-    resources = [r for p in policies.values() for r in p["resources"]]
-    assert all(r.startswith("qcsight/{iot:thingName}/") and not re.search(r"[*+#]", r) for r in resources)
-    resolved = {r.replace("{iot:thingName}", THING) for r in resources}
-    assert resolved == {topics.topic(THING, kind) for kind in topics.KINDS}
-    assert topics.line_signal_topic(THING) not in resolved
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(data: dict[str, Any]) -> None:
+        node: Any = data
+        keys = [int(k) if k.isdigit() else k for k in path.split("/")]
+        for key in keys[:-1]:
+            node = node[key]
+        if value is _DELETE:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+    return change
 
 
-def test_agent_depends_on_the_model_component_by_version_range() -> None:
-    dependency = recipe(AGENT)["ComponentDependencies"][MODEL]
-    requirement = dependency["VersionRequirement"]
-    assert re.fullmatch(r">=\d+\.\d+\.\d+ <\d+\.\d+\.\d+", requirement), "a range with both bounds"
-    assert dependency["DependencyType"] == "HARD"
-    assert build_component.satisfies(recipe(MODEL)["ComponentVersion"], requirement)
-    assert build_component.satisfies("1.7.3", requirement)
-    assert not build_component.satisfies("2.0.0", requirement)
-    assert not build_component.satisfies("0.9.0", requirement)
+_DELETE = object()
+_ACCESS = "ComponentConfiguration.DefaultConfiguration.accessControl.aws.greengrass.ipc.mqttproxy"
+_POLICY = f"{_ACCESS}.com.qcsight.EdgeAgent:mqttproxy:1"
 
 
-def test_agent_installs_and_runs_this_release_of_qcsight() -> None:
-    data = recipe(AGENT)
-    match = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.MULTILINE)
-    assert match is not None
-    version = match.group(1)
-    assert data["ComponentVersion"] == version
-    (manifest,) = data["Manifests"]
-    assert manifest["Platform"]["os"] == "linux"
-    install, run = manifest["Lifecycle"]["Install"]["Script"], manifest["Lifecycle"]["Run"]["Script"]
-    assert "python3 -m venv {work:path}/venv" in install
-    assert f'"qcsight[edge]=={version}"' in install
-    assert run == "{work:path}/venv/bin/qcsight agent --greengrass"
+def _rename_run(data: dict[str, Any]) -> None:
+    lifecycle = data["Manifests"][0]["Lifecycle"]
+    lifecycle["Run"] = lifecycle.pop("run")
 
 
-def test_agent_default_configuration_is_one_the_agent_accepts() -> None:
-    config = pytest.importorskip("qcsight_edge.config")
-    from qcsight_edge.greengrass_ipc import agent_settings
-
-    defaults = recipe(AGENT)["ComponentConfiguration"]["DefaultConfiguration"]
-    resolved = resolve(defaults, {"iot:thingName": THING, "work:path": "/greengrass/v2/work/com.qcsight.EdgeAgent",
-                                  f"{MODEL}:artifacts:decompressedPath":
-                                      "/greengrass/v2/packages/artifacts-unarchived/com.qcsight.Model/1.0.0"})
-    agent = config.AgentConfig.from_dict(agent_settings(resolved))
-    assert agent.thing_name == THING
-    assert agent.transport.kind == "ipc"
-    # The bundle path is where the nucleus unpacks the model component's ZIP: a folder named after it.
-    artifact = Path(recipe(MODEL)["Manifests"][0]["Artifacts"][0]["URI"].rsplit("/", 1)[1])
-    assert agent.model.bundle == Path("/greengrass/v2/packages/artifacts-unarchived/com.qcsight.Model/1.0.0") / \
-        artifact.stem
-    # Unresolved variables must fail closed, naming the field.
-    with pytest.raises(ConfigError, match="thing_name"):
-        config.AgentConfig.from_dict(agent_settings(defaults))
+def _script(text: str) -> Callable[[dict[str, Any]], None]:
+    return _set("Manifests/0/Lifecycle/run/Script", text)
 
 
-def test_model_component_ships_the_bundle_as_a_zip_the_nucleus_unpacks() -> None:
-    (manifest,) = recipe(MODEL)["Manifests"]
-    (artifact,) = manifest["Artifacts"]
-    assert artifact["URI"].startswith("s3://") and artifact["URI"].endswith(f"/{MODEL}/1.0.0/bundle.zip")
-    assert artifact["Unarchive"] == "ZIP"
-    assert manifest["Lifecycle"] == {}
+def _resources(*resources: str) -> Callable[[dict[str, Any]], None]:
+    def change(data: dict[str, Any]) -> None:
+        data["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"]["aws.greengrass.ipc.mqttproxy"][
+            "com.qcsight.EdgeAgent:mqttproxy:1"]["resources"] = list(resources)
+    return change
+
+
+# (rule, change to the agent template, the field the problem must name, words the message must hold)
+BAD_AGENT = [
+    ("format: required key", _set("ComponentVersion", _DELETE), "(recipe)", "'ComponentVersion' is a required"),
+    ("format: recipe version", _set("RecipeFormatVersion", "2021-01-01"), "RecipeFormatVersion", "2020-01-25"),
+    ("format: unknown key", _set("ComponentDependancies", {}), "(recipe)", "'ComponentDependancies'"),
+    ("format: semantic version", _set("ComponentVersion", "1.0"), "ComponentVersion", "does not match"),
+    ("format: lifecycle key case", _rename_run, "Manifests[0].Lifecycle", "use 'run'"),
+    ("format: dependency type", _set("ComponentDependencies/com.qcsight.Model/DependencyType", "STRONG"),
+     "ComponentDependencies.com.qcsight.Model.DependencyType", "'HARD', 'SOFT'"),
+    ("format: platform runtime", _set("Manifests/0/Platform/runtime", "lite"), "Manifests[0].Platform.runtime",
+     "aws_nucleus_lite"),
+    ("format: unarchive", _set("Manifests/0/Artifacts/0/Unarchive", "TAR"), "Manifests[0].Artifacts[0].Unarchive",
+     "'NONE', 'ZIP'"),
+    ("format: digest", _set("Manifests/0/Artifacts/0/Digest", "sha256:abc"), "Manifests[0].Artifacts[0].Digest",
+     "does not match"),
+    ("format: step keys", _set("Manifests/0/Lifecycle/install/script", "true"), "Manifests[0].Lifecycle.install",
+     "neither a script"),
+    ("Lite needs a runtime manifest", _set("Manifests/0/Platform/runtime", _DELETE), "Manifests",
+     "nucleus lite skips"),
+    ("the Java nucleus needs its manifest", lambda d: [m["Platform"].update(runtime="aws_nucleus_lite")
+                                                       for m in d["Manifests"]], "Manifests", "Java nucleus"),
+    ("a lifecycle phase", _set("Manifests/0/Lifecycle", {}), "Manifests[0].Lifecycle", "refuses a component"),
+    ("placeholders: another component's variable",
+     _script("exec x --model {com.qcsight.Model:artifacts:decompressedPath}/bundle"),
+     "Manifests[0].Lifecycle.run.Script", "only the Java nucleus"),
+    ("placeholders: stray brace", _script('exec "${HOME}/qcsight" agent'), "Manifests[0].Lifecycle.run.Script",
+     "write $VAR"),
+    ("placeholders: stray closing brace", _script("exec x; echo done }"), "Manifests[0].Lifecycle.run.Script",
+     "a stray '}'"),
+    ("placeholders: unknown variable", _script("exec x --thing-name {iot:thing}"),
+     "Manifests[0].Lifecycle.run.Script", "{iot:thing} is not a recipe variable"),
+    ("placeholders: configuration pointer", _script("exec x --fps {configuration:/source/fps}"),
+     "Manifests[0].Lifecycle.run.Script", "'/source/fps'"),
+    ("placeholders: none in configuration", _set("ComponentConfiguration/DefaultConfiguration/thing_name",
+                                                 "{iot:thingName}"),
+     "ComponentConfiguration.DefaultConfiguration.thing_name", "lifecycle script"),
+    ("accessControl under the thing", _resources("qcsight/{iot:thingName}/alerts", "qcsight/#"),
+     f"{_POLICY}.resources", "'qcsight/#' is outside"),
+    ("accessControl under this thing only", _resources("qcsight/other-thing/alerts"),
+     f"{_POLICY}.resources", "outside qcsight/{iot:thingName}/"),
+    ("dependency range parses", _set("ComponentDependencies/com.qcsight.Model/VersionRequirement", ">=1.0.0 <two"),
+     "ComponentDependencies.com.qcsight.Model.VersionRequirement", "not a version comparator"),
+    ("dependency range satisfiable", _set("ComponentDependencies/com.qcsight.Model/VersionRequirement",
+                                          ">=2.0.0 <1.0.0"),
+     "ComponentDependencies.com.qcsight.Model.VersionRequirement", "can never be met"),
+    ("dependency range meets the version published with it",
+     _set("ComponentDependencies/com.qcsight.Model/VersionRequirement", ">=2.0.0 <3.0.0"),
+     "ComponentDependencies.com.qcsight.Model.VersionRequirement", "excludes com.qcsight.Model 1.0.0"),
+    ("archives end in .zip", _set("Manifests/0/Artifacts/0/URI", "s3://bucket/qcsight/wheelhouse.tgz"),
+     "Manifests[0].Artifacts[0].URI", "does not end in .zip"),
+    ("the agent's own rules", _set("ComponentConfiguration/DefaultConfiguration/source/max_fps", 5000),
+     "ComponentConfiguration.DefaultConfiguration", "source.max_fps"),
+]
+
+
+@pytest.mark.parametrize("rule, change, field, words", BAD_AGENT, ids=[b[0] for b in BAD_AGENT])
+def test_one_bad_recipe_per_rule(rule: str, change: Callable[[dict[str, Any]], None], field: str, words: str) -> None:
+    data = copy.deepcopy(template(AGENT))
+    change(data)
+    problems = problems_of(data, template(MODEL))
+    assert problems, f"{rule}: not caught"
+    assert any(p.startswith(f"{AGENT}-") and f": {field}:" in p and words in p for p in problems), problems
+
+
+def test_check_raises_with_every_problem() -> None:
+    data = copy.deepcopy(template(AGENT))
+    _rename_run(data)
+    data["ComponentConfiguration"]["DefaultConfiguration"]["source"]["max_fps"] = 5000
+    with pytest.raises(RecipeError) as info:
+        recipes.check([ComponentRecipe(data)])
+    assert len(info.value.problems) == 1  # the format comes first: semantic rules assume it
+    fixed = copy.deepcopy(template(AGENT))
+    fixed["ComponentConfiguration"]["DefaultConfiguration"]["source"]["max_fps"] = 5000
+    fixed["Manifests"][1]["Lifecycle"] = {}
+    with pytest.raises(RecipeError, match=r"2 recipe problem\(s\)"):
+        recipes.check([ComponentRecipe(fixed)], config_checks=build.CONFIG_CHECKS)
+
+
+# -------------------------------------------------------------------- the model component
+
+
+def built_recipe(out: Path, version: str) -> tuple[dict[str, Any], Path]:
+    path = out / "recipes" / f"{MODEL}-{version}.yaml"
+    return yaml.safe_load(path.read_text()), out / "artifacts" / MODEL / version / build.BUNDLE_ZIP
+
+
+def test_the_model_component_builds_validates_and_unpacks_to_the_bundle(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    built = build.build_model(tiny_bundle.path, out, ROOT, "s3://bkt/qc/")
+    data, archive = built_recipe(out, "1.0.0")  # the tiny bundle's manifest version is "1"
+    assert built.recipe == out / "recipes" / f"{MODEL}-1.0.0.yaml"
+    assert "tiny 1" in data["ComponentDescription"]
+    assert problems_of(data, layout=out) == []
+    (entry, script) = data["Manifests"][0]["Artifacts"]
+    assert entry["URI"] == f"s3://bkt/qc/{MODEL}/1.0.0/bundle.zip" and entry["Unarchive"] == "ZIP"
+    assert entry["Digest"] == base64.b64encode(hashlib.sha256(archive.read_bytes()).digest()).decode()
+    assert script["URI"].endswith("/offer_model.sh") and "Unarchive" not in script
+    # Unpack as the nucleus does (into a folder named after the archive) and load it as the agent does.
+    unpacked = tmp_path / "artifacts-unarchived" / "bundle"
+    with zipfile.ZipFile(archive) as zipped:
+        assert sorted(zipped.namelist()) == sorted(["manifest.json", *tiny_bundle.manifest.files])
+        zipped.extractall(unpacked)
+    assert load_bundle(unpacked).manifest == tiny_bundle.manifest
+
+    # A wrong digest, a missing file: caught against the layout.
+    tampered = copy.deepcopy(data)
+    tampered["Manifests"][0]["Artifacts"][0]["Digest"] = base64.b64encode(b"x" * 32).decode()
+    assert any("Manifests[0].Artifacts[0].Digest" in p and "is not the SHA-256" in p
+               for p in problems_of(tampered, layout=out))
+    (out / "artifacts" / MODEL / "1.0.0" / build.OFFER_SCRIPT).unlink()
+    assert any("Manifests[0].Artifacts[1].URI: no file" in p for p in problems_of(data, layout=out))
+    missing = copy.deepcopy(data)
+    del missing["Manifests"][1]["Artifacts"][0]["Digest"]
+    assert any("Manifests[1].Artifacts[0].Digest: missing" in p for p in problems_of(missing, layout=out))
+
+
+def test_the_model_build_is_reproducible_and_takes_a_tarball(tiny_bundle: Bundle, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    (tiny_bundle.path / "stray.txt").write_text("not in the manifest")  # must not be shipped
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    build.build_model(tiny_bundle.path, tmp_path / "a", ROOT)
+    tarball = pack_bundle(make_tiny_bundle(tmp_path / "other").path, tmp_path / "model.tar.gz")
+    build.build_model(tarball, tmp_path / "b", ROOT)
+    first, archive = built_recipe(tmp_path / "a", "1.0.0")
+    second, _ = built_recipe(tmp_path / "b", "1.0.0")
+    assert first["Manifests"] == second["Manifests"], "the same bundle packs to the same bytes and Digests"
+    with zipfile.ZipFile(archive) as zipped:
+        assert "stray.txt" not in zipped.namelist()
+        assert {i.date_time for i in zipped.infolist()} == {(2023, 11, 14, 22, 13, 20)}  # SOURCE_DATE_EPOCH
+
+
+def test_the_model_build_refuses_a_tampered_bundle(tiny_bundle: Bundle, tmp_path: Path) -> None:
+    model = tiny_bundle.model_path()
+    model.write_bytes(model.read_bytes() + b"\0")
+    with pytest.raises(BundleError, match=r"model\.onnx"):
+        build.build_model(tiny_bundle.path, tmp_path / "out", ROOT)
+    assert not (tmp_path / "out" / "recipes").exists()
 
 
 @pytest.mark.parametrize("bundle_version, expected", [("3", "3.0.0"), ("1.2", "1.2.0"), ("1.2.3", "1.2.3"),
                                                       ("2.0.0-rc.1", "2.0.0-rc.1"), ("007", "7.0.0")])
 def test_component_version_from_the_bundle_version(bundle_version: str, expected: str) -> None:
-    assert build_component.component_version(bundle_version) == expected
+    assert build.component_version(bundle_version) == expected
 
 
 @pytest.mark.parametrize("bundle_version", ["run-20240101", "1.2.3.4", "v1", ""])
-def test_a_bundle_version_that_is_not_semantic_needs_an_explicit_component_version(bundle_version: str) -> None:
-    with pytest.raises(build_component.BuildError, match="pass --component-version"):
-        build_component.component_version(bundle_version)
+def test_a_bundle_version_that_is_not_semantic_needs_an_explicit_one(bundle_version: str) -> None:
+    with pytest.raises(BuildError, match="pass --model-version"):
+        build.component_version(bundle_version)
 
 
-def built(out: Path, version: str) -> tuple[dict[str, Any], Path]:
-    recipe_path = out / "recipes" / f"{MODEL}-{version}.yaml"
-    artifact = out / "artifacts" / MODEL / version / "bundle.zip"
-    assert recipe_path.is_file() and artifact.is_file()
-    return yaml.safe_load(recipe_path.read_text(encoding="utf-8")), artifact
+def test_build_cli_model_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qcsight_gg import cli
 
-
-def test_build_writes_a_versioned_recipe_and_an_artifact_that_verifies(tiny_bundle: Bundle, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    assert build_component.main([str(tiny_bundle.path), "--out", str(out), "--artifact-base", "s3://bkt/qc/"]) == 0
-    data, artifact = built(out, "1.0.0")  # the tiny bundle's manifest version is "1"
-    assert data["RecipeFormatVersion"] == "2020-01-25" and data["ComponentName"] == MODEL
-    assert data["ComponentVersion"] == "1.0.0"
-    assert "tiny 1" in data["ComponentDescription"]
-    (entry,) = data["Manifests"][0]["Artifacts"]
-    assert entry["URI"] == f"s3://bkt/qc/{MODEL}/1.0.0/bundle.zip"
-    assert entry["Unarchive"] == "ZIP" and entry["Algorithm"] == "SHA-256"
-    assert entry["Digest"] == base64.b64encode(hashlib.sha256(artifact.read_bytes()).digest()).decode()
-
-    # Unpack as the nucleus does (into a folder named after the archive) and load it as the agent does.
-    unpacked = tmp_path / "artifacts-unarchived" / "bundle"
-    with zipfile.ZipFile(artifact) as archive:
-        assert sorted(archive.namelist()) == sorted(["manifest.json", *tiny_bundle.manifest.files])
-        archive.extractall(unpacked)
-    loaded = load_bundle(unpacked)
-    assert loaded.manifest == tiny_bundle.manifest
-    assert loaded.model_path().read_bytes() == tiny_bundle.model_path().read_bytes()
-
-
-def test_build_is_reproducible_and_takes_a_tarball(tiny_bundle: Bundle, tmp_path: Path) -> None:
-    (tiny_bundle.path / "stray.txt").write_text("not in the manifest")  # must not be shipped
-    first = build_component.build(tiny_bundle.path, tmp_path / "a", "s3://bkt/qc")
-    tarball = pack_bundle(make_tiny_bundle(tmp_path / "other").path, tmp_path / "model.tar.gz")
-    second = build_component.build(tarball, tmp_path / "b", "s3://bkt/qc")
-    digest = lambda path: yaml.safe_load(path.read_text())["Manifests"][0]["Artifacts"][0]["Digest"]  # noqa: E731
-    assert digest(first) == digest(second), "the same bundle must pack to the same bytes"
-    with zipfile.ZipFile(tmp_path / "a" / "artifacts" / MODEL / "1.0.0" / "bundle.zip") as archive:
-        assert "stray.txt" not in archive.namelist()
-
-
-def test_build_refuses_a_tampered_bundle(tiny_bundle: Bundle, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    model = tiny_bundle.model_path()
-    model.write_bytes(model.read_bytes() + b"\0")
-    with caplog.at_level(logging.ERROR):
-        assert build_component.main([str(tiny_bundle.path), "--out", str(tmp_path / "out")]) == 1
-    assert "model.onnx" in caplog.text and "sha256" in caplog.text
-    assert not (tmp_path / "out").exists()
-
-
-def test_build_version_override_and_range_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bundle = make_tiny_bundle(tmp_path / "bundle", version="run-42")
-    with caplog.at_level(logging.ERROR):
-        assert build_component.main([str(bundle.path), "--out", str(tmp_path / "out")]) == 1
-    assert "pass --component-version" in caplog.text
-    with caplog.at_level(logging.WARNING):
-        assert build_component.main([str(bundle.path), "--out", str(tmp_path / "out"),
-                                     "--component-version", "2.1.0"]) == 0
-    data, _ = built(tmp_path / "out", "2.1.0")
-    assert data["ComponentVersion"] == "2.1.0"
-    assert "outside com.qcsight.EdgeAgent's dependency range" in caplog.text
-
-
-def test_build_usage_errors(tiny_bundle: Bundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert build_component.main([str(tiny_bundle.path), "--out", str(tmp_path), "--artifact-base", "/local"]) == 2
+    out = tmp_path / "out"
+    assert cli.main(["build", "--bundle", str(bundle.path), "--out", str(out), "--no-agent"]) == 1
+    assert "pass --model-version" in capsys.readouterr().err
+    assert cli.main(["build", "--bundle", str(bundle.path), "--out", str(out), "--no-agent",
+                     "--model-version", "2.1.0"]) == 0
+    assert f"{MODEL}-2.1.0.yaml" in capsys.readouterr().out
+    assert cli.main(["validate", str(out)]) == 0
+    assert cli.main(["build", "--out", str(out), "--no-agent"]) == 2
+    assert cli.main(["build", "--bundle", str(bundle.path), "--out", str(out), "--artifact-base", "/local"]) == 2
     assert "s3://" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as info:
-        build_component.main(["--help"])
-    assert info.value.code == 0
-    assert "bundle" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------- versions
+
+
+def test_version_ranges_as_greengrass_writes_them() -> None:
+    requirement = Requirement.parse(template(AGENT)["ComponentDependencies"][MODEL]["VersionRequirement"])
+    assert requirement.allows("1.0.0") and requirement.allows("1.7.3")
+    assert not requirement.allows("2.0.0") and not requirement.allows("0.9.0")
+    assert Requirement.parse("^1.2.0").allows("1.9.9") and not Requirement.parse("^1.2.0").allows("2.0.0")
+    assert Requirement.parse("~1.2.0").allows("1.2.9") and not Requirement.parse("~1.2.0").allows("1.3.0")
+    assert Requirement.parse("1.x").allows("1.5.0") and Requirement.parse(">=1.0.0 <1.0.0 || 3.0.0").allows("3.0.0")
+    assert not Requirement.parse(">=2.0.0 <1.0.0").satisfiable
+    assert Version.parse("2.0.0-rc.1") < Version.parse("2.0.0") < Version.parse("2.0.1")
+    with pytest.raises(VersionError):
+        Requirement.parse(">= one")

@@ -80,3 +80,14 @@ def make_tiny_bundle(
         },
     )
     return write_bundle(directory, manifest)
+
+
+def make_unloadable_bundle(directory: Path, version: str = "9", name: str = "tiny") -> Bundle:
+    """A bundle that verifies (every file matches its sha256) but whose model ONNX Runtime cannot load.
+
+    What a training bug or a bad conversion ships: transport checks pass, the agent's load and
+    warm-up do not.
+    """
+    bundle = make_tiny_bundle(directory, version=version, name=name)
+    (directory / "model.onnx").write_bytes(b"this is not an ONNX model")
+    return write_bundle(directory, bundle.manifest)

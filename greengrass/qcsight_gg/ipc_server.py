@@ -1,4 +1,4 @@
-"""A local stand-in for the Greengrass nucleus IPC server, for driving the unmodified awsiotsdk client.
+"""The Greengrass nucleus's IPC server, for the unmodified awsiotsdk client: the protocol ``run-local`` speaks.
 
 The nucleus serves Greengrass IPC as AWS event-stream RPC on a Unix domain socket. This module
 speaks that protocol from first principles (it never imports awscrt/awsiot, so the SDK cannot
@@ -7,23 +7,31 @@ agree with itself) and checks what the nucleus checks:
 * framing: prelude (total length, headers length, CRC32 of the first 8 bytes), typed headers,
   payload, CRC32 of the whole message; both CRCs are verified on receipt;
 * the connection handshake: the first message is CONNECT on stream 0 with ``:version`` 0.1.0 and
-  a JSON payload ``{"authToken": ...}`` that must equal the SVCUID this server was given; anything
-  else gets a CONNECT_ACK without CONNECTION_ACCEPTED and the socket is closed, as the nucleus does;
+  a JSON payload ``{"authToken": ...}`` that must be the SVCUID of a component this server was
+  given; anything else is refused and the socket closed, as the nucleus does;
 * streams: every message carries ``:message-type``, ``:message-flags`` and ``:stream-id`` (int32);
   a new stream id must be the previous one plus one and carry an ``operation`` header; requests
   carry ``:content-type: application/json`` and the request shape's ``service-model-type``;
 * operations: PublishToIoTCore (topicName, qos "0"/"1" and payload required; the topic must match
-  the component's mqttproxy allow-list or the answer is ``UnauthorizedError``; IoT Core's topic
-  and payload limits apply), GetConfiguration, SubscribeToConfigurationUpdate,
-  SubscribeToValidateConfigurationUpdates and SendConfigurationValidityReport (the report's
-  deploymentId must match a validation this server asked for). Unknown operations get the
-  server's "Unsupported Operation" error.
+  the calling component's mqttproxy allow-list or the answer is ``UnauthorizedError``; IoT Core's
+  topic and payload limits apply), GetConfiguration, SubscribeToConfigurationUpdate,
+  SubscribeToValidateConfigurationUpdates, SendConfigurationValidityReport (the report's
+  deploymentId must match a validation this server asked for), SubscribeToComponentUpdates and
+  DeferComponentUpdate; a caller may register more (the local nucleus adds the Greengrass CLI's
+  CreateLocalDeployment and GetLocalDeploymentStatus). Unknown operations get the server's
+  "Unsupported Operation" error.
 
-Responses follow the Java event-stream server the nucleus uses: ``:content-type`` and
-``service-model-type`` headers, TERMINATE_STREAM on the response of a non-streaming operation and
-on every error, modelled errors as APPLICATION_ERROR with ``{"message", "_service", "_message",
-"_errorCode"}``. Tests push configuration changes and proposed deployments with
-:meth:`IpcServer.set_configuration` and :meth:`IpcServer.propose_configuration`.
+Two flavours, because our components must work on both nuclei:
+
+* ``classic`` follows the Java nucleus's event-stream server: modelled errors are
+  APPLICATION_ERROR with ``{"message", "_service", "_message", "_errorCode"}``, and every
+  operation above is served.
+* ``lite`` follows Greengrass nucleus lite (aws-greengrass-lite ``modules/ggipcd/src/ipc_server.c``,
+  ``send_stream_error``): error payloads carry only ``{"_message", "_errorCode"}`` (no
+  ``message``, which is the field awsiotsdk reads), a refused CONNECT closes the socket without a
+  CONNECT_ACK (``handle_conn_init`` returns an error), and the operations Lite does not implement
+  (configuration validation, component updates and deferral; see the developer guide's "Greengrass
+  feature compatibility" table) are refused with a ServiceError.
 
 Anything a well-behaved client should never send is also appended to :attr:`IpcServer.violations`,
 so a test can assert that the client spoke the protocol correctly, not only that it got answers.
@@ -191,11 +199,22 @@ RPC_VERSION = "0.1.0"
 JSON = "application/json"
 SERVICE = "aws.greengrass#GreengrassCoreIPC"
 
+CLASSIC, LITE = "classic", "lite"
+FLAVORS = (CLASSIC, LITE)
+
 PUBLISH = "aws.greengrass#PublishToIoTCore"
 GET_CONFIGURATION = "aws.greengrass#GetConfiguration"
 SUBSCRIBE_CONFIGURATION = "aws.greengrass#SubscribeToConfigurationUpdate"
 SUBSCRIBE_VALIDATION = "aws.greengrass#SubscribeToValidateConfigurationUpdates"
 SEND_VALIDITY_REPORT = "aws.greengrass#SendConfigurationValidityReport"
+SUBSCRIBE_COMPONENT_UPDATES = "aws.greengrass#SubscribeToComponentUpdates"
+DEFER_COMPONENT_UPDATE = "aws.greengrass#DeferComponentUpdate"
+CREATE_LOCAL_DEPLOYMENT = "aws.greengrass#CreateLocalDeployment"
+GET_LOCAL_DEPLOYMENT_STATUS = "aws.greengrass#GetLocalDeploymentStatus"
+
+# What Greengrass nucleus lite does not serve (developer guide, "Greengrass feature compatibility").
+LITE_UNSUPPORTED = frozenset({SUBSCRIBE_VALIDATION, SEND_VALIDITY_REPORT, SUBSCRIBE_COMPONENT_UPDATES,
+                              DEFER_COMPONENT_UPDATE})
 
 # IoT Core's message broker limits, which the nucleus's MQTT client enforces before spooling.
 MAX_TOPIC_BYTES = 256
@@ -214,23 +233,20 @@ class Operation:
         return self.stream_event is not None
 
 
+def _op(name: str, stream_event: str | None = None) -> Operation:
+    return Operation(f"{name}Request", f"{name}Response", stream_event)
+
+
 OPERATIONS: dict[str, Operation] = {
-    PUBLISH: Operation("aws.greengrass#PublishToIoTCoreRequest", "aws.greengrass#PublishToIoTCoreResponse"),
-    GET_CONFIGURATION: Operation("aws.greengrass#GetConfigurationRequest", "aws.greengrass#GetConfigurationResponse"),
-    SUBSCRIBE_CONFIGURATION: Operation(
-        "aws.greengrass#SubscribeToConfigurationUpdateRequest",
-        "aws.greengrass#SubscribeToConfigurationUpdateResponse",
-        "aws.greengrass#ConfigurationUpdateEvents",
-    ),
-    SUBSCRIBE_VALIDATION: Operation(
-        "aws.greengrass#SubscribeToValidateConfigurationUpdatesRequest",
-        "aws.greengrass#SubscribeToValidateConfigurationUpdatesResponse",
-        "aws.greengrass#ValidateConfigurationUpdateEvents",
-    ),
-    SEND_VALIDITY_REPORT: Operation(
-        "aws.greengrass#SendConfigurationValidityReportRequest",
-        "aws.greengrass#SendConfigurationValidityReportResponse",
-    ),
+    PUBLISH: _op(PUBLISH),
+    GET_CONFIGURATION: _op(GET_CONFIGURATION),
+    SUBSCRIBE_CONFIGURATION: _op(SUBSCRIBE_CONFIGURATION, "aws.greengrass#ConfigurationUpdateEvents"),
+    SUBSCRIBE_VALIDATION: _op(SUBSCRIBE_VALIDATION, "aws.greengrass#ValidateConfigurationUpdateEvents"),
+    SEND_VALIDITY_REPORT: _op(SEND_VALIDITY_REPORT),
+    SUBSCRIBE_COMPONENT_UPDATES: _op(SUBSCRIBE_COMPONENT_UPDATES, "aws.greengrass#ComponentUpdatePolicyEvents"),
+    DEFER_COMPONENT_UPDATE: _op(DEFER_COMPONENT_UPDATE),
+    CREATE_LOCAL_DEPLOYMENT: _op(CREATE_LOCAL_DEPLOYMENT),
+    GET_LOCAL_DEPLOYMENT_STATUS: _op(GET_LOCAL_DEPLOYMENT_STATUS),
 }
 
 
@@ -242,7 +258,9 @@ class ModeledError(Exception):
         self.code = code
         self.message = message
 
-    def payload(self) -> dict[str, Any]:
+    def payload(self, flavor: str = CLASSIC) -> dict[str, Any]:
+        if flavor == LITE:
+            return {"_message": self.message, "_errorCode": self.code}
         # The Java server serialises the error shape plus these framework fields.
         return {"message": self.message, "_service": SERVICE, "_message": self.message, "_errorCode": self.code}
 
@@ -270,6 +288,23 @@ def topic_pattern(resource: str) -> re.Pattern[str]:
     regex = "/".join(parts)
     regex = regex[:-2] + "(/.*)?" if regex.endswith("/#") else regex.replace("#", ".*")
     return re.compile(f"^{regex}$", re.DOTALL)
+
+
+def publish_resources(access_control: Mapping[str, Any] | None, thing_name: str) -> list[str]:
+    """The PublishToIoTCore resources a component's accessControl grants, with ``{iot:thingName}`` resolved.
+
+    Both nuclei resolve that variable inside authorisation policies (and only there among the
+    configuration: neither interpolates the rest of it by default).
+    """
+    policies = (access_control or {}).get("aws.greengrass.ipc.mqttproxy") or {}
+    resources: list[str] = []
+    for policy in policies.values() if isinstance(policies, Mapping) else ():
+        if not isinstance(policy, Mapping):
+            continue
+        operations = policy.get("operations") or []
+        if PUBLISH in operations or "*" in operations:
+            resources += [str(r).replace("{iot:thingName}", thing_name) for r in policy.get("resources") or []]
+    return resources
 
 
 def _changed_paths(old: Any, new: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -302,6 +337,7 @@ class ConnectAttempt:
     auth_token: str | None
     version: str | None
     accepted: bool
+    component: str | None = None
 
 
 @dataclass(frozen=True)
@@ -309,6 +345,7 @@ class Request:
     operation: str
     stream_id: int
     body: dict[str, Any]
+    component: str | None = None
 
 
 @dataclass(frozen=True)
@@ -317,6 +354,15 @@ class Published:
     qos: str
     payload: bytes
     retain: bool
+    component: str | None = None
+
+
+@dataclass(frozen=True)
+class Deferral:
+    component: str
+    deployment_id: str
+    recheck_after_ms: int
+    message: str | None
 
 
 @dataclass
@@ -333,62 +379,118 @@ class _PendingValidation:
     report: dict[str, Any] | None = None
 
 
+@dataclass
+class _Component:
+    name: str
+    svcuid: str
+    configuration: dict[str, Any]
+    allow: list[re.Pattern[str]]
+
+
+# An extra operation: (server, calling component, request body) -> response body; raise ModeledError to refuse.
+Handler = Callable[["IpcServer", str, dict[str, Any]], dict[str, Any]]
+# Where an accepted PublishToIoTCore goes (the local nucleus's relay); raise ModeledError to refuse.
+PublishSink = Callable[[Published], None]
+
+
 # --- the server ----------------------------------------------------------------------------------
 
 
 class IpcServer:
-    """A nucleus IPC stand-in serving one component on a Unix socket, in background threads.
+    """A nucleus IPC server on a Unix socket, in background threads, serving one or more components.
 
     Args:
-        svcuid: the auth token the component must present (the SVCUID the nucleus gives it).
-        component: the component name the token authenticates as.
-        configuration: the component's configuration (what GetConfiguration serves).
-        publish_allow: mqttproxy PublishToIoTCore resources from the component's accessControl,
-            with recipe variables already resolved.
+        svcuid: the auth token of the first component (the SVCUID the nucleus gives it), if any.
+        component: the first component's name.
+        configuration: the first component's configuration (what GetConfiguration serves).
+        publish_allow: mqttproxy PublishToIoTCore resources from the first component's
+            accessControl, with recipe variables already resolved.
         socket_path: where to listen; a fresh short path under the temp dir when None (Unix
             socket paths are limited to about 107 bytes, too short for pytest's tmp_path).
         io_timeout_s: socket poll interval; also bounds how long stop() waits for each thread.
+        flavor: ``classic`` (the Java nucleus) or ``lite`` (Greengrass nucleus lite).
+        on_publish: receives every accepted PublishToIoTCore (the relay to the broker); when None
+            messages are only recorded.
+        handlers: more operations by name, served to any authenticated component.
     """
 
-    def __init__(self, svcuid: str, component: str, configuration: Mapping[str, Any],
-                 publish_allow: Iterable[str] = (), socket_path: str | Path | None = None,
-                 io_timeout_s: float = 0.1) -> None:
-        self.svcuid = svcuid
-        self.component = component
+    def __init__(self, svcuid: str | None = None, component: str | None = None,
+                 configuration: Mapping[str, Any] | None = None, publish_allow: Iterable[str] = (),
+                 socket_path: str | Path | None = None, io_timeout_s: float = 0.1, flavor: str = CLASSIC,
+                 on_publish: PublishSink | None = None, handlers: Mapping[str, Handler] | None = None) -> None:
+        if flavor not in FLAVORS:
+            raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}, not {flavor!r}")
+        self.flavor = flavor
         self._own_dir: str | None = None
         if socket_path is None:
             self._own_dir = tempfile.mkdtemp(prefix="qcs-gg-")
             socket_path = os.path.join(self._own_dir, "ipc.socket")
         self.socket_path = str(socket_path)
         self._io_timeout_s = io_timeout_s
+        self._on_publish = on_publish
+        self._handlers = dict(handlers or {})
         self._lock = threading.Condition()
-        self._configs: dict[str, dict[str, Any]] = {component: copy.deepcopy(dict(configuration))}
-        self._allow = [topic_pattern(r) for r in publish_allow]
+        self._components: dict[str, _Component] = {}
+        self.component = component or ""
         self._published: deque[Published] = deque(maxlen=10_000)
         self._requests: deque[Request] = deque(maxlen=10_000)
         self._connects: deque[ConnectAttempt] = deque(maxlen=1_000)
         self._violations: deque[str] = deque(maxlen=1_000)
+        self._deferrals: deque[Deferral] = deque(maxlen=1_000)
         self._config_subs: list[_Subscription] = []
         self._validators: dict[str, _Subscription] = {}
+        self._update_subs: list[_Subscription] = []
         self._pending: dict[tuple[str, str], _PendingValidation] = {}
         self._connections: list[_Connection] = []
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        if component is not None:
+            if svcuid is None:
+                raise ValueError("a component needs its svcuid")
+            self.add_component(component, svcuid, configuration or {}, publish_allow)
+
+    # components ---------------------------------------------------------------------------------
+
+    def add_component(self, name: str, svcuid: str, configuration: Mapping[str, Any],
+                      publish_allow: Iterable[str] = ()) -> None:
+        """Serve a component: its token, configuration and PublishToIoTCore allow-list (replaces an earlier one)."""
+        with self._lock:
+            self._components[name] = _Component(name, svcuid, copy.deepcopy(dict(configuration)),
+                                                [topic_pattern(r) for r in publish_allow])
+            if not self.component:
+                self.component = name
+
+    def remove_component(self, name: str) -> None:
+        """Forget a component: its token no longer connects and its open connections are closed."""
+        with self._lock:
+            self._components.pop(name, None)
+            connections = [c for c in self._connections if c.component == name]
+        for conn in connections:
+            conn.close()
+
+    def set_publish_allow(self, name: str, publish_allow: Iterable[str]) -> None:
+        with self._lock:
+            self._components[name].allow = [topic_pattern(r) for r in publish_allow]
 
     # lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> IpcServer:
+        self._stopping.clear()
+        Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)  # a socket file left by a nucleus that died
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
-        listener.listen(8)
+        listener.listen(16)
         listener.settimeout(self._io_timeout_s)
         self._listener = listener
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="ipc-stand-in-accept", daemon=True)
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="gg-ipc-accept", daemon=True)
         self._accept_thread.start()
         return self
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0, remove_dir: bool = True) -> None:
+        """Stop listening and close every connection; start() may be called again (remove_dir=False keeps the path)."""
         self._stopping.set()
         deadline = time.monotonic() + timeout_s
         if self._accept_thread is not None:
@@ -404,10 +506,18 @@ class IpcServer:
         alive = [c.thread.name for c in connections if c.thread.is_alive()]
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
-        if self._own_dir is not None:
+        if remove_dir and self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
         if alive:
-            raise RuntimeError(f"IPC stand-in threads still running after {timeout_s}s: {alive}")
+            raise RuntimeError(f"IPC server threads still running after {timeout_s}s: {alive}")
+
+    def drop_connections(self) -> int:
+        """Close every client connection but keep listening (what clients see when the nucleus's IPC restarts)."""
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            conn.close()
+        return len(connections)
 
     def __enter__(self) -> IpcServer:
         return self.start()
@@ -437,61 +547,91 @@ class IpcServer:
         with self._lock:
             return list(self._violations)
 
-    def configuration(self) -> dict[str, Any]:
+    @property
+    def deferrals(self) -> list[Deferral]:
         with self._lock:
-            return copy.deepcopy(self._configs[self.component])
+            return list(self._deferrals)
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._connections if c.component is not None)
+
+    def configuration(self, component: str | None = None) -> dict[str, Any]:
+        with self._lock:
+            return copy.deepcopy(self._components[component or self.component].configuration)
 
     def wait_until(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
         """Block until condition() holds (checked whenever the server's state changes)."""
         with self._lock:
             if not self._lock.wait_for(condition, timeout_s):
-                raise TimeoutError(f"IPC stand-in: {what} did not happen within {timeout_s}s")
+                raise TimeoutError(f"IPC server: {what} did not happen within {timeout_s}s")
 
-    def wait_for_subscriptions(self, timeout_s: float = 5.0, validation: bool = True) -> None:
-        """Wait until the component subscribed to configuration updates (and to validation)."""
-        self.wait_until(lambda: any(s.component == self.component for s in self._config_subs)
-                        and (not validation or self.component in self._validators), timeout_s,
-                        "the configuration subscriptions")
-
-    # what a test drives -------------------------------------------------------------------------
-
-    def set_configuration(self, configuration: Mapping[str, Any]) -> int:
-        """Replace the configuration (as a deployment does) and notify subscribers; returns events sent."""
+    def has_subscriptions(self, component: str | None = None, validation: bool = True) -> bool:
+        name = component or self.component
         with self._lock:
-            old = self._configs[self.component]
+            return any(s.component == name for s in self._config_subs) and (
+                not validation or name in self._validators)
+
+    def wait_for_subscriptions(self, timeout_s: float = 5.0, validation: bool = True,
+                               component: str | None = None) -> None:
+        """Wait until the component subscribed to configuration updates (and to validation)."""
+        name = component or self.component
+        self.wait_until(lambda: any(s.component == name for s in self._config_subs)
+                        and (not validation or name in self._validators), timeout_s,
+                        f"{name}'s configuration subscriptions")
+
+    def validates(self, component: str | None = None) -> bool:
+        """Whether the component subscribed to configuration validation."""
+        with self._lock:
+            return (component or self.component) in self._validators
+
+    def update_subscribers(self) -> list[str]:
+        """The components subscribed to component-update notices."""
+        with self._lock:
+            return sorted({s.component for s in self._update_subs})
+
+    # what a nucleus (or a test) drives ----------------------------------------------------------
+
+    def set_configuration(self, configuration: Mapping[str, Any], component: str | None = None) -> int:
+        """Replace a component's configuration (as a deployment does) and notify subscribers; returns events sent."""
+        name = component or self.component
+        with self._lock:
+            old = self._components[name].configuration
             new = copy.deepcopy(dict(configuration))
-            self._configs[self.component] = new
+            self._components[name].configuration = new
             changed = _changed_paths(old, new)
-            targets = [s for s in self._config_subs if s.component == self.component]
+            targets = [s for s in self._config_subs if s.component == name]
         sent = 0
         for path in changed:
             for sub in targets:
                 if path[:len(sub.key_path)] == sub.key_path:
-                    event = {"configurationUpdateEvent": {"componentName": self.component, "keyPath": list(path)}}
+                    event = {"configurationUpdateEvent": {"componentName": name, "keyPath": list(path)}}
                     if sub.connection.send_event(sub.stream_id, SUBSCRIBE_CONFIGURATION, event):
                         sent += 1
         return sent
 
     def propose_configuration(self, configuration: Mapping[str, Any], deployment_id: str,
-                              timeout_s: float = 5.0) -> dict[str, Any]:
+                              timeout_s: float = 5.0, component: str | None = None) -> dict[str, Any]:
         """Ask the component to validate a deployment's configuration, as the nucleus does; returns its report.
 
         Raises:
             LookupError: the component has not subscribed to validation (the nucleus would skip it).
             TimeoutError: no SendConfigurationValidityReport for this deployment within timeout_s.
         """
+        name = component or self.component
         pending = _PendingValidation()
-        key = (self.component, deployment_id)
+        key = (name, deployment_id)
         with self._lock:
-            sub = self._validators.get(self.component)
+            sub = self._validators.get(name)
             if sub is None:
-                raise LookupError(f"{self.component} has not subscribed to configuration validation")
+                raise LookupError(f"{name} has not subscribed to configuration validation")
             self._pending[key] = pending
         event = {"validateConfigurationUpdateEvent": {"configuration": copy.deepcopy(dict(configuration)),
                                                       "deploymentId": deployment_id}}
         try:
             if not sub.connection.send_event(sub.stream_id, SUBSCRIBE_VALIDATION, event):
-                raise ConnectionError("validation subscriber's connection is closed")
+                raise ConnectionError(f"{name}'s validation subscription is closed")
             if not pending.done.wait(timeout_s):
                 raise TimeoutError(f"no validity report for deployment {deployment_id} within {timeout_s}s")
         finally:
@@ -499,6 +639,14 @@ class IpcServer:
                 self._pending.pop(key, None)
         assert pending.report is not None
         return pending.report
+
+    def notify_component_update(self, deployment_id: str, post: bool = False) -> int:
+        """Send every component-update subscriber a pre- (or post-) update event; returns how many got it."""
+        with self._lock:
+            subs = list(self._update_subs)
+        key, body = (("postUpdateEvent", {"deploymentId": deployment_id}) if post else
+                     ("preUpdateEvent", {"deploymentId": deployment_id, "isGgcRestarting": False}))
+        return sum(1 for s in subs if s.connection.send_event(s.stream_id, SUBSCRIBE_COMPONENT_UPDATES, {key: body}))
 
     # internals ----------------------------------------------------------------------------------
 
@@ -517,7 +665,7 @@ class IpcServer:
             conn.thread.start()
 
     def _violation(self, text: str) -> None:
-        log.warning("IPC stand-in: protocol violation: %s", text)
+        log.warning("IPC server: protocol violation: %s", text)
         with self._lock:
             self._violations.append(text)
             self._lock.notify_all()
@@ -527,7 +675,8 @@ class IpcServer:
             into.append(item)
             self._lock.notify_all()
 
-    def _authenticate(self, message: Message) -> bool:
+    def _authenticate(self, message: Message) -> str | None:
+        """The component the CONNECT's token belongs to, or None when it is refused."""
         version = message.get(":version", STRING)
         token: str | None = None
         try:
@@ -535,61 +684,82 @@ class IpcServer:
             token = body.get("authToken") if isinstance(body, dict) else None
         except (UnicodeDecodeError, json.JSONDecodeError):
             self._violation("CONNECT payload is not JSON")
-        accepted = version == RPC_VERSION and isinstance(token, str) and bool(token) and token == self.svcuid
-        self._record(ConnectAttempt(token, version, accepted), self._connects)
-        return accepted
+        with self._lock:
+            owner = next((c.name for c in self._components.values() if token and c.svcuid == token), None)
+        accepted = version == RPC_VERSION and isinstance(token, str) and owner is not None
+        self._record(ConnectAttempt(token, version, accepted, owner if accepted else None), self._connects)
+        return owner if accepted else None
 
     def _subscription_closed(self, conn: _Connection, stream_id: int) -> None:
         with self._lock:
-            self._config_subs = [s for s in self._config_subs
-                                 if not (s.connection is conn and s.stream_id == stream_id)]
-            for component, sub in list(self._validators.items()):
-                if sub.connection is conn and sub.stream_id == stream_id:
-                    del self._validators[component]
+            def keep(s: _Subscription) -> bool:
+                return not (s.connection is conn and s.stream_id == stream_id)
+
+            self._config_subs = [s for s in self._config_subs if keep(s)]
+            self._update_subs = [s for s in self._update_subs if keep(s)]
+            self._validators = {k: s for k, s in self._validators.items() if keep(s)}
             self._lock.notify_all()
 
     def _connection_closed(self, conn: _Connection) -> None:
         with self._lock:
             self._config_subs = [s for s in self._config_subs if s.connection is not conn]
+            self._update_subs = [s for s in self._update_subs if s.connection is not conn]
             self._validators = {k: s for k, s in self._validators.items() if s.connection is not conn}
+            if conn in self._connections:
+                self._connections.remove(conn)
             self._lock.notify_all()
 
     # operation handlers: return the response body or raise ModeledError / _BadRequest ------------
 
     def handle(self, conn: _Connection, operation: str, stream_id: int, body: dict[str, Any]) -> dict[str, Any]:
-        self._record(Request(operation, stream_id, body), self._requests)
+        component = conn.component or ""
+        self._record(Request(operation, stream_id, body, component), self._requests)
+        if self.flavor == LITE and operation in LITE_UNSUPPORTED:
+            raise ModeledError("ServiceError", f"Unhandled operation requested: {operation}.")
         if operation == PUBLISH:
-            return self._publish(body)
+            return self._publish(component, body)
         if operation == GET_CONFIGURATION:
-            return self._get_configuration(conn, body)
+            return self._get_configuration(component, body)
         if operation == SUBSCRIBE_CONFIGURATION:
-            return self._subscribe_configuration(conn, stream_id, body)
-        if operation == SUBSCRIBE_VALIDATION:
+            return self._subscribe_configuration(component, body)
+        if operation in (SUBSCRIBE_VALIDATION, SUBSCRIBE_COMPONENT_UPDATES):
             return {}
         if operation == SEND_VALIDITY_REPORT:
-            return self._validity_report(body)
-        raise AssertionError(f"no handler for {operation}")
+            return self._validity_report(component, body)
+        if operation == DEFER_COMPONENT_UPDATE:
+            return self._defer(component, body)
+        handler = self._handlers.get(operation)
+        if handler is not None:
+            return handler(self, component, body)
+        raise ModeledError("ServiceError", f"{operation} is not served by this nucleus")
 
     def after_response(self, conn: _Connection, operation: str, stream_id: int, body: dict[str, Any]) -> None:
         """Register subscriptions only once their response is on the wire, as the nucleus does."""
+        if conn.component is None:
+            return
         with self._lock:
             if operation == SUBSCRIBE_CONFIGURATION:
                 key_path = tuple(body.get("keyPath") or ())
-                component = body.get("componentName") or conn.component or ""
+                component = body.get("componentName") or conn.component
                 self._config_subs.append(_Subscription(conn, stream_id, component, key_path))
-            elif operation == SUBSCRIBE_VALIDATION and conn.component is not None:
+            elif operation == SUBSCRIBE_VALIDATION:
                 # The nucleus keeps the first validator a component registers (computeIfAbsent).
                 self._validators.setdefault(conn.component, _Subscription(conn, stream_id, conn.component, ()))
+            elif operation == SUBSCRIBE_COMPONENT_UPDATES:
+                self._update_subs.append(_Subscription(conn, stream_id, conn.component, ()))
             self._lock.notify_all()
 
-    def _publish(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _publish(self, component: str, body: dict[str, Any]) -> dict[str, Any]:
         topic = body.get("topicName")
         if topic is None:
             raise ModeledError("InvalidArgumentsError", "Topic is required")
         if not isinstance(topic, str):
             raise _BadRequest("topicName is not a string")
-        if not any(p.match(topic) for p in self._allow):
-            raise ModeledError("UnauthorizedError", "Not Authorized")
+        with self._lock:
+            allow = list(self._components[component].allow) if component in self._components else []
+        if not any(p.match(topic) for p in allow):
+            raise ModeledError("UnauthorizedError", f"Principal {component} is not authorized to perform "
+                               f"aws.greengrass.ipc.mqttproxy:aws.greengrass#PublishToIoTCore on resource {topic}")
         if "payload" not in body or body["payload"] is None:
             raise ModeledError("InvalidArgumentsError", "Payload is required")
         try:
@@ -610,16 +780,19 @@ class IpcServer:
             problem = f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}"
         if problem:
             raise ModeledError("ServiceError", f"Publish to topic {topic} failed: {problem}")
-        self._record(Published(topic, qos, payload, bool(body.get("retain", False))), self._published)
+        message = Published(topic, qos, payload, bool(body.get("retain", False)), component)
+        if self._on_publish is not None:
+            self._on_publish(message)
+        self._record(message, self._published)
         return {}
 
-    def _config_of(self, body: dict[str, Any], own: str | None) -> tuple[str, dict[str, Any]]:
+    def _config_of(self, body: dict[str, Any], own: str) -> tuple[str, dict[str, Any]]:
         name = body.get("componentName") or own
         with self._lock:
-            config = self._configs.get(name or "")
-        if config is None or name is None:
+            entry = self._components.get(name)
+        if entry is None:
             raise ModeledError("ResourceNotFoundError", "Key not found")
-        return name, config
+        return name, entry.configuration
 
     def _key_path(self, body: dict[str, Any]) -> list[str]:
         key_path = body.get("keyPath") or []
@@ -627,8 +800,8 @@ class IpcServer:
             raise _BadRequest("keyPath is not a list of strings")
         return key_path
 
-    def _get_configuration(self, conn: _Connection, body: dict[str, Any]) -> dict[str, Any]:
-        name, config = self._config_of(body, conn.component)
+    def _get_configuration(self, component: str, body: dict[str, Any]) -> dict[str, Any]:
+        name, config = self._config_of(body, component)
         key_path = self._key_path(body)
         with self._lock:
             try:
@@ -639,8 +812,8 @@ class IpcServer:
         value = node if isinstance(node, dict) else {key_path[-1]: node}
         return {"componentName": name, "value": value}
 
-    def _subscribe_configuration(self, conn: _Connection, stream_id: int, body: dict[str, Any]) -> dict[str, Any]:
-        _, config = self._config_of(body, conn.component)
+    def _subscribe_configuration(self, component: str, body: dict[str, Any]) -> dict[str, Any]:
+        _, config = self._config_of(body, component)
         with self._lock:
             try:
                 _find_node(config, self._key_path(body))
@@ -648,7 +821,7 @@ class IpcServer:
                 raise ModeledError("ResourceNotFoundError", "Key not found") from None
         return {}
 
-    def _validity_report(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _validity_report(self, component: str, body: dict[str, Any]) -> dict[str, Any]:
         report = body.get("configurationValidityReport")
         if not isinstance(report, dict):
             raise _BadRequest("configurationValidityReport is missing")
@@ -659,11 +832,21 @@ class IpcServer:
         if report.get("status") not in ("ACCEPTED", "REJECTED"):
             self._violation(f"validity report status {report.get('status')!r} is not ACCEPTED or REJECTED")
         with self._lock:
-            pending = self._pending.pop((self.component, deployment_id), None)
+            pending = self._pending.pop((component, deployment_id), None)
         if pending is None:
             raise ModeledError("InvalidArgumentsError", "Validation request either timed out or was never made")
         pending.report = dict(report)
         pending.done.set()
+        return {}
+
+    def _defer(self, component: str, body: dict[str, Any]) -> dict[str, Any]:
+        deployment_id = body.get("deploymentId")
+        if not isinstance(deployment_id, str) or not deployment_id:
+            raise ModeledError("InvalidArgumentsError", "Deployment ID is required")
+        recheck = body.get("recheckAfterMs", 0)
+        if isinstance(recheck, bool) or not isinstance(recheck, int) or recheck < 0:
+            raise ModeledError("InvalidArgumentsError", f"Invalid recheckAfterMs: {recheck!r}")
+        self._record(Deferral(component, deployment_id, recheck, body.get("message")), self._deferrals)
         return {}
 
 
@@ -675,7 +858,7 @@ class _Connection:
         self.sock = sock
         self.sock.settimeout(server._io_timeout_s)
         self.component: str | None = None
-        self.thread = threading.Thread(target=self._run, name=f"ipc-stand-in-conn-{id(self):x}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"gg-ipc-conn-{id(self):x}", daemon=True)
         self._send_lock = threading.Lock()
         self._handshake = False
         self._latest_stream = 0
@@ -746,7 +929,8 @@ class _Connection:
     def _send_error(self, stream_id: int, error: ModeledError) -> None:
         headers = [Header(":content-type", STRING, JSON),
                    Header("service-model-type", STRING, f"aws.greengrass#{error.code}")]
-        self._send(APPLICATION_ERROR, TERMINATE_STREAM, stream_id, headers, json.dumps(error.payload()).encode())
+        self._send(APPLICATION_ERROR, TERMINATE_STREAM, stream_id, headers,
+                   json.dumps(error.payload(self.server.flavor)).encode())
 
     def _protocol_error(self, text: str) -> None:
         self.server._violation(text)
@@ -785,11 +969,13 @@ class _Connection:
                 self._protocol_error(f"message type {message_type} on stream {stream_id} before CONNECT")
                 return
             self._handshake = True
-            if self.server._authenticate(message):
-                self.component = self.server.component
+            component = self.server._authenticate(message)
+            if component is not None:
+                self.component = component
                 self._send(CONNECT_ACK, CONNECTION_ACCEPTED, 0)
             else:
-                self._send(CONNECT_ACK, 0, 0)
+                if self.server.flavor == CLASSIC:
+                    self._send(CONNECT_ACK, 0, 0)
                 self.close()
             return
         if stream_id == 0:
@@ -864,6 +1050,10 @@ class _Connection:
             self.server._violation(f"{operation}: {exc}")
             self._send(APPLICATION_ERROR, TERMINATE_STREAM, stream_id,
                        [Header(":content-type", STRING, "text/plain")], b"InternalServerError")
+            return
+        except Exception:  # a handler bug: answer like the nucleus does and keep serving
+            log.exception("IPC server: %s failed", operation)
+            self._send_error(stream_id, ModeledError("ServiceError", f"{operation} failed inside the nucleus"))
             return
         headers = [Header(":content-type", STRING, JSON), Header("service-model-type", STRING, spec.response)]
         flags = 0 if spec.streaming else TERMINATE_STREAM
