@@ -31,6 +31,7 @@ from qcsight_edge.outputs import (
 from qcsight_edge.pipeline import Pipeline
 from qcsight_edge.publisher import Publisher
 from qcsight_edge.sender import OutboxSender
+from qcsight_edge.uploader import ImageUploader, make_uploader
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class AgentParts:
     line_signal: LineSignal
     image_store: ImageStore | None
     publisher: Publisher | None = None
+    uploader: ImageUploader | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -107,7 +109,7 @@ class Agent:
         self.models = ModelManager(model, self.config.model, self._model_rejected, self._loader)
         self.metrics = MetricsRecorder(self.clock, self.config.metrics.reservoir_size, model.reference)
         self.outputs = VerdictOutputs(self.sink, self.parts.line_signal, self.parts.image_store, self.config.alerts,
-                                      self.config.line_signal, self.clock)
+                                      self.config.line_signal, self.clock, uploader=self.parts.uploader)
         self.pipeline = Pipeline(self.parts.source, self.models, self.outputs, self.metrics, self.clock,
                                  self.config.roi, self.config.queue_size, on_model_change=self._model_changed)
         self._state = "running"
@@ -116,6 +118,8 @@ class Agent:
         self._next_heartbeat = now + self.config.metrics.heartbeat_s
         self._next_config_check = now + self.config.config_reload_s
         self.outputs.start()
+        if self.parts.uploader is not None:
+            self.parts.uploader.start()
         self.pipeline.start()
         self._connect_transport()
         log.info("agent %s running: model %s %s (%s), source %s", self.config.thing_name, model.name, model.version,
@@ -160,6 +164,31 @@ class Agent:
         if self._config_poll is not None and self.config.config_reload_s > 0 and now >= self._next_config_check:
             self._next_config_check = now + self.config.config_reload_s
             self._poll_config()
+        self._report_lost_images()
+
+    def _report_lost_images(self) -> None:
+        """Name each image that will never be uploaded (evicted, refused) in one status message, once.
+
+        The cloud otherwise could not tell an image still on its way from one that is not coming.
+        Marked reported only after the status is stored; a crash in between names them again.
+        """
+        uploader = self.parts.uploader
+        if uploader is None:
+            return
+        try:
+            lost = uploader.take_lost()
+        except EdgeError as exc:
+            log.warning("lost images cannot be read from the upload queue: %s", exc)
+            return
+        if not lost:
+            return
+        kinds = sorted({item.kind for item in lost})
+        error = (f"{len(lost)} image(s) will not be uploaded ({', '.join(kinds)}); last reason: "
+                 f"{lost[-1].reason}")
+        images = [{"alert_id": item.alert_id, "image_ref": item.uri, "kind": item.kind, "reason": item.reason}
+                  for item in lost]
+        if self.status("error", error=error, detail={"images_lost": images}):
+            uploader.mark_reported(lost)
 
     def run(self, stop: threading.Event, tick_s: float = 0.2) -> int:
         """start(), tick until `stop` is set or the source ends, then stop(); returns the exit code."""
@@ -189,6 +218,7 @@ class Agent:
             log.error("the capture or inference thread did not stop in time")
         if self.outputs is not None:
             self.outputs.close(timeout_s=max(1.0, deadline / 2))
+        self._report_lost_images()
         if self.metrics is not None:
             self._emit_window(self.metrics.rotate())
         fatal = self.pipeline.fatal if self.pipeline is not None else None
@@ -203,12 +233,16 @@ class Agent:
             else:
                 log.warning("stop deadline %.1fs reached: %d messages stay in the outbox for the next start",
                             deadline, left)
+        if self.parts.uploader is not None:
+            # It uploaded while the sender flushed; an upload still running is cut off and stays queued.
+            self.parts.uploader.stop(2.0)
         self._close_parts()
         return delivered
 
     def _close_parts(self) -> None:
         for close, what in ((self.parts.line_signal.close, "line signal"),
                             (lambda: self.parts.publisher.close(2.0) if self.parts.publisher else None, "transport"),
+                            (lambda: self.parts.uploader.close() if self.parts.uploader else None, "image uploader"),
                             *((c, "resource") for c in self.parts.closers),
                             (self.parts.outbox.close, "outbox")):
             try:
@@ -273,8 +307,11 @@ class Agent:
         except QcsightError as exc:
             log.error("metrics window not stored: %s", exc)
 
-    def status(self, event: str, error: str | None = None, detail: dict[str, Any] | None = None) -> None:
-        """Store one qcsight.status/1 message (start, stop, model_change, model_rejected, error, heartbeat)."""
+    def status(self, event: str, error: str | None = None, detail: dict[str, Any] | None = None) -> bool:
+        """Store one qcsight.status/1 message (start, stop, model_change, model_rejected, error, heartbeat).
+
+        Returns whether it was stored.
+        """
         body: dict[str, Any] = {
             "event": event,
             "state": self._state,
@@ -294,6 +331,8 @@ class Agent:
             self.sink.emit(messages.STATUS, body)
         except QcsightError as exc:
             log.error("status %s not stored: %s", event, exc)
+            return False
+        return True
 
     def status_detail(self) -> dict[str, Any]:
         """The ``detail`` object of every status message: source, frames, alerts, images, transport."""
@@ -305,6 +344,8 @@ class Agent:
         if self.parts.image_store is not None:
             stats = self.parts.image_store.stats()
             detail["images"] = {"files": stats.files, "bytes": stats.bytes, "evicted": stats.evicted}
+        if self.parts.uploader is not None:
+            detail["uploads"] = self.parts.uploader.stats()
         if self.sender is not None:
             sender = self.sender.stats()
             detail["transport"] = {"kind": self.config.transport.kind, "connected": sender.connected,
@@ -326,16 +367,21 @@ def build_parts(config: AgentConfig, publisher: Publisher | None = None) -> Agen
         QcsightError: something named in the configuration cannot be opened.
     """
     outbox = Outbox(config.outbox.path, max_messages=config.outbox.max_messages, max_bytes=config.outbox.max_bytes)
+    uploader: ImageUploader | None = None
     try:
         store = ImageStore(config.image_store.dir, config.image_store.max_bytes, config.image_store.jpeg_quality)
+        uploader = make_uploader(config)
         source = open_source(config.source)
         if publisher is None:
             publisher = make_transport(config.thing_name, config.transport)
         line_signal = make_line_signal(config.thing_name, config.line_signal)
     except BaseException:
+        if uploader is not None:
+            uploader.close()
         outbox.close()
         raise
-    return AgentParts(source=source, outbox=outbox, line_signal=line_signal, image_store=store, publisher=publisher)
+    return AgentParts(source=source, outbox=outbox, line_signal=line_signal, image_store=store, publisher=publisher,
+                      uploader=uploader)
 
 
 def make_transport(thing: str, transport: TransportConfig) -> Publisher | None:
