@@ -68,15 +68,16 @@ def _boto_keys(keys: dict[str, str]) -> dict[str, str]:
     return {"aws_access_key_id": keys["AccessKeyId"], "aws_secret_access_key": keys["SecretAccessKey"]}
 
 
-def _images_policy(thing: str) -> str:
-    # The device role may write only under its own thing's images, as ${credentials-iot:ThingName} scopes it in AWS.
+def _images_policy(thing: str, prefixes: tuple[str, ...]) -> str:
+    # The device role may write only its own thing's images, as ${credentials-iot:ThingName} scopes it in AWS.
+    resources = [f"arn:aws:s3:::{BUCKET}/{prefix}images/{thing}/*" for prefix in prefixes]
     return json.dumps({"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Action": "s3:PutObject", "Resource": f"arn:aws:s3:::{BUCKET}/images/{thing}/*"}]})
+        {"Effect": "Allow", "Action": "s3:PutObject", "Resource": resources}]})
 
 
 @contextmanager
-def moto_with_iam(url: str, thing: str) -> Iterator[MotoAws]:
-    """Set up the bucket, the images role (PutObject under images/<thing>/ only) and two users, then switch
+def moto_with_iam(url: str, thing: str, prefixes: tuple[str, ...] = ("", "plant-7/")) -> Iterator[MotoAws]:
+    """Set up the bucket, the images role (PutObject under <prefix>images/<thing>/ only) and two users, then switch
     moto's IAM authentication on for every request until the block ends."""
     plain = {"endpoint_url": url, "region_name": REGION, "aws_access_key_id": "setup",
              "aws_secret_access_key": "setup"}
@@ -91,7 +92,7 @@ def moto_with_iam(url: str, thing: str) -> Iterator[MotoAws]:
     trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Principal": {
         "AWS": f"arn:aws:iam::{ACCOUNT}:user/iot-credentials"}}]}
     role_arn = iam.create_role(RoleName=ROLE, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
-    iam.put_role_policy(RoleName=ROLE, PolicyName="images", PolicyDocument=_images_policy(thing))
+    iam.put_role_policy(RoleName=ROLE, PolicyName="images", PolicyDocument=_images_policy(thing, prefixes))
     iam.put_user_policy(UserName="iot-credentials", PolicyName="assume", PolicyDocument=json.dumps(
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
                                                   "Resource": role_arn}]}))
@@ -103,7 +104,9 @@ def moto_with_iam(url: str, thing: str) -> Iterator[MotoAws]:
 
 
 def _reset_auth(url: str, count: str) -> None:
-    request = urllib.request.Request(f"{url}/moto-api/reset-auth", data=count.encode(), method="POST")
+    # text/plain: as a form (urllib's default type) Flask would swallow the body and moto read nothing.
+    request = urllib.request.Request(f"{url}/moto-api/reset-auth", data=count.encode(), method="POST",
+                                     headers={"Content-Type": "text/plain"})
     urllib.request.urlopen(request, timeout=10).close()
 
 
