@@ -150,6 +150,8 @@ class ImageUploader:
                 try:
                     wait_s = self.step()
                 except Exception as exc:  # the thread must survive anything: log, count, back off
+                    if self._stop.is_set():
+                        break  # stopping cut the step short (the queue may be closed already): nothing to report
                     log.exception("image uploader step failed")
                     self._note_failure(f"{type(exc).__name__}: {exc}")
                     wait_s = self._backoff.next()
@@ -157,8 +159,8 @@ class ImageUploader:
                     self._wake.wait(wait_s)
         finally:
             self.queue.release_all()
-            log.info("image uploader stopped (%d uploaded, %d failed attempts, %d pending)", self._uploaded,
-                     self._failed, self.queue.backlog)
+            log.info("image uploader stopped (%d uploaded, %d failed attempts since start)", self._uploaded,
+                     self._failed)
 
     def step(self) -> float:
         """Upload the oldest pending image, if any; returns how long to wait before the next step."""
