@@ -90,6 +90,7 @@ class Agent:
         self.outputs: VerdictOutputs | None = None
         self._next_heartbeat = 0.0
         self._next_config_check = 0.0
+        self._next_lost_report = 0.0
         self._stopped = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -164,30 +165,37 @@ class Agent:
         if self._config_poll is not None and self.config.config_reload_s > 0 and now >= self._next_config_check:
             self._next_config_check = now + self.config.config_reload_s
             self._poll_config()
-        self._report_lost_images()
+        if now >= self._next_lost_report:
+            # At the heartbeat's pace: a long outage with a full backlog evicts an image per alert, and a
+            # status message per eviction would double the traffic. Unreported losses wait durably.
+            self._next_lost_report = now + self.config.metrics.heartbeat_s
+            self._report_lost_images()
 
-    def _report_lost_images(self) -> None:
-        """Name each image that will never be uploaded (evicted, refused) in one status message, once.
+    def _report_lost_images(self, batches: int = 4) -> None:
+        """Name each image that will never be uploaded (evicted, refused) in a status message, once.
 
         The cloud otherwise could not tell an image still on its way from one that is not coming.
-        Marked reported only after the status is stored; a crash in between names them again.
+        Up to 50 images per message; marked reported only after the status is stored (a crash in
+        between names them again).
         """
         uploader = self.parts.uploader
         if uploader is None:
             return
-        try:
-            lost = uploader.take_lost()
-        except EdgeError as exc:
-            log.warning("lost images cannot be read from the upload queue: %s", exc)
-            return
-        if not lost:
-            return
-        kinds = sorted({item.kind for item in lost})
-        error = (f"{len(lost)} image(s) will not be uploaded ({', '.join(kinds)}); last reason: "
-                 f"{lost[-1].reason}")
-        images = [{"alert_id": item.alert_id, "image_ref": item.uri, "kind": item.kind, "reason": item.reason}
-                  for item in lost]
-        if self.status("error", error=error, detail={"images_lost": images}):
+        for _ in range(batches):
+            try:
+                lost = uploader.take_lost()
+            except EdgeError as exc:
+                log.warning("lost images cannot be read from the upload queue: %s", exc)
+                return
+            if not lost:
+                return
+            kinds = sorted({item.kind for item in lost})
+            error = (f"{len(lost)} image(s) will not be uploaded ({', '.join(kinds)}); last reason: "
+                     f"{lost[-1].reason}")
+            images = [{"alert_id": item.alert_id, "image_ref": item.uri, "kind": item.kind, "reason": item.reason}
+                      for item in lost]
+            if not self.status("error", error=error, detail={"images_lost": images}):
+                return
             uploader.mark_reported(lost)
 
     def run(self, stop: threading.Event, tick_s: float = 0.2) -> int:

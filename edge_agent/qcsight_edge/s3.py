@@ -97,6 +97,7 @@ class S3Target:
         self._lock = threading.Lock()
         self._connection: http.client.HTTPConnection | None = None
         self._context: ssl.SSLContext | None = None
+        self._aborted = False
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -189,6 +190,8 @@ class S3Target:
     def _exchange(self, path: str, headers: dict[str, str], data: bytes) -> tuple[http.client.HTTPResponse, bytes]:
         """Send one request on the kept-alive connection (opened if none); the response and up to 64 KiB of body."""
         with self._lock:
+            if self._aborted:
+                raise ConnectionAbortedError("the agent is stopping")
             connection = self._connection or self._connect()
             self._connection = connection
         try:
@@ -220,6 +223,7 @@ class S3Target:
 
     def abort(self) -> None:
         with self._lock:
+            self._aborted = True  # no new connection, not even the one retry after a dropped keep-alive
             connection = self._connection
         sock = connection.sock if connection is not None else None
         if sock is not None:
