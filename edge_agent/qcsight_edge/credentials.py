@@ -273,7 +273,8 @@ class CachedCredentials:
     """Hands out credentials from ``source``, fetching new ones ``refresh_before_s`` before they expire.
 
     ``invalidate()`` after the store refused them (an expired or revoked token): the next ``get()``
-    fetches. Thread-safe; a fetch runs under the lock so concurrent callers wait for one round trip.
+    fetches. Thread-safe: concurrent ``get()`` calls wait for one round trip, while ``expiration`` and
+    ``last_error`` (read by status) never wait for the network.
 
     Args:
         source: where credentials come from.
@@ -286,15 +287,17 @@ class CachedCredentials:
         self.source = source
         self.refresh_before_s = refresh_before_s
         self._clock: Clock = clock or SystemClock()
-        self._lock = threading.Lock()
+        self._fetching = threading.Lock()  # held across a fetch: one round trip at a time
+        self._lock = threading.Lock()      # held only to read or swap the current credentials
         self._current: Credentials | None = None
         self.fetches = 0
         self.last_error: str | None = None
 
     def get(self) -> Credentials:
         """Valid credentials (cached or fresh); raises CredentialsError when none can be had."""
-        with self._lock:
-            current = self._current
+        with self._fetching:
+            with self._lock:
+                current = self._current
             if current is not None and not self._due(current):
                 return current
             try:
@@ -304,7 +307,8 @@ class CachedCredentials:
                 raise
             self.fetches += 1
             self.last_error = None
-            self._current = fresh
+            with self._lock:
+                self._current = fresh
             log.info("AWS credentials from %s (access key %s), valid until %s", self.source.name,
                      fresh.access_key_id, "they are revoked" if fresh.expiration is None else iso_utc(fresh.expiration))
             return fresh
