@@ -2,13 +2,26 @@
 
 Each message carries a unique id and a per-device sequence number so the cloud can drop
 duplicates of an at-least-once delivery. Validation runs on both ends; an unknown major
-version is refused, never guessed at.
+version is refused, never guessed at. A new optional field is a minor change: older readers
+ignore fields they do not know.
+
+An alert's full image: ``image_ref`` says where it is, ``image_sha256`` what it is.
+``s3://<bucket>/<prefix>images/<thing>/<YYYY-MM-DD>/<alert_id>.jpg`` (``image_key``) when the
+device uploads images: the alert names the object before the upload finishes (the alert must
+not wait for a slow or offline link), and the object exists only once complete (one signed PUT,
+which S3 makes visible whole or not at all), so its existence is the signal that the upload
+finished (an S3 event notification, or a HEAD when someone opens the alert). An image that will
+never arrive (evicted from a full backlog, refused for good) is named in a status ``error``
+message's ``detail.images_lost``. ``file://...`` for a folder target (written under a temporary
+name and renamed when complete); a bare file name in the device's local image store when
+nothing uploads.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -82,6 +95,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "thumbnail": _opt(dict, fields={"format": _req(str), "width": _req(int), "height": _req(int),
                                         "data": _req(str)}),
         "image_ref": _opt(str),
+        "image_sha256": _opt(str),
     },
     STATUS: {
         **_ENVELOPE,
@@ -96,6 +110,31 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     },
 }
 SCHEMA_PREFIXES = {s.split("/")[0]: s for s in SCHEMAS}
+
+
+_IMAGE_KEY = re.compile(r"^(?P<prefix>.*)images/(?P<thing>[A-Za-z0-9:_-]{1,128})/(?P<date>\d{4}-\d{2}-\d{2})/"
+                        r"(?P<alert_id>[A-Za-z0-9_-]{1,128})\.jpg$")
+
+
+def image_key(prefix: str, thing: str, epoch_s: float, alert_id: str) -> str:
+    """Where an alert's full image goes in the bucket: ``<prefix>images/<thing>/<YYYY-MM-DD>/<alert_id>.jpg``.
+
+    The date is the UTC day the image was stored on the device. The thing name in the key lets the
+    role's IAM policy scope each device to its own images (``${credentials-iot:ThingName}``).
+    """
+    day = datetime.fromtimestamp(epoch_s, timezone.utc).strftime("%Y-%m-%d")
+    key = f"{prefix}images/{thing}/{day}/{alert_id}.jpg"
+    if not _IMAGE_KEY.match(key):
+        raise MessageError(f"image key {key!r}: thing and alert id must be 1-128 of letters, digits, ':', '_', '-'")
+    return key
+
+
+def parse_image_key(key: str) -> tuple[str, str, str, str]:
+    """(prefix, thing, date, alert_id) of an image key, e.g. from an S3 event; MessageError for any other key."""
+    match = _IMAGE_KEY.match(key)
+    if match is None:
+        raise MessageError(f"image key {key!r}: expected <prefix>images/<thing>/<YYYY-MM-DD>/<alert_id>.jpg")
+    return match["prefix"], match["thing"], match["date"], match["alert_id"]
 
 
 def utc_now() -> str:

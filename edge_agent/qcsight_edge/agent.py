@@ -31,6 +31,7 @@ from qcsight_edge.outputs import (
 from qcsight_edge.pipeline import Pipeline
 from qcsight_edge.publisher import Publisher
 from qcsight_edge.sender import OutboxSender
+from qcsight_edge.uploader import ImageUploader, make_uploader
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class AgentParts:
     line_signal: LineSignal
     image_store: ImageStore | None
     publisher: Publisher | None = None
+    uploader: ImageUploader | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -96,6 +98,7 @@ class Agent:
         self.outputs: VerdictOutputs | None = None
         self._next_heartbeat = 0.0
         self._next_config_check = 0.0
+        self._next_lost_report = 0.0
         self._stopped = False
         self.model_listeners: list[ModelListener] = []
 
@@ -119,7 +122,7 @@ class Agent:
         self.models = ModelManager(model, self.config.model, self._model_rejected, self._loader)
         self.metrics = MetricsRecorder(self.clock, self.config.metrics.reservoir_size, model.reference)
         self.outputs = VerdictOutputs(self.sink, self.parts.line_signal, self.parts.image_store, self.config.alerts,
-                                      self.config.line_signal, self.clock)
+                                      self.config.line_signal, self.clock, uploader=self.parts.uploader)
         self.pipeline = Pipeline(self.parts.source, self.models, self.outputs, self.metrics, self.clock,
                                  self.config.roi, self.config.queue_size, on_model_change=self._model_changed)
         self._state = "running"
@@ -128,6 +131,8 @@ class Agent:
         self._next_heartbeat = now + self.config.metrics.heartbeat_s
         self._next_config_check = now + self.config.config_reload_s
         self.outputs.start()
+        if self.parts.uploader is not None:
+            self.parts.uploader.start()
         self.pipeline.start()
         self._connect_transport()
         log.info("agent %s running: model %s %s (%s), source %s", self.config.thing_name, model.name, model.version,
@@ -172,6 +177,38 @@ class Agent:
         if self._config_poll is not None and self.config.config_reload_s > 0 and now >= self._next_config_check:
             self._next_config_check = now + self.config.config_reload_s
             self._poll_config()
+        if now >= self._next_lost_report:
+            # At the heartbeat's pace: a long outage with a full backlog evicts an image per alert, and a
+            # status message per eviction would double the traffic. Unreported losses wait durably.
+            self._next_lost_report = now + self.config.metrics.heartbeat_s
+            self._report_lost_images()
+
+    def _report_lost_images(self, batches: int = 4) -> None:
+        """Name each image that will never be uploaded (evicted, refused) in a status message, once.
+
+        The cloud otherwise could not tell an image still on its way from one that is not coming.
+        Up to 50 images per message; marked reported only after the status is stored (a crash in
+        between names them again).
+        """
+        uploader = self.parts.uploader
+        if uploader is None:
+            return
+        for _ in range(batches):
+            try:
+                lost = uploader.take_lost()
+            except EdgeError as exc:
+                log.warning("lost images cannot be read from the upload queue: %s", exc)
+                return
+            if not lost:
+                return
+            kinds = sorted({item.kind for item in lost})
+            error = (f"{len(lost)} image(s) will not be uploaded ({', '.join(kinds)}); last reason: "
+                     f"{lost[-1].reason}")
+            images = [{"alert_id": item.alert_id, "image_ref": item.uri, "kind": item.kind, "reason": item.reason}
+                      for item in lost]
+            if not self.status("error", error=error, detail={"images_lost": images}):
+                return
+            uploader.mark_reported(lost)
 
     def run(self, stop: threading.Event, tick_s: float = 0.2) -> int:
         """start(), tick until `stop` is set or the source ends, then stop(); returns the exit code."""
@@ -201,6 +238,7 @@ class Agent:
             log.error("the capture or inference thread did not stop in time")
         if self.outputs is not None:
             self.outputs.close(timeout_s=max(1.0, deadline / 2))
+        self._report_lost_images()
         if self.metrics is not None:
             self._emit_window(self.metrics.rotate())
         fatal = self.pipeline.fatal if self.pipeline is not None else None
@@ -215,12 +253,16 @@ class Agent:
             else:
                 log.warning("stop deadline %.1fs reached: %d messages stay in the outbox for the next start",
                             deadline, left)
+        if self.parts.uploader is not None:
+            # It uploaded while the sender flushed; an upload still running is cut off and stays queued.
+            self.parts.uploader.stop(2.0)
         self._close_parts()
         return delivered
 
     def _close_parts(self) -> None:
         for close, what in ((self.parts.line_signal.close, "line signal"),
                             (lambda: self.parts.publisher.close(2.0) if self.parts.publisher else None, "transport"),
+                            (lambda: self.parts.uploader.close() if self.parts.uploader else None, "image uploader"),
                             *((c, "resource") for c in self.parts.closers),
                             (self.parts.outbox.close, "outbox")):
             try:
@@ -294,8 +336,11 @@ class Agent:
         except QcsightError as exc:
             log.error("metrics window not stored: %s", exc)
 
-    def status(self, event: str, error: str | None = None, detail: dict[str, Any] | None = None) -> None:
-        """Store one qcsight.status/1 message (start, stop, model_change, model_rejected, error, heartbeat)."""
+    def status(self, event: str, error: str | None = None, detail: dict[str, Any] | None = None) -> bool:
+        """Store one qcsight.status/1 message (start, stop, model_change, model_rejected, error, heartbeat).
+
+        Returns whether it was stored.
+        """
         body: dict[str, Any] = {
             "event": event,
             "state": self._state,
@@ -315,6 +360,8 @@ class Agent:
             self.sink.emit(messages.STATUS, body)
         except QcsightError as exc:
             log.error("status %s not stored: %s", event, exc)
+            return False
+        return True
 
     def status_detail(self) -> dict[str, Any]:
         """The ``detail`` object of every status message: source, frames, alerts, images, transport."""
@@ -326,6 +373,8 @@ class Agent:
         if self.parts.image_store is not None:
             stats = self.parts.image_store.stats()
             detail["images"] = {"files": stats.files, "bytes": stats.bytes, "evicted": stats.evicted}
+        if self.parts.uploader is not None:
+            detail["uploads"] = self.parts.uploader.stats()
         if self.sender is not None:
             sender = self.sender.stats()
             detail["transport"] = {"kind": self.config.transport.kind, "connected": sender.connected,
@@ -347,16 +396,21 @@ def build_parts(config: AgentConfig, publisher: Publisher | None = None) -> Agen
         QcsightError: something named in the configuration cannot be opened.
     """
     outbox = Outbox(config.outbox.path, max_messages=config.outbox.max_messages, max_bytes=config.outbox.max_bytes)
+    uploader: ImageUploader | None = None
     try:
         store = ImageStore(config.image_store.dir, config.image_store.max_bytes, config.image_store.jpeg_quality)
+        uploader = make_uploader(config)
         source = open_source(config.source)
         if publisher is None:
             publisher = make_transport(config.thing_name, config.transport)
         line_signal = make_line_signal(config.thing_name, config.line_signal)
     except BaseException:
+        if uploader is not None:
+            uploader.close()
         outbox.close()
         raise
-    return AgentParts(source=source, outbox=outbox, line_signal=line_signal, image_store=store, publisher=publisher)
+    return AgentParts(source=source, outbox=outbox, line_signal=line_signal, image_store=store, publisher=publisher,
+                      uploader=uploader)
 
 
 def make_transport(thing: str, transport: TransportConfig) -> Publisher | None:

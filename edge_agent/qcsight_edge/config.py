@@ -218,6 +218,81 @@ class TransportConfig:
     max_reconnect_delay_s: float = 60.0
 
 
+# ---------------------------------------------------------------- image upload (its own section: see _image_upload)
+
+IMAGE_UPLOAD_KINDS = ("none", "s3", "folder")
+CREDENTIAL_KINDS = ("auto", "iot", "greengrass", "environment")
+# S3 bucket names: 3-63 of lowercase letters, digits, '.', '-', starting and ending with a letter or digit.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_ROLE_ALIAS = re.compile(r"^[\w=,@-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class CredentialsConfig:
+    """Where the device's temporary AWS credentials come from (for an s3 image upload).
+
+    Attributes:
+        kind: iot (the AWS IoT credentials provider with the device certificate and a role alias),
+            greengrass (the Token Exchange Service: AWS_CONTAINER_CREDENTIALS_FULL_URI and
+            AWS_CONTAINER_AUTHORIZATION_TOKEN), environment (AWS_ACCESS_KEY_ID, ...), or auto:
+            greengrass when those variables are set, else iot.
+        endpoint: iot: the credentials endpoint host (describe-endpoint iot:CredentialProvider).
+        port: iot: 443 for AWS.
+        role_alias: iot: the role alias.
+        cert, key, ca: iot: PEM files; transport's when empty.
+        refresh_before_s: fetch new credentials this long before the current ones expire.
+        timeout_s: one credentials request.
+    """
+
+    kind: str = "auto"
+    endpoint: str = ""
+    port: int = 443
+    role_alias: str = ""
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    refresh_before_s: float = 300.0
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ImageUploadConfig:
+    """Full images of alerted parts to the cloud, through a durable queue.
+
+    Attributes:
+        kind: none (images stay in the local image store), s3, or folder (a local or mounted folder
+            standing in for the bucket).
+        bucket, region: s3: the bucket and its region.
+        prefix: keys are <prefix>images/<thing>/<YYYY-MM-DD>/<alert_id>.jpg; empty, or ending in '/'.
+        endpoint: s3: an endpoint URL instead of AWS's (VPC endpoint, S3-compatible store, local stand-in).
+        path_style: s3: <endpoint>/<bucket>/<key> addressing (default: when an endpoint is given).
+        ca: s3: a CA bundle for https instead of the system's.
+        path: folder: the folder.
+        queue: the queue's SQLite file.
+        max_images, max_bytes: the backlog's bounds; beyond them the oldest pending images are evicted.
+        timeout_s: connect, and each wait for the store during one upload.
+        retry_initial_s, retry_max_s: backoff after a failed upload.
+        credentials: s3: where credentials come from.
+    """
+
+    queue: Path
+    kind: str = "none"
+    bucket: str = ""
+    region: str = ""
+    prefix: str = ""
+    endpoint: str = ""
+    path_style: bool = False
+    ca: Path | None = None
+    path: Path | None = None
+    max_images: int = 10_000
+    max_bytes: int = 1024**3
+    timeout_s: float = 60.0
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 300.0
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Everything the agent needs, validated once at the edge of the program."""
@@ -233,6 +308,7 @@ class AgentConfig:
     line_signal: LineSignalConfig = field(default_factory=LineSignalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    image_upload: ImageUploadConfig | None = None
     stop_deadline_s: float = 10.0
     config_reload_s: float = 5.0
 
@@ -442,6 +518,7 @@ def _parse(data: Mapping[str, Any], base_dir: Path | None) -> AgentConfig:
         metrics=_metrics(top.section("metrics")),
         outbox=_outbox(top.section("outbox"), state_dir),
         transport=_transport(top.section("transport")),
+        image_upload=_image_upload(top.section("image_upload"), state_dir),
         stop_deadline_s=top.number("stop_deadline_s", 10.0, 0.0, 600.0),
         config_reload_s=top.number("config_reload_s", 5.0, 0.0, 3600.0),
     )
@@ -614,5 +691,75 @@ def _transport(s: _Section) -> TransportConfig:
                           f"at least min_reconnect_delay_s ({cfg.min_reconnect_delay_s})")
     if mqtt:
         _require_tls(s, cfg.cert, cfg.key, cfg.ca)
+    s.finish()
+    return cfg
+
+
+# ---------------------------------------------------------------- image upload
+
+
+def _image_upload(s: _Section, state_dir: Path) -> ImageUploadConfig:
+    kind = s.choice("kind", "none", IMAGE_UPLOAD_KINDS)
+    endpoint = s.text("endpoint", "")
+    if endpoint and not re.match(r"^https?://[^/\s]+(/\S*)?$", endpoint):
+        raise ConfigError(s.name("endpoint"), endpoint, "an http:// or https:// URL (empty for AWS)")
+    initial = s.number("retry_initial_s", 1.0, 0.001, 3600.0)
+    cfg = ImageUploadConfig(
+        queue=s.path("queue", str(state_dir / "uploads.db")),
+        kind=kind,
+        bucket=s.text("bucket", ""),
+        region=s.text("region", ""),
+        prefix=_key_prefix(s),
+        endpoint=endpoint,
+        path_style=s.boolean("path_style", bool(endpoint)),
+        ca=s.existing_file("ca"),
+        path=s.optional_path("path"),
+        max_images=s.integer("max_images", 10_000, 1),
+        max_bytes=s.size("max_bytes", 1024**3, 1024),
+        timeout_s=s.number("timeout_s", 60.0, 0.1, 3600.0),
+        retry_initial_s=initial,
+        retry_max_s=s.number("retry_max_s", max(300.0, initial), initial, 86400.0),
+        credentials=_credentials(s.section("credentials")),
+    )
+    if kind == "s3":
+        if not _BUCKET.match(cfg.bucket):
+            raise ConfigError(s.name("bucket"), cfg.bucket or None, "required for s3: an S3 bucket name (3-63 of "
+                              "lowercase letters, digits, '.', '-')")
+        if not _REGION.match(cfg.region):
+            raise ConfigError(s.name("region"), cfg.region or None, "required for s3: the bucket's region, e.g. "
+                              "eu-west-1")
+    if kind == "folder" and cfg.path is None:
+        raise ConfigError(s.name("path"), None, "required for a folder: the folder images are written to")
+    s.finish()
+    return cfg
+
+
+def _key_prefix(s: _Section) -> str:
+    prefix = s.text("prefix", "")
+    if prefix.startswith("/") or "//" in prefix or any(part in (".", "..") for part in prefix.split("/")):
+        raise ConfigError(s.name("prefix"), prefix, "a key prefix without a leading '/', '//', '.' or '..' parts")
+    if len(prefix) > 512 or not prefix.isprintable():
+        raise ConfigError(s.name("prefix"), prefix, "at most 512 printable characters")
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def _credentials(s: _Section) -> CredentialsConfig:
+    kind = s.choice("kind", "auto", CREDENTIAL_KINDS)
+    cfg = CredentialsConfig(
+        kind=kind,
+        endpoint=_endpoint(s, required=kind == "iot"),
+        port=s.integer("port", 443, 1, 65535),
+        role_alias=s.text("role_alias", ""),
+        cert=s.existing_file("cert"),
+        key=s.existing_file("key"),
+        ca=s.existing_file("ca"),
+        refresh_before_s=s.number("refresh_before_s", 300.0, 0.0, 43200.0),
+        timeout_s=s.number("timeout_s", 10.0, 0.1, 600.0),
+    )
+    if cfg.role_alias and not _ROLE_ALIAS.match(cfg.role_alias):
+        raise ConfigError(s.name("role_alias"), cfg.role_alias, "1-128 of letters, digits and '=,@-_'")
+    if kind == "iot" and not cfg.role_alias:
+        raise ConfigError(s.name("role_alias"), None, "required for iot: the role alias the device's IoT policy "
+                          "may assume")
     s.finish()
     return cfg

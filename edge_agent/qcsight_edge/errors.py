@@ -38,3 +38,28 @@ class OutboxError(EdgeError):
 
 class SourceError(EdgeError):
     """A frame source (camera, stream, hot folder) failed."""
+
+
+class UploadQueueError(EdgeError):
+    """The image upload queue cannot store or read (a full disk, a broken file): the caller retries."""
+
+
+class ImageNotQueuedError(EdgeError):
+    """One image can never be queued for upload (it is larger than the whole queue): its alert goes without it."""
+
+
+class CredentialsError(EdgeError):
+    """AWS credentials cannot be obtained (the IoT credentials provider or the Token Exchange Service refused
+    or is unreachable, or its answer is not credentials). Never carries a secret."""
+
+
+class UploadError(EdgeError):
+    """An image upload failed. ``permanent`` refusals (access denied, no such bucket, too large) will fail
+    again however often they are tried: the image moves to the upload queue's dead letters. Others
+    (network, throttling, server errors, refused credentials) are retried with backoff.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False, code: str | None = None) -> None:
+        self.permanent = permanent
+        self.code = code
+        super().__init__(message)

@@ -65,9 +65,16 @@ class ImageStore:
         with self._lock:
             self._evict(0)
 
+    def encode(self, image: np.ndarray) -> bytes:
+        """The JPEG this store would write (encoded once; the image upload sends the same bytes)."""
+        return encode_jpeg(image, self.jpeg_quality)
+
     def save(self, frame_id: str, image: np.ndarray) -> str:
         """Write one image; returns its reference (file name). Evicts the oldest files to stay under the cap."""
-        data = encode_jpeg(image, self.jpeg_quality)
+        return self.save_jpeg(frame_id, self.encode(image))
+
+    def save_jpeg(self, frame_id: str, data: bytes) -> str:
+        """Write one encoded JPEG; returns its reference (file name). Evicts the oldest files to stay under the cap."""
         name = _SAFE.sub("_", frame_id)[:120] + ".jpg"
         if len(data) > self.max_bytes:
             raise ImageStoreError(f"{name}: {len(data)} bytes is more than the whole store ({self.max_bytes} bytes)")

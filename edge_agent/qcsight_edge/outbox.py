@@ -19,7 +19,6 @@ Thread-safe: the pipeline thread enqueues while the sender thread claims and ack
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sqlite3
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qcsight_core.errors import ConfigError
+from qcsight_edge import durable
 from qcsight_edge.errors import OutboxError
 
 log = logging.getLogger(__name__)
@@ -134,12 +134,13 @@ class Outbox:
         self._closed = False
         self._lock_fd = self._lock_file()
         try:
-            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves so each operation is one transaction.
-            self._db = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
-                                       check_same_thread=False)
-        except (OSError, sqlite3.Error) as exc:
+            self._db = durable.connect(self.path, busy_timeout_s)
+        except OSError as exc:
             os.close(self._lock_fd)
             raise OutboxError(f"outbox {self.path}: cannot open: {exc}") from exc
+        except sqlite3.Error as exc:
+            os.close(self._lock_fd)
+            raise OutboxError(f"outbox {self.path}: not a usable outbox database: {exc}") from exc
         try:
             self._open_schema()
             self._depth, self._bytes = self._count_rows()
@@ -151,33 +152,12 @@ class Outbox:
                  self._meta("seq") + 1)
 
     def _lock_file(self) -> int:
-        """Hold an exclusive lock beside the database for as long as this Outbox is open.
-
-        In-flight marks live in one process's memory, so two processes draining one file would
-        send everything twice; the kernel drops the lock when the holder dies, even by kill -9.
-        """
-        lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            # The outbox holds every alert, with thumbnails of the parts: this user's alone. SQLite
-            # gives the -wal and -shm files the database file's mode.
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-            os.chmod(self.path, 0o600)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise OutboxError(f"outbox {self.path}: cannot create {self.path} and its lock file: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise OutboxError(f"outbox {self.path} is in use by another process (lock {lock_path})") from exc
-        return fd
+            return durable.lock_beside(self.path)
+        except durable.DatabaseOpenError as exc:
+            raise OutboxError(f"outbox {self.path}: {exc}") from exc
 
     def _open_schema(self) -> None:
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.DatabaseError(f"journal_mode is {mode}, WAL could not be enabled")
-        self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         with self._transaction():
             self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
@@ -189,8 +169,8 @@ class Outbox:
 
     # ------------------------------------------------------------ internals (caller holds the lock)
 
-    def _transaction(self, *, synced: bool = True) -> _Transaction:
-        return _Transaction(self._db, synced)
+    def _transaction(self, *, synced: bool = True) -> durable.Transaction:
+        return durable.Transaction(self._db, synced)
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -371,7 +351,7 @@ class Outbox:
     def ack(self, row_ids: Iterable[int]) -> int:
         """Delete acknowledged messages; returns how many were still stored (evicted ones are skipped).
 
-        The delete is committed without a disk sync (see _Transaction): after a power cut an ack
+        The delete is committed without a disk sync (see durable.Transaction): after a power cut an ack
         may be undone and the message sent again, never lost.
         """
         ids = list(dict.fromkeys(row_ids))
@@ -505,45 +485,6 @@ class Outbox:
             self._depth, self._bytes = self._count_rows()
         except sqlite3.Error as exc:
             log.error("outbox %s: cannot recount messages: %s", self.path, exc)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception.
-
-    ``synced=False`` commits without waiting for the disk (synchronous=NORMAL for this commit
-    only). It is atomic all the same, and the next synced commit flushes it too, since the WAL
-    is one sequential file; a power cut can only lose the unsynced commits after the last synced
-    one. Used for acks alone: a lost ack resends a message, a duplicate the cloud drops by id.
-    """
-
-    def __init__(self, db: sqlite3.Connection, synced: bool = True) -> None:
-        self._db = db
-        self._synced = synced
-
-    def __enter__(self) -> None:
-        if not self._synced:
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        try:
-            if exc_type is None:
-                try:
-                    self._db.execute("COMMIT")
-                except sqlite3.Error:
-                    self._rollback()  # a commit that failed (a full disk) must not leave the transaction open
-                    raise
-            else:
-                self._rollback()
-        finally:
-            if not self._synced:
-                self._db.execute("PRAGMA synchronous=FULL")
-
-    def _rollback(self) -> None:
-        # After some errors (SQLITE_FULL on a full disk) SQLite has already rolled back by itself,
-        # and a second ROLLBACK would raise and hide the real error.
-        if self._db.in_transaction:
-            self._db.execute("ROLLBACK")
 
 
 def _chunks(items: list[int], size: int) -> Iterable[list[int]]:

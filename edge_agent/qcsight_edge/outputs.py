@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -18,7 +19,7 @@ from qcsight_core.topics import line_signal_topic, topic
 from qcsight_core.verdict import DEFECT, UNCERTAIN, Verdict
 from qcsight_edge.clock import Clock, iso_utc
 from qcsight_edge.config import AlertConfig, LineSignalConfig
-from qcsight_edge.errors import OutboxError
+from qcsight_edge.errors import ImageNotQueuedError, OutboxError, UploadQueueError
 from qcsight_edge.imagestore import ImageStore
 from qcsight_edge.publisher import Publisher
 from qcsight_edge.queues import BoundedQueue
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from qcsight_edge.capture import Frame
     from qcsight_edge.models import LoadedModel
     from qcsight_edge.pipeline import Judgement
+    from qcsight_edge.uploader import ImageUploader
+    from qcsight_edge.uploadqueue import QueuedImage
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +174,8 @@ def alert_ids(thing: str, frame_id: str) -> tuple[str, str]:
 
 
 def alert_body(frame_id: str, source_ref: str, verdict: Verdict, classes: tuple[str, ...], model: Mapping[str, str],
-               thumb: Mapping[str, Any] | None, image_ref: str | None, alert_id: str | None = None) -> dict[str, Any]:
+               thumb: Mapping[str, Any] | None, image_ref: str | None, alert_id: str | None = None,
+               image_sha256: str | None = None) -> dict[str, Any]:
     """The qcsight.alert/1 fields after the envelope."""
     body: dict[str, Any] = {
         "alert_id": alert_id or messages.new_message_id(),
@@ -185,6 +189,8 @@ def alert_body(frame_id: str, source_ref: str, verdict: Verdict, classes: tuple[
         body["thumbnail"] = dict(thumb)
     if image_ref is not None:
         body["image_ref"] = image_ref
+        if image_sha256 is not None:
+            body["image_sha256"] = image_sha256
     return body
 
 
@@ -222,7 +228,10 @@ class _PendingAlert:
     model: LoadedModel
     finish: Finish
     image_ref: str | None = None
+    image_sha256: str | None = None
     image_saved: bool = False
+    jpeg: bytes | None = None
+    queued: QueuedImage | None = None
 
 
 class VerdictOutputs:
@@ -238,15 +247,19 @@ class VerdictOutputs:
     is committed to the outbox, so a kill at any moment leaves the part either in the inbox (read
     again on the next start) or with its alert stored. An outbox that cannot store (a full disk)
     is retried with backoff while the part stays unfinished and ``stats()["waiting"]`` says so;
-    at stop, alerts still unstored leave their parts unfinished for the next start.
+    at stop, alerts still unstored leave their parts unfinished for the next start. With an
+    ``uploader``, the full image is committed to the upload queue before the alert, which then
+    names the object it will be (``image_ref``) and its sha256; the same rules hold for that queue.
     """
 
     def __init__(self, sink: MessageSink, line_signal: LineSignal, image_store: ImageStore | None,
                  alerts: AlertConfig, line: LineSignalConfig, clock: Clock, queue_size: int = 16,
-                 retry_initial_s: float = 0.2, retry_max_s: float = 5.0) -> None:
+                 retry_initial_s: float = 0.2, retry_max_s: float = 5.0,
+                 uploader: ImageUploader | None = None) -> None:
         self.sink = sink
         self.line_signal = line_signal
         self.image_store = image_store
+        self.uploader = uploader
         self.alerts = alerts
         self.line = line
         self.clock = clock
@@ -263,6 +276,7 @@ class VerdictOutputs:
         self._last_error: str | None = None
         self._thumbnails_shrunk = 0
         self._thumbnails_dropped = 0
+        self._images_not_queued = 0
         self._idle = threading.Condition()
         self._stop = threading.Event()
         self._abandon = threading.Event()
@@ -276,11 +290,13 @@ class VerdictOutputs:
         self._thread.start()
 
     def stats(self) -> dict[str, Any]:
-        """For status: alerts stored, failed, waiting for the outbox, left unstored at stop; thumbnails cut."""
+        """For status: alerts stored, failed, waiting for the outbox, left unstored at stop; thumbnails cut;
+        images too large for the upload queue (their alerts went without)."""
         with self._idle:
             return {"stored": self.alert_count, "failed": self.alert_failures, "waiting": self._waiting,
                     "abandoned": self._abandoned, "last_error": self._last_error,
-                    "thumbnails_shrunk": self._thumbnails_shrunk, "thumbnails_dropped": self._thumbnails_dropped}
+                    "thumbnails_shrunk": self._thumbnails_shrunk, "thumbnails_dropped": self._thumbnails_dropped,
+                    "images_not_queued": self._images_not_queued}
 
     def on_verdict(self, frame: Frame, judgement: Judgement, model: LoadedModel, finish: Finish) -> None:
         verdict = judgement.verdict
@@ -356,7 +372,7 @@ class VerdictOutputs:
             while True:
                 try:
                     self._store(item)
-                except OutboxError as exc:  # the outbox cannot write now (a full disk): keep the part, try again
+                except (OutboxError, UploadQueueError) as exc:  # cannot write now (a full disk): keep the part, retry
                     if not failing:
                         failing = True
                         with self._idle:
@@ -391,18 +407,44 @@ class VerdictOutputs:
         log.error("alert for frame %s (%s) not stored (%s): the part stays unfinished and is judged again on the "
                   "next start", item.frame.frame_id, printable(item.frame.source_ref), reason)
 
+    def _save_image(self, item: _PendingAlert) -> None:
+        """Keep the full frame in the local store (once: a retry keeps what it saved) and encode it for the upload."""
+        frame = item.frame
+        item.image_saved = True
+        if self.image_store is None or frame.image is None:
+            return
+        try:
+            item.jpeg = self.image_store.encode(frame.image)
+            item.image_ref = self.image_store.save_jpeg(frame.frame_id, item.jpeg)
+        except QcsightError as exc:
+            self._warn.warning("image-store", "alert %s: full image not kept locally: %s", frame.frame_id, exc)
+
+    def _queue_image(self, item: _PendingAlert, alert_id: str) -> None:
+        """Commit the JPEG to the upload queue before the alert; UploadQueueError (a full disk) is retried."""
+        assert self.uploader is not None and item.jpeg is not None
+        try:
+            item.queued = self.uploader.submit(alert_id, self.clock.time(), item.jpeg)
+        except ImageNotQueuedError as exc:
+            item.jpeg = None  # never fits: the alert goes with the local reference only
+            with self._idle:
+                self._images_not_queued += 1
+            self._warn.warning("image-not-queued", "alert %s goes without an uploaded image: %s",
+                               item.frame.frame_id, exc)
+
     def _store(self, item: _PendingAlert) -> None:
         frame, judgement, model = item.frame, item.judgement, item.model
         if not item.image_saved:
-            item.image_saved = True  # a retry after an outbox failure keeps the image it already saved
-            if self.image_store is not None and frame.image is not None:
-                try:
-                    item.image_ref = self.image_store.save(frame.frame_id, frame.image)
-                except QcsightError as exc:
-                    self._warn.warning("image-store", "alert %s sent without its image: %s", frame.frame_id, exc)
+            self._save_image(item)
         message_id, alert_id = alert_ids(self.sink.thing, frame.frame_id)
+        if self.uploader is not None and item.queued is None and item.jpeg is not None:
+            self._queue_image(item, alert_id)
+        image_ref, image_sha256 = item.image_ref, None
+        if item.queued is not None:
+            image_ref, image_sha256 = item.queued.uri, item.queued.sha256
+        elif image_ref is not None and item.jpeg is not None:
+            image_sha256 = hashlib.sha256(item.jpeg).hexdigest()
         body = alert_body(frame.frame_id, frame.source_ref, judgement.verdict, model.bundle.manifest.classes,
-                          model.ident, None, item.image_ref, alert_id)
+                          model.ident, None, image_ref, alert_id, image_sha256)
         budget = IOT_CORE_MAX_PAYLOAD - ENVELOPE_RESERVE - len(json.dumps(body, separators=(",", ":")))
         thumb, shrunk = fit_thumbnail(judgement.judged, self.alerts.thumbnail_max_side,
                                       self.alerts.thumbnail_quality, budget)

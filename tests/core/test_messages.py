@@ -35,7 +35,8 @@ def alert_message() -> dict[str, Any]:
         "verdict": {"status": "defect", "label": "crack", "score": 0.9, "confidence": 0.8,
                     "scores": {"good": 0.1, "crack": 0.8, "spot": 0.1}},
         "thumbnail": {"format": "jpeg", "width": 64, "height": 48, "data": "AAAA"},
-        "image_ref": "file:///var/qcsight/images/f1.jpg",
+        "image_ref": "s3://qc-images/images/line-1/2026-01-01/a1.jpg",
+        "image_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
     }
 
 
@@ -91,6 +92,17 @@ def test_bad_alert_status_and_status_event() -> None:
     status["event"] = "reboot"
     with pytest.raises(MessageError, match=r"message\.event"):
         messages.validate(status)
+
+
+def test_an_alert_from_before_image_upload_still_reads_and_the_image_hash_is_checked() -> None:
+    older = alert_message()
+    del older["image_sha256"]
+    older["image_ref"] = "f1.jpg"  # a file name in the device's local image store
+    assert messages.validate(older) == messages.ALERT
+    alert = alert_message()
+    alert["image_sha256"] = 12
+    with pytest.raises(MessageError, match=r"message\.image_sha256: expected str"):
+        messages.validate(alert)
 
 
 def test_payloads_that_are_not_messages() -> None:
