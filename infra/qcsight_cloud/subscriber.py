@@ -10,10 +10,15 @@ thing, the Ingestor drops (``payload_thing_mismatch``).
 
 Nothing is lost on a crash: the subscriber takes manual control of each QoS 1 acknowledgement and
 sends the PUBACK only after the batch holding the message was committed; the broker keeps the
-session (``session_expiry_s``) and redelivers what was not acknowledged. The queue between the
-SDK's thread and the writer is bounded by MQTT5 flow control: the CONNECT's Receive Maximum equals
-the queue's capacity, so the broker never has more unacknowledged messages in flight to us than
-the queue holds.
+session (``session_expiry_s``) and redelivers what was not acknowledged.
+
+The queue between the SDK's thread and the writer is bounded. MQTT5 flow control keeps it short
+(the CONNECT's Receive Maximum caps the unacknowledged messages the broker sends), but a resumed
+session can bring its unacknowledged messages again on top of new ones (Mosquitto 2.0.11 did in
+tests/cloud/test_subscriber.py), so the queue holds twice the Receive Maximum plus a batch; if it
+is still full, the SDK's callback waits for the writer (up to ``queue_wait_s``: a store that keeps
+failing), and only then leaves the message unacknowledged for the broker to send again after
+the next reconnect. Never is a message acknowledged that was not stored.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class SubscriberSettings:
             the subscriber is away.
         connect_timeout_s, keep_alive_s: connection timing.
         retry_max_s: the longest wait between attempts at a batch the store refused.
+        queue_wait_s: how long the SDK's callback may wait for room in a full queue.
     """
 
     endpoint: str
@@ -73,6 +79,7 @@ class SubscriberSettings:
     connect_timeout_s: float = 10.0
     keep_alive_s: int = 60
     retry_max_s: float = 10.0
+    queue_wait_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.endpoint, str) or not self.endpoint or "://" in self.endpoint:
@@ -92,7 +99,7 @@ class SubscriberSettings:
         _int("subscriber.session_expiry_s", self.session_expiry_s, 0, 2**32 - 1)
         _int("subscriber.keep_alive_s", self.keep_alive_s, 5, 1200)
         for name, low, high in (("batch_wait_s", 0.0, 10.0), ("connect_timeout_s", 0.1, 300.0),
-                                ("retry_max_s", 0.01, 3600.0)):
+                                ("retry_max_s", 0.01, 3600.0), ("queue_wait_s", 0.0, 60.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ConfigError(f"subscriber.{name}", value, f"a number from {low:g} to {high:g}")
@@ -114,7 +121,8 @@ class SubscriberStats:
     acknowledged: int = 0
     batches: int = 0
     store_failures: int = 0
-    refused_full: int = 0  # a QoS 0 message arriving with the queue full (QoS 1 ones cannot: flow control)
+    left_unacknowledged: int = 0  # arrived with the queue full for queue_wait_s: the broker sends it again
+    lost_qos0: int = 0  # QoS 0 messages that arrived with the queue full (at most once: gone)
     by_status: dict[str, int] = field(default_factory=dict)
 
 
@@ -152,7 +160,7 @@ class Subscriber:
         self.ingestor = ingestor
         self.stats = SubscriberStats()
         self._clock = clock
-        self._queue: queue.Queue[_Received] = queue.Queue(maxsize=settings.receive_maximum)
+        self._queue: queue.Queue[_Received] = queue.Queue(maxsize=2 * settings.receive_maximum + settings.batch_size)
         self._connected = threading.Event()
         self._stopped = threading.Event()
         self._stop = threading.Event()
@@ -186,15 +194,20 @@ class Subscriber:
         packet = data.publish_packet
         incoming = Incoming(identity_of(packet.topic), packet.topic, bytes(packet.payload or b""), self._clock())
         qos1 = packet.qos == mqtt5.QoS.AT_LEAST_ONCE and data.acquire_publish_acknowledgement_control is not None
-        if self._queue.full():
-            # QoS 1 cannot get here (Receive Maximum = capacity); leaving one unacknowledged would get
-            # it redelivered on the next session resume, so nothing is lost either way but QoS 0.
-            self.stats.refused_full += 1
-            log.warning("ingest queue full: %s from %s not taken", packet.topic, incoming.identity)
-            return
         ack = data.acquire_publish_acknowledgement_control() if qos1 else None
+        try:
+            # Waiting here holds up the SDK's event loop, but only while the writer is storing a batch
+            # (it never waits for this thread), or the store is failing, which queue_wait_s bounds.
+            self._queue.put(_Received(incoming, ack), timeout=self.settings.queue_wait_s)
+        except queue.Full:
+            if ack is None:
+                self.stats.lost_qos0 += 1
+            else:
+                self.stats.left_unacknowledged += 1
+            log.error("ingest queue full for %gs: %s from %s left %s", self.settings.queue_wait_s, packet.topic,
+                      incoming.identity, "unacknowledged (redelivered after a reconnect)" if ack else "(QoS 0: lost)")
+            return
         self.stats.received += 1
-        self._queue.put_nowait(_Received(incoming, ack))
 
     @_guarded
     def _on_connected(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
