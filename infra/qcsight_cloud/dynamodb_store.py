@@ -222,7 +222,7 @@ class DynamoStore:
         return sorted(found, key=lambda d: d.thing)
 
     def windows(self, *, since: datetime, until: datetime | None = None, thing: str | None = None,
-                line: str | None = None, limit: int = 10_000) -> list[Window]:
+                line: str | None = None, limit: int = 10_000, newest_first: bool = False) -> list[Window]:
         if thing is None and line is None:
             raise StoreError("a metrics series needs a thing or a line")
         hi = timestamps.iso(until) + "~" if until is not None else "~"
@@ -232,6 +232,8 @@ class DynamoStore:
             "ExpressionAttributeValues": {":h": {"S": thing or line}, ":lo": {"S": timestamps.iso(since)},
                                           ":hi": {"S": hi}},
             "ExpressionAttributeNames": {"#h": "thing" if thing is not None else "line", "#sk": "sk"},
+            "ScanIndexForward": not newest_first,
+            "Limit": min(limit, 1000),
         }
         if thing is None:
             request["IndexName"] = "by_line"

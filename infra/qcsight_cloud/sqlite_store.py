@@ -256,10 +256,11 @@ class SqliteStore:
         return [codec.device_from(row) for row in self._read("SELECT * FROM devices ORDER BY thing")]
 
     def windows(self, *, since: datetime, until: datetime | None = None, thing: str | None = None,
-                line: str | None = None, limit: int = 10_000) -> list[Window]:
+                line: str | None = None, limit: int = 10_000, newest_first: bool = False) -> list[Window]:
         where, params = _series_where(thing, line, since, until)
         index = "metrics_by_thing" if thing is not None else "metrics_by_line"
-        rows = self._read(f"SELECT * FROM metrics INDEXED BY {index} WHERE {where} ORDER BY sk LIMIT :limit",
+        order = "DESC" if newest_first else "ASC"
+        rows = self._read(f"SELECT * FROM metrics INDEXED BY {index} WHERE {where} ORDER BY sk {order} LIMIT :limit",
                           {**params, "limit": limit})
         return [codec.window_from(row) for row in rows]
 

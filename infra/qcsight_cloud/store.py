@@ -312,8 +312,9 @@ class Store(Protocol):
         ...
 
     def windows(self, *, since: datetime, until: datetime | None = None, thing: str | None = None,
-                line: str | None = None, limit: int = 10_000) -> list[Window]:
-        """Metrics windows of a device or a line whose end lies in [since, until], oldest first."""
+                line: str | None = None, limit: int = 10_000, newest_first: bool = False) -> list[Window]:
+        """Metrics windows of a device or a line whose end lies in [since, until], oldest first (or newest first:
+        the latest ``limit`` of them)."""
         ...
 
     def status_events(self, thing: str, *, since: datetime, limit: int = 1000) -> list[StatusEvent]:

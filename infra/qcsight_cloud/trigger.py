@@ -20,53 +20,62 @@ from qcsight_cloud.store import Store
 log = logging.getLogger(__name__)
 
 
-def device_evidence(thing: str, windows: Sequence[Window], settings: PolicySettings) -> DeviceEvidence:
-    """A device's evidence from its windows (oldest first): the current model's latest windows, and as
-    baseline the first ``rate_baseline_windows`` windows of that model not among them."""
-    if not windows:
+def device_evidence(thing: str, first: Sequence[Window], latest: Sequence[Window],
+                    settings: PolicySettings) -> DeviceEvidence:
+    """A device's evidence under its current model (the newest window's version).
+
+    Args:
+        first: the device's earliest windows since the current model arrived, oldest first.
+        latest: its latest windows, oldest first.
+    """
+    if not latest:
         return DeviceEvidence(thing, (), 0, 0)
-    version = windows[-1].model_version
-    start = len(windows)
-    while start > 0 and windows[start - 1].model_version == version:
+    version = latest[-1].model_version
+    start = len(latest)
+    while start > 0 and latest[start - 1].model_version == version:
         start -= 1
-    current = windows[start:]
-    recent = current[-settings.windows_needed:]
-    rate_recent = current[-settings.rate_recent_windows:]
-    baseline = current[: max(0, len(current) - len(rate_recent))][: settings.rate_baseline_windows]
+    current = latest[start:]
+    rate_recent = {w.origin.message_id for w in current[-settings.rate_recent_windows:]}
+    baseline = [w for w in first if w.model_version == version and w.origin.message_id not in rate_recent]
+    baseline = baseline[: settings.rate_baseline_windows]
     return DeviceEvidence(
         thing,
-        tuple(WindowStats(w.frames, w.defect, w.confidence_psi, w.brightness_psi) for w in recent),
+        tuple(WindowStats(w.frames, w.defect, w.confidence_psi, w.brightness_psi) for w in current),
         sum(w.frames for w in baseline), sum(w.defect for w in baseline),
     )
 
 
-def model_since(windows: Sequence[Window], runs: Sequence[Run], now: datetime, settings: PolicySettings) -> datetime:
-    """When the line's current model arrived: the latest finished successful run, else the first window of the
-    newest model version seen in the lookback, else the start of the lookback."""
+def model_since(runs: Sequence[Run], now: datetime, settings: PolicySettings) -> datetime:
+    """When the line's current model arrived: the end of its latest successful run, else the start of the
+    lookback (``lookback_days``) when no run finished within it."""
+    start = now - timedelta(days=settings.lookback_days)
     finished = [timestamps.parse(r.finished) for r in runs if r.status == "succeeded" and r.finished]
-    if finished:
-        return max(finished)
-    if windows:
-        newest = max(windows, key=lambda w: w.end).model_version
-        first = min(w.end for w in windows if w.model_version == newest)
-        return timestamps.parse(first)
-    return now - timedelta(days=settings.lookback_days)
+    return max([start, *finished])
 
 
-def gather(store: Store, scope: str, settings: PolicySettings, now: datetime) -> Evidence:
-    """One line's evidence: its devices' windows in the lookback, reviews since its model, its runs."""
-    windows = store.windows(line=scope, since=now - timedelta(days=settings.lookback_days), until=now,
-                            limit=10_000_000)
-    by_thing: dict[str, list[Window]] = {}
-    for window in windows:
-        by_thing.setdefault(window.origin.thing, []).append(window)
-    devices = tuple(device_evidence(thing, sorted(ws, key=lambda w: w.end), settings)
-                    for thing, ws in sorted(by_thing.items()))
+def line_things(store: Store, fleet: Fleet, scope: str) -> list[str]:
+    """The line's things: its fleet members, and devices whose messages were recorded on it."""
+    return sorted(set(fleet.lines.get(scope, ())) | {d.thing for d in store.devices() if d.line == scope})
+
+
+def gather(store: Store, scope: str, things: Sequence[str], settings: PolicySettings, now: datetime) -> Evidence:
+    """One line's evidence: two bounded reads per device (its first and its latest windows under the current
+    model, never the whole lookback), reviews since the model, the line's runs."""
     all_runs = store.runs(scope)
+    since = model_since(all_runs, now, settings)
+    devices = []
+    for thing in things:
+        latest = store.windows(thing=thing, since=since, until=now, limit=settings.windows_needed,
+                               newest_first=True)[::-1]
+        if not latest:
+            continue
+        first = store.windows(thing=thing, since=since, until=now,
+                              limit=settings.rate_baseline_windows + settings.rate_recent_windows)
+        devices.append(device_evidence(thing, first, latest, settings))
     week_ago = now - timedelta(days=7)
     runs = tuple(r for r in all_runs if r.status in RUN_ACTIVE or timestamps.parse(r.requested) >= week_ago)
-    stats = store.review_stats(model_since(windows, all_runs, now, settings), line=scope)
-    return Evidence(scope, timestamps.iso(now), devices, stats.reviewed(scope), stats.false_alarms(scope), runs)
+    stats = store.review_stats(since, line=scope)
+    return Evidence(scope, timestamps.iso(now), tuple(devices), stats.reviewed(scope), stats.false_alarms(scope), runs)
 
 
 def evaluate(store: Store, fleet: Fleet, settings: PolicySettings, *, now: datetime | None = None,
@@ -75,7 +84,8 @@ def evaluate(store: Store, fleet: Fleet, settings: PolicySettings, *, now: datet
     now = now or timestamps.now()
     decisions = []
     for scope in scopes or sorted(fleet.lines):
-        decision = decide(settings, gather(store, scope, settings, now), uuid.uuid4().hex)
+        evidence = gather(store, scope, line_things(store, fleet, scope), settings, now)
+        decision = decide(settings, evidence, uuid.uuid4().hex)
         store.record_decision(decision)
         log.info("policy %s: %s (fired: %s; held back by: %s)", scope, decision.action,
                  ", ".join(decision.triggers) or "none", ", ".join(decision.blocked_by) or "none")

@@ -165,3 +165,14 @@ def test_qcsight_cloud_fleet_prints_lines_devices_and_flags(tmp_path: Path, caps
 def test_fleet_cli_names_a_bad_duration(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["fleet", "--period", "an hour"]) == 2
     assert "not a duration like 90s" in capsys.readouterr().err
+
+
+def test_qcsight_cloud_help_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    from qcsight_core import cli as dispatcher
+
+    assert dispatcher.main(["cloud", "--help"]) == 0
+    out = capsys.readouterr().out
+    for action in ("ingest", "fleet", "policy", "decisions"):
+        assert action in out
+    assert dispatcher.main(["cloud", "policy", "--help"]) == 0
+    assert "--fleet" in capsys.readouterr().out

@@ -160,10 +160,15 @@ def test_device_evidence_uses_the_current_model_and_keeps_recent_windows_out_of_
     Ingestor(store, lambda t: "line-1").ingest_batch([
         builders.incoming(builders.metrics("cam-1", i + 1, T0 + timedelta(minutes=i), defects=i, model=v))
         for i, v in enumerate(versions)])
-    windows = store.windows(thing="cam-1", since=T0)
-    ev = device_evidence("cam-1", windows, SETTINGS)
+    first = store.windows(thing="cam-1", since=T0, limit=SETTINGS.rate_baseline_windows + 3)
+    latest = store.windows(thing="cam-1", since=T0, limit=SETTINGS.windows_needed, newest_first=True)[::-1]
+    assert [w.origin.seq for w in latest] == [9, 10, 11]
+    ev = device_evidence("cam-1", first, latest, SETTINGS)
     assert [w.defects for w in ev.recent] == [8, 9, 10], "the latest windows, oldest first"
     assert (ev.baseline_frames, ev.baseline_defects) == (500, 3 + 4 + 5 + 6 + 7), "model 3's earlier windows only"
+    across = store.windows(thing="cam-1", since=T0, limit=10, newest_first=True)[::-1]  # seqs 2-11: models 2, 3
+    assert [w.defects for w in device_evidence("cam-1", first, across, SETTINGS).recent] == list(range(3, 11)), \
+        "only the current model's windows"
 
 
 def test_the_trigger_records_every_decision_and_one_run_at_a_time(tmp_path: Path,
