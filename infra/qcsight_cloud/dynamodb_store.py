@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.config import Config
@@ -41,6 +41,7 @@ from qcsight_cloud.store import (
     LOWEST_KEY,
     InboxQuery,
     Page,
+    Store,
     current_state,
     decode_cursor,
     encode_cursor,
@@ -487,3 +488,9 @@ def _months(since: datetime, until: datetime) -> list[str]:
         months.append(f"{year:04d}-{month:02d}")
         year, month = (year + 1, 1) if month == 12 else (year, month + 1)
     return months
+
+
+if TYPE_CHECKING:
+
+    def _implements_store(store: DynamoStore) -> Store:
+        return store  # mypy proves DynamoStore satisfies the Store protocol

@@ -75,10 +75,13 @@ def parse_event(event: Any) -> Incoming | Dropped:
     if isinstance(received_ms, bool) or not isinstance(received_ms, int):
         problems.append("received_ms is not an integer")
     payload = b""
-    try:
-        payload = base64.b64decode(str(event.get("payload", "")), validate=True)
-    except (binascii.Error, ValueError):
-        problems.append("payload is not base64")
+    if not isinstance(event.get("payload"), str):
+        problems.append("payload missing")
+    else:
+        try:
+            payload = base64.b64decode(event["payload"], validate=True)
+        except (binascii.Error, ValueError):
+            problems.append("payload is not base64")
     if problems:
         return Dropped(shown_identity, shown_topic, "bad_event", "; ".join(problems))
     assert isinstance(received_ms, int)

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qcsight_cloud import codec, timestamps
 from qcsight_cloud.errors import NotFoundError, ReviewConflictError, StoreError
@@ -40,6 +40,7 @@ from qcsight_cloud.store import (
     LOWEST_KEY,
     InboxQuery,
     Page,
+    Store,
     current_state,
     encode_cursor,
     next_review,
@@ -446,3 +447,9 @@ def _series_where(thing: str | None, line: str | None, since: datetime,
         where = "line = :line AND " + where
         params["line"] = line
     return where, params
+
+
+if TYPE_CHECKING:
+
+    def _implements_store(store: SqliteStore) -> Store:
+        return store  # mypy proves SqliteStore satisfies the Store protocol

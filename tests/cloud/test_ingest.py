@@ -118,6 +118,7 @@ def test_the_rule_sql_is_a_valid_create_topic_rule_request() -> None:
     ({"payload": "AAAA", "clientid": "a", "received_ms": 1}, "topic missing"),
     ({"payload": "!!!", "clientid": "a", "topic": "qcsight/a/alerts", "received_ms": 1}, "not base64"),
     ({"payload": "AAAA", "clientid": "a", "topic": "qcsight/a/alerts", "received_ms": "1"}, "received_ms"),
+    ({"clientid": "a", "topic": "qcsight/a/alerts", "received_ms": 1}, "payload missing"),
     ([1, 2], "not an object"),
 ])
 def test_a_malformed_rule_event_is_a_counted_drop(event: Any, says: str, tmp_path: Path) -> None:
