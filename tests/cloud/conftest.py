@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,22 +17,39 @@ from tests.helpers.aws import FAKE_ENV, moto_server
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
-    """One moto server for the session's DynamoDB tests (starting one and creating the tables costs ~2 s)."""
+    """One moto server for the session's DynamoDB tests (starting one and creating the tables costs ~2 s).
+
+    The environment is left alone (clients get the endpoint and fake credentials explicitly), so
+    no later test finds AWS_ENDPOINT_URL pointing here; use ``aws_env`` for code that reads it.
+    """
     pytest.importorskip("moto.server")
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in FAKE_ENV.items():
-            patch.setenv(key, value)
-        patch.delenv("AWS_PROFILE", raising=False)
-        with moto_server() as url:
-            patch.setenv("AWS_ENDPOINT_URL", url)
-            yield url
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture
+def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Fake credentials and AWS_ENDPOINT_URL for this test only, pointing at the session's moto server."""
+    for key, value in FAKE_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    return moto_endpoint
+
+
+def moto_client(service: str, endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client(service, endpoint_url=endpoint, region_name=FAKE_ENV["AWS_REGION"],
+                        aws_access_key_id=FAKE_ENV["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=FAKE_ENV["AWS_SECRET_ACCESS_KEY"])
 
 
 @pytest.fixture(scope="session")
 def dynamo_store(moto_endpoint: str) -> Iterator[Store]:
     from qcsight_cloud.dynamodb_store import DynamoStore
 
-    store = DynamoStore.from_environment("qcsight-test")
+    store = DynamoStore(moto_client("dynamodb", moto_endpoint), "qcsight-test")
     store.create_tables()
     yield store
     store.close()

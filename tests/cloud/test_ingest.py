@@ -158,7 +158,8 @@ def test_the_handler_stores_a_window_and_emits_its_metrics(tmp_path: Path) -> No
 
 
 @pytest.mark.cloud
-def test_the_lambda_entry_point_ingests_into_dynamodb(dynamo_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_lambda_entry_point_ingests_into_dynamodb(dynamo_store: Store, aws_env: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """handler(event, context) exactly as Lambda calls it, configured by its environment, on the moto tables."""
     monkeypatch.setenv("QCSIGHT_STORE", "dynamodb:qcsight-test")
     monkeypatch.setenv("QCSIGHT_FLEET", json.dumps({"lines": {"lambda-line": {"things": ["lambda-cam"]}}}))
