@@ -46,13 +46,28 @@ def moto_client(service: str, endpoint: str) -> Any:
 
 
 @pytest.fixture(scope="session")
-def dynamo_store(moto_endpoint: str) -> Iterator[Store]:
+def dynamo_session(moto_endpoint: str) -> Iterator[Any]:
     from qcsight_cloud.dynamodb_store import DynamoStore
 
     store = DynamoStore(moto_client("dynamodb", moto_endpoint), "qcsight-test")
-    store.create_tables()
     yield store
     store.close()
+
+
+def ensure_tables(store: Any) -> Store:
+    """Create the tables if they are missing: moto keeps one state per process, and another test's moto
+    server (tests/helpers/aws.py) resets all of it when it starts."""
+    existing = set(store.client.list_tables()["TableNames"])
+    if not set(store.names.values()) <= existing:
+        store.create_tables()
+    result: Store = store
+    return result
+
+
+@pytest.fixture
+def dynamo_store(dynamo_session: Any) -> Store:
+    """The session's DynamoDB store, its tables there."""
+    return ensure_tables(dynamo_session)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("dynamodb", marks=pytest.mark.cloud)])

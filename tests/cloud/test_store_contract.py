@@ -21,6 +21,7 @@ from qcsight_cloud.store import InboxQuery, Store
 from qcsight_core.errors import ConfigError
 from tests.cloud import builders
 from tests.cloud.builders import T0
+from tests.cloud.conftest import ensure_tables
 
 
 def ingest(store: Store, *messages: dict[str, Any], line: str = "line-1") -> list[str]:
@@ -148,7 +149,7 @@ def inbox_data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         tuple[Store, str, list[dict[str, Any]]]]:
     """One line of 20 alerts (every fourth reviewed), ingested once for all the filter cases."""
     if request.param == "dynamodb":
-        store: Store = request.getfixturevalue("dynamo_store")
+        store: Store = ensure_tables(request.getfixturevalue("dynamo_session"))
     else:
         store = SqliteStore(tmp_path_factory.mktemp("inbox") / "store.sqlite")
     ns = "f" + uuid.uuid4().hex[:8]
