@@ -128,7 +128,7 @@ class Fleet:
 
     lines: Mapping[str, tuple[str, ...]]
     settings: FleetSettings = FleetSettings()
-    _line_of: Mapping[str, str] = field(default_factory=dict, repr=False)
+    _line_of: Mapping[str, str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         owner: dict[str, str] = {}

@@ -38,6 +38,7 @@ DROP_REASONS = ("bad_identity", "bad_topic", "identity_topic_mismatch", "invalid
 SCHEMA_OF_KIND = {"metrics": messages.METRICS, "alerts": messages.ALERT, "status": messages.STATUS}
 STORED, DUPLICATE, DROPPED = "stored", "duplicate", "dropped"
 _MAX_IDENTITY = 128  # counters keep at most this much of an identity that is not a thing name
+_MAX_TOPIC, _MAX_DETAIL = 256, 500
 
 LineOf = Callable[[str], str]
 
@@ -85,7 +86,8 @@ def check(incoming: Incoming, line_of: LineOf = no_lines) -> Record | Dropped:
     identity, topic = incoming.identity, incoming.topic
 
     def drop(reason: str, detail: str) -> Dropped:
-        return Dropped(identity[:_MAX_IDENTITY], topic, reason, detail)
+        # Both may carry what a device sent; bounded, since they go to logs and metrics.
+        return Dropped(identity[:_MAX_IDENTITY], topic[:_MAX_TOPIC], reason, detail[:_MAX_DETAIL])
 
     try:
         topics.check_thing_name(identity)

@@ -41,6 +41,7 @@ from qcsight_cloud.ingest import STORED, Dropped, Incoming, Ingestor
 from qcsight_cloud.records import Window
 from qcsight_cloud.store import StoreSettings, open_store
 from qcsight_core import topics
+from qcsight_core.errors import ConfigError
 
 RULE_SQL_VERSION = "2016-03-23"
 
@@ -121,8 +122,13 @@ def _app() -> _App:
     """Built on the first invocation of a container (not at import) and reused by the next ones."""
     import boto3
 
-    store = open_store(StoreSettings(os.environ["QCSIGHT_STORE"],
-                                     int(os.environ.get("QCSIGHT_RETENTION_DAYS", "90"))))
+    url = os.environ.get("QCSIGHT_STORE")
+    if not url:
+        raise ConfigError("QCSIGHT_STORE", url, "the function's store, dynamodb:<table prefix>")
+    retention = os.environ.get("QCSIGHT_RETENTION_DAYS", "90")
+    if not retention.isdigit():
+        raise ConfigError("QCSIGHT_RETENTION_DAYS", retention, "a whole number of days")
+    store = open_store(StoreSettings(url, int(retention)))
     fleet_source = os.environ.get("QCSIGHT_FLEET", "{}")
     fleet_settings = (FleetSettings.from_mapping(json.loads(fleet_source)) if fleet_source.lstrip().startswith("{")
                       else FleetSettings.from_file(fleet_source))

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from qcsight_cloud import timestamps
 from qcsight_cloud.fleet import Fleet
 from qcsight_cloud.policy import FIRE, DeviceEvidence, Evidence, PolicySettings, WindowStats, decide
-from qcsight_cloud.records import RUN_ACTIVE, Decision, Run, Window
+from qcsight_cloud.records import RUN_ACTIVE, Decision, DeviceStatus, Run, Window
 from qcsight_cloud.store import Store
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,9 @@ def model_since(runs: Sequence[Run], now: datetime, settings: PolicySettings) ->
     return max([start, *finished])
 
 
-def line_things(store: Store, fleet: Fleet, scope: str) -> list[str]:
+def line_things(fleet: Fleet, devices: Sequence[DeviceStatus], scope: str) -> list[str]:
     """The line's things: its fleet members, and devices whose messages were recorded on it."""
-    return sorted(set(fleet.lines.get(scope, ())) | {d.thing for d in store.devices() if d.line == scope})
+    return sorted(set(fleet.lines.get(scope, ())) | {d.thing for d in devices if d.line == scope})
 
 
 def gather(store: Store, scope: str, things: Sequence[str], settings: PolicySettings, now: datetime) -> Evidence:
@@ -82,9 +82,10 @@ def evaluate(store: Store, fleet: Fleet, settings: PolicySettings, *, now: datet
              scopes: Sequence[str] | None = None, request_runs: bool = True) -> list[Decision]:
     """Decide for every line (or ``scopes``), record each decision, and request a run for each that fires."""
     now = now or timestamps.now()
+    devices = store.devices()
     decisions = []
     for scope in scopes or sorted(fleet.lines):
-        evidence = gather(store, scope, line_things(store, fleet, scope), settings, now)
+        evidence = gather(store, scope, line_things(fleet, devices, scope), settings, now)
         decision = decide(settings, evidence, uuid.uuid4().hex)
         store.record_decision(decision)
         log.info("policy %s: %s (fired: %s; held back by: %s)", scope, decision.action,
