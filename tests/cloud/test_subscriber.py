@@ -3,6 +3,10 @@ stores what they send, and a spoofing device gets nothing into the store under a
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -137,3 +141,32 @@ def test_nothing_is_lost_while_the_ingester_is_down_or_its_store_fails(
     finally:
         third.stop()
         store.close()
+
+
+def test_qcsight_cloud_ingest_runs_until_sigterm(broker: Broker, tmp_path: Path,
+                                                 device: Callable[[str], Mqtt5Publisher]) -> None:
+    cloud = broker.pki.identity(CLOUD)
+    db = tmp_path / "cloud.sqlite"
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text("lines:\n  line-9: {things: [cam-a]}\n")
+    log = tmp_path / "ingest.log"
+    command = [sys.executable, "-m", "qcsight_core.cli", "cloud", "ingest", "--store", f"sqlite:{db}",
+               "--fleet", str(fleet_file), "--endpoint", broker.host, "--port", str(broker.port),
+               "--cert", str(cloud.cert), "--key", str(cloud.key), "--ca", str(broker.pki.ca)]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        eventually(lambda: "ingesting qcsight/+/+" in log.read_text(), timeout_s=30, message=log.read_text)
+        message = builders.alert("cam-a", 1, T0)
+        device("cam-a").publish(topics.alerts_topic("cam-a"), messages.encode(message)).result(5)
+        store = SqliteStore(db)
+        eventually(lambda: store.get_alert(message["message_id"]) is not None, timeout_s=10, message=log.read_text)
+        stored = store.get_alert(message["message_id"])
+        assert stored is not None and stored.origin.line == "line-9"
+        store.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
