@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # The agent's default status heartbeat (qcsight_edge.config MetricsConfig.heartbeat_s); a fleet
 # that changed it says so in its fleet file.
 DEFAULT_HEARTBEAT_S = 30.0
+# Windows read per line for the view: 100 devices' hour of 60-s windows is 6,000.
+MAX_LINE_WINDOWS = 200_000
 
 
 @dataclass(frozen=True)
@@ -323,7 +325,9 @@ def fleet_view(store: Store, fleet: Fleet, *, now: datetime | None = None,
     windows: dict[str, list[Window]] = {}
     recorded_lines = {d.line for d in devices.values()} | set(fleet.lines)
     for line in sorted(recorded_lines):
-        for window in store.windows(since=now - period, until=now, line=line):
+        # Newest first, so a line with more windows than the limit loses its oldest ones, never the latest.
+        for window in reversed(store.windows(since=now - period, until=now, line=line, limit=MAX_LINE_WINDOWS,
+                                             newest_first=True)):
             windows.setdefault(window.origin.thing, []).append(window)
     rows = [_device_row(thing, line_of[thing], devices.get(thing), windows.get(thing, []),
                         counters.get(thing, {}), now, silent_after_s) for thing in sorted(line_of)]
