@@ -33,7 +33,8 @@ lint: venv
 
 typecheck: venv
 	$(VENV)/bin/mypy edge_agent/qcsight_core edge_agent/qcsight_edge batch/qcsight_batch infra/qcsight_aws \
-	  training/qcsight_data training/qcsight_train/launch greengrass/qcsight_gg
+	  training/qcsight_data training/qcsight_train/launch greengrass/qcsight_gg \
+	  infra/qcsight_cloud
 
 contracts: venv
 	$(VENV)/bin/lint-imports

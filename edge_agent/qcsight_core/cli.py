@@ -48,6 +48,8 @@ COMMANDS: dict[str, Command] = {
         "qcsight_gg.cli", "gg", "Greengrass: build, validate, publish, deploy the components; run-local",
         ("boto3", "jsonschema", "awscrt", "awsiot"),
     ),
+    "cloud": Command("qcsight_cloud.cli", "cloud", "ingest fleet messages, show the fleet, run the retraining policy",
+                     ("boto3",)),
 }
 
 

@@ -59,6 +59,7 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         ("train", {"torch"}, "train"),
         ("evaluate", {"torch", "matplotlib"}, "train"),
         ("agent", {"awscrt", "awsiot"}, "edge"),
+        ("cloud", {"boto3"}, "cloud"),
     ],
 )
 def test_missing_extra_names_the_extra_and_exits_2(command: str, blocked: set[str], extra: str) -> None:
