@@ -164,8 +164,10 @@ def _run_greengrass(args: argparse.Namespace) -> int:
                 model = agent.current_model()
                 return None if model is None else model.source
 
-            component.subscribe(on_update, on_refused=lambda reason: agent.status(
-                "error", error=f"configuration refused: {reason}"))
+            def on_refused(reason: str) -> None:
+                agent.status("error", error=f"configuration refused: {reason}")
+
+            component.subscribe(on_update, on_refused=on_refused)
             updates = ComponentUpdates(link, lambda: _busy(agent), recheck_ms=250)
             updates.subscribe()
             closers.append(updates.close)
