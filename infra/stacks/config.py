@@ -56,6 +56,8 @@ class AppConfig:
         review_domain_prefix: the Cognito hosted-UI domain prefix ("" derives one from fleet and account).
         review_ingress_cidrs: the networks allowed to reach the review load balancer.
         review_internet_facing: whether the review load balancer is internet-facing (default: internal).
+        availability_zones: the two zones of the review VPC; empty means <region>a and <region>b. Named here
+            rather than looked up so that synth needs no AWS call (set them in a region without a 'b').
         pipeline_definition: 'module:function' building the SageMaker pipeline definition (qcsight_cloud's).
     """
 
@@ -80,6 +82,7 @@ class AppConfig:
     review_domain_prefix: str = ""
     review_ingress_cidrs: tuple[str, ...] = ("10.0.0.0/8",)
     review_internet_facing: bool = False
+    availability_zones: tuple[str, ...] = ()
     pipeline_definition: str = names.PIPELINE_DEFINITION_HOOK
 
     def __post_init__(self) -> None:
@@ -124,12 +127,21 @@ class AppConfig:
             _match("review_ingress_cidrs", cidr, _CIDR, "IPv4 CIDR blocks such as 10.0.0.0/8")
             if cidr.endswith("/0"):
                 raise ConfigError("review_ingress_cidrs", cidr, "a network narrower than the whole internet")
+        for zone in self.availability_zones:
+            if not zone.startswith(self.region) or len(zone) != len(self.region) + 1:
+                raise ConfigError("availability_zones", zone, f"zones of {self.region}, such as {self.region}a")
+        if self.availability_zones and len(self.availability_zones) < 2:
+            raise ConfigError("availability_zones", self.availability_zones, "two zones or more (the ALB needs two)")
         _match("pipeline_definition", self.pipeline_definition, re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"),
                "module.path:function")
 
     @property
     def cognito_domain_prefix(self) -> str:
         return self.review_domain_prefix or f"{self.fleet}-review-{self.account}"
+
+    @property
+    def zones(self) -> tuple[str, ...]:
+        return self.availability_zones or (f"{self.region}a", f"{self.region}b")
 
     def bucket_name(self, purpose: str) -> str:
         """S3 bucket names are global: the account and region keep this fleet's apart from everyone's."""

@@ -48,11 +48,16 @@ class ReviewStack(Stack):
         CfnOutput(self, "UserPoolId", value=self.user_pool.user_pool_id,
                   description="add operators and engineers here (groups: operator, engineer)")
 
+    @property
+    def availability_zones(self) -> list[str]:
+        """The configured zones: CDK would otherwise look them up with AWS credentials at synth time."""
+        return list(self.config.zones)
+
     def _vpc(self) -> ec2.Vpc:
         flow_logs = logs.LogGroup(self, "FlowLogs", retention=retention_days(self.config.log_retention_days),
                                   removal_policy=RemovalPolicy.DESTROY)
         vpc = ec2.Vpc(
-            self, "Vpc", max_azs=2,
+            self, "Vpc", availability_zones=list(self.config.zones),
             # One NAT gateway: the app fetches the ELB public keys that verify the identity header, and
             # Cognito's endpoints; two would only buy zone redundancy for that egress.
             nat_gateways=1,
