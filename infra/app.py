@@ -16,7 +16,6 @@ import os
 
 import aws_cdk as cdk
 from cdk_nag import AwsSolutionsChecks
-
 from stacks.compute import ComputeStack, load_pipeline_definition
 from stacks.config import AppConfig, check_unknown, from_context
 from stacks.iot import IotStack

@@ -264,7 +264,8 @@ class ComputeStack(Stack):
         kms_via(role, "ErrorQueueKey", self.key_arn, ["kms:GenerateDataKey", "kms:Decrypt"], ["sqs"], self.region)
         rules = {}
         for kind in topics.KINDS:
-            sql = (f"SELECT *, clientid() AS {names.RULE_FIELD_CLIENT_ID}, principal() AS {names.RULE_FIELD_PRINCIPAL}, "
+            sql = (f"SELECT *, clientid() AS {names.RULE_FIELD_CLIENT_ID}, "
+                   f"principal() AS {names.RULE_FIELD_PRINCIPAL}, "
                    f"topic() AS {names.RULE_FIELD_TOPIC}, timestamp() AS {names.RULE_FIELD_RECEIVED_MS} "
                    f"FROM '{topics.ROOT}/+/{kind}'")
             rule = iot.CfnTopicRule(
@@ -428,7 +429,8 @@ class ComputeStack(Stack):
         self.batch_schedule.node.add_dependency(self.batch_model, role)
         # The transform job reads the incoming images and writes its scores.
         allow(self.execution_role, "BatchInputOutput", ["s3:GetObject", "s3:PutObject"],
-              [self.arns.objects("data", f"{BATCH_INPUT_PREFIX}*"), self.arns.objects("pipeline", f"{BATCH_OUTPUT_PREFIX}*")],
+              [self.arns.objects("data", f"{BATCH_INPUT_PREFIX}*"),
+               self.arns.objects("pipeline", f"{BATCH_OUTPUT_PREFIX}*")],
               wildcard_reason="Batch Transform reads every image under the incoming prefix and writes one result "
                               "file per input under the scores prefix")
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from qcsight_core.errors import ConfigError
-
 from stacks import names
 
 _ACCOUNT = re.compile(r"^\d{12}$")

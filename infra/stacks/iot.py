@@ -10,12 +10,12 @@ from aws_cdk import Aws, CfnOutput, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_iot as iot
 from aws_cdk import aws_sns as sns
-from stacks.arns import Arns
-from stacks.nag import allow, kms_via
 from constructs import Construct
 
 from stacks import iot_policy, names
+from stacks.arns import Arns
 from stacks.config import AppConfig
+from stacks.nag import allow, kms_via
 from stacks.storage import StorageStack
 
 

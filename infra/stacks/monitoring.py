@@ -89,8 +89,9 @@ class MonitoringStack(Stack):
             cloudwatch.SingleValueWidget(title="Silent devices", width=6, metrics=[cloudwatch.Metric(
                 namespace=names.METRICS_NAMESPACE, metric_name=names.METRIC_SILENT_DEVICES, statistic="Maximum",
                 period=_PERIOD)]),
-            cloudwatch.GraphWidget(title="Latency p95 (ms) by line", width=6,
-                                   left=[self._line_metric(names.METRIC_LATENCY_P95, line, "Maximum") for line in lines]),
+            cloudwatch.GraphWidget(
+                title="Latency p95 (ms) by line", width=6,
+                left=[self._line_metric(names.METRIC_LATENCY_P95, line, "Maximum") for line in lines]),
             cloudwatch.GraphWidget(title="Retraining pipeline runs", width=12, left=[
                 self._pipeline_metric(name) for name in ("ExecutionStarted", "ExecutionSucceeded", "ExecutionFailed")]),
         )

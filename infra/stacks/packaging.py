@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qcsight_core.errors import ConfigError, QcsightError
-
 from stacks import names
 
 log = logging.getLogger(__name__)

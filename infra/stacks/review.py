@@ -17,13 +17,13 @@ from aws_cdk import aws_elasticloadbalancingv2 as elbv2
 from aws_cdk import aws_elasticloadbalancingv2_actions as elb_actions
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
-from stacks.arns import Arns
-from stacks.nag import acknowledge, allow, kms_via
 from constructs import Construct
 
 from stacks import names, packaging
+from stacks.arns import Arns
 from stacks.compute import retention_days
 from stacks.config import AppConfig
+from stacks.nag import acknowledge, allow, kms_via
 from stacks.storage import StorageStack
 
 ROLES = ("operator", "engineer")  # Cognito groups; the app maps them to its roles
@@ -141,7 +141,8 @@ class ReviewStack(Stack):
         # CDK's execution role pulls the image: ecr:GetAuthorizationToken takes no resource.
         acknowledge(task, "AwsSolutions-IAM5", "ecr:GetAuthorizationToken (added by CDK to the task's execution "
                     "role to pull the image) has no resource: AWS requires '*'", ["Resource::*"])
-        acknowledge(task, "AwsSolutions-ECS2", "The environment holds only resource names, the auth mode and the OIDC issuer URL: nothing "
+        acknowledge(task, "AwsSolutions-ECS2",
+                    "The environment holds only resource names, the auth mode and the OIDC issuer URL: nothing "
                    "secret (the app has no secret of its own; identity comes signed from the load balancer).")
         app_sg = ec2.SecurityGroup(self, "AppSecurityGroup", vpc=self.vpc, allow_all_outbound=True,
                                    description="the review containers: reachable only from the load balancer")

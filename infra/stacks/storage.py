@@ -13,10 +13,10 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
-from stacks.nag import acknowledge
 from constructs import Construct
 
 from stacks.config import AppConfig
+from stacks.nag import acknowledge
 from stacks.tables import TableSpec, table_specs
 
 # Services that write encrypted messages with the key on their own (alarm notifications to SNS,
@@ -25,7 +25,7 @@ _KEY_SERVICES = ("cloudwatch.amazonaws.com", "events.amazonaws.com")
 
 
 class StorageStack(Stack):
-    """The customer-managed key, the S3 buckets (data, models, images, pipeline, access logs), the tables, the topics."""
+    """The customer-managed key, the buckets (data, models, images, pipeline, access logs), tables and topics."""
 
     def __init__(self, scope: Construct, construct_id: str, *, config: AppConfig, **kwargs: object) -> None:
         super().__init__(scope, construct_id, **kwargs)  # type: ignore[arg-type]
@@ -103,7 +103,8 @@ class StorageStack(Stack):
                                               abort_incomplete_multipart_upload_after=Duration.days(7))],
             removal_policy=RemovalPolicy.RETAIN,
         )
-        acknowledge(bucket, "AwsSolutions-S1", "This is the access-log bucket itself: logging it to itself would log every log delivery, "
+        acknowledge(bucket, "AwsSolutions-S1",
+                    "This is the access-log bucket itself: logging it to itself would log every log delivery, "
                    "and another log bucket would only move the question. Object writes come from the S3 and "
                    "ELB log-delivery services alone (its bucket policy), reads are audited by CloudTrail.")
         return bucket

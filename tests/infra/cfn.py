@@ -6,7 +6,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 ACCOUNT, REGION, PARTITION = "111111111111", "eu-west-1", "aws"
-PSEUDO = {"AWS::Partition": PARTITION, "AWS::Region": REGION, "AWS::AccountId": ACCOUNT, "AWS::URLSuffix": "amazonaws.com"}
+PSEUDO = {"AWS::Partition": PARTITION, "AWS::Region": REGION, "AWS::AccountId": ACCOUNT,
+          "AWS::URLSuffix": "amazonaws.com"}
 
 
 def resolve(value: Any) -> Any:

@@ -39,7 +39,8 @@ CONTEXT = {
     "qcsight:pipelineDefinition": "tests.infra.pipeline_definition:definition",
 }
 # jsii warns on every start that Debian's Node 20 is past its end of life; it runs the CDK correctly.
-QUIET_NODE = {"JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20", "JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION": "1"}
+QUIET_NODE = {"JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20",
+              "JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION": "1"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Assembly:
         """The staged directory of one of the stack's assets (kind 'files' or 'dockerImages')."""
         manifest = json.loads((self.outdir / f"{FLEET}-{stack}.assets.json").read_text())
         for asset in manifest.get(kind, {}).values():
-            path = self.outdir / asset["source"]["path"] if kind == "files" else self.outdir / asset["source"]["directory"]
+            path = self.outdir / asset["source"]["path" if kind == "files" else "directory"]
             if kind == "files" and (path / contains).exists():
                 return path
             if kind == "dockerImages" and asset["source"].get("dockerFile", "").endswith(contains):

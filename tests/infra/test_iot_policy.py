@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.infra.cfn import ACCOUNT, REGION, resolve, resources
+from tests.infra.cfn import ACCOUNT, REGION, as_list, resolve, resources
 from tests.infra.iot_eval import ALLOW, Arn, Connection, Request, connect, evaluate, publish, receive, subscribe
 
 ARN = Arn(REGION, ACCOUNT)
@@ -121,9 +121,10 @@ def test_every_device_resource_is_built_from_the_thing_name(policies: dict[str, 
     for name, policy in policies.items():
         for statement in policy["Statement"]:
             actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
-            if all(action.startswith("greengrass:") for action in actions) or actions == ["iot:AssumeRoleWithCertificate"]:
+            if all(action.startswith("greengrass:") for action in actions) or \
+                    actions == ["iot:AssumeRoleWithCertificate"]:
                 continue  # Greengrass data plane ("*", AWS's minimal policy) and the fleet's one role alias
-            for resource in statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]:
+            for resource in as_list(statement["Resource"]):
                 assert THING_VAR in resource, f"{name} {statement.get('Sid')}: {resource} is not scoped by thing name"
 
 

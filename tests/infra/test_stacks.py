@@ -23,7 +23,8 @@ def cdk_templates(templates: Templates) -> dict[str, Any]:
 # ---------------------------------------------------------------- storage
 
 
-def test_every_bucket_is_encrypted_private_versioned_and_tls_only(templates: Templates, cdk_templates: dict[str, Any]) -> None:
+def test_every_bucket_is_encrypted_private_versioned_and_tls_only(templates: Templates,
+                                                                  cdk_templates: dict[str, Any]) -> None:
     from aws_cdk.assertions import Match
 
     buckets = list(resources(templates, "AWS::S3::Bucket"))
@@ -50,7 +51,8 @@ def test_every_bucket_is_encrypted_private_versioned_and_tls_only(templates: Tem
 def test_images_expire_and_old_versions_move_to_cheaper_tiers(templates: Templates) -> None:
     by_name = {props["BucketName"]: props for _, _, props in resources(templates, "AWS::S3::Bucket")}
     images = by_name[f"qcsight-images-{ACCOUNT}-{REGION}"]["LifecycleConfiguration"]["Rules"]
-    assert {"Id": "expire-images", "ExpirationInDays": 90, "Status": "Enabled", "ExpiredObjectDeleteMarker": False} in images
+    expire = {"Id": "expire-images", "ExpirationInDays": 90, "Status": "Enabled", "ExpiredObjectDeleteMarker": False}
+    assert expire in images
     models = by_name[f"qcsight-models-{ACCOUNT}-{REGION}"]["LifecycleConfiguration"]["Rules"]
     tiers = [t["StorageClass"] for t in models[0]["NoncurrentVersionTransitions"]]
     assert tiers == ["STANDARD_IA", "GLACIER_IR"] and not any("ExpirationInDays" in rule for rule in models)
@@ -133,7 +135,8 @@ PARTIAL_WILDCARDS = {
     "JobLogs": ({f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/aws/sagemaker/*"}, "log groups per job kind"),
     "StartTransformJobs": ({f"{SM}:transform-job/qcsight-batch-*"}, "a name per scheduled run"),
     "BatchInputOutput": ({f"arn:aws:s3:::qcsight-data-{B}/batch/incoming/*",
-                          f"arn:aws:s3:::qcsight-pipeline-{B}/batch/scores/*"}, "every image in, a result per image out"),
+                          f"arn:aws:s3:::qcsight-pipeline-{B}/batch/scores/*"},
+                         "every image in, a result per image out"),
     "SignImageUrls": ({f"arn:aws:s3:::qcsight-images-{B}/devices/*"}, "any device's alert image"),
 }
 INDEX_SIDS = {"ReadFleetHistory", "CanarySoak", "ReadAlertsAndFleet"}  # Query on the tables' indexes
@@ -175,9 +178,11 @@ def test_kms_use_is_tied_to_the_calling_service(templates: Templates) -> None:
 def test_one_role_per_function_and_each_function_is_bounded(templates: Templates) -> None:
     functions = list(resources({"compute": templates["compute"]}, "AWS::Lambda::Function"))
     # The only other function is CDK's own custom resource that strips the review VPC's default security group.
-    others = [logical_id for stack, logical_id, _ in resources(templates, "AWS::Lambda::Function") if stack != "compute"]
+    others = [logical_id for stack, logical_id, _ in resources(templates, "AWS::Lambda::Function")
+              if stack != "compute"]
     assert len(others) == 1 and others[0].startswith("CustomVpcRestrictDefaultSG")
-    assert {props["FunctionName"] for _, _, props in functions} == {"qcsight-ingest", "qcsight-policy", "qcsight-deploy"}
+    assert {props["FunctionName"] for _, _, props in functions} == {
+        "qcsight-ingest", "qcsight-policy", "qcsight-deploy"}
     roles = [json.dumps(props["Role"]) for _, _, props in functions]
     assert len(set(roles)) == 3
     log_groups = {logical_id: props for _, logical_id, props in resources(templates, "AWS::Logs::LogGroup")}
