@@ -31,7 +31,7 @@ from stacks import names, packaging
 from stacks.arns import Arns
 from stacks.config import AppConfig
 from stacks.iot import IotStack
-from stacks.nag import CDK_KMS_GRANT_FINDINGS, CDK_KMS_GRANT_REASON, IAM5, acknowledge, allow, kms_via
+from stacks.nag import acknowledge, allow, kms_via
 from stacks.storage import StorageStack
 from stacks.tables import table_specs
 
@@ -130,14 +130,15 @@ class ComputeStack(Stack):
                 "lands (stacks/names.py lists the entry points)")
         return lambda_.Code.from_asset(str(out))
 
-    def _queue(self, construct_id: str) -> sqs.Queue:
+    def _queue(self, construct_id: str, *, of_a_function: bool = False) -> sqs.Queue:
         queue = sqs.Queue(
             self, construct_id, encryption=sqs.QueueEncryption.KMS, encryption_master_key=self.storage.key,
             data_key_reuse=Duration.hours(1), enforce_ssl=True, retention_period=Duration.days(14),
         )
-        acknowledge(queue, "AwsSolutions-SQS3",
-                    "This queue is itself a dead-letter queue (of failed events, invocations or rule actions); "
-                    "its depth is alarmed on in the monitoring stack.")
+        if not of_a_function:  # cdk-nag recognises a function's dead-letter queue by itself
+            acknowledge(queue, "AwsSolutions-SQS3",
+                        "This queue is itself a dead-letter queue (of failed events, schedules or IoT rule actions); "
+                        "its depth is alarmed on in the monitoring stack.")
         self.dead_letter_queues[construct_id] = queue
         return queue
 
@@ -151,7 +152,7 @@ class ComputeStack(Stack):
                         description=f"{self.config.name(spec.key)}: only what this function uses")
         # The log group's ARN (its Arn attribute) already ends in :*, which covers its streams only.
         allow(role, "WriteOwnLogs", ["logs:CreateLogStream", "logs:PutLogEvents"], [log_group.log_group_arn])
-        dlq = self._queue(f"{title}DeadLetters")
+        dlq = self._queue(f"{title}DeadLetters", of_a_function=True)
         function = lambda_.Function(
             self, title, function_name=self.config.name(spec.key), description=spec.description,
             runtime=_runtime(), architecture=lambda_.Architecture.ARM_64, handler=spec.handler, code=code,
@@ -159,8 +160,6 @@ class ComputeStack(Stack):
             reserved_concurrent_executions=spec.reserved_concurrency, dead_letter_queue=dlq,
             log_group=log_group, environment=self._environment(), retry_attempts=2,
         )
-        # Lambda's own grant to send failed invocations to the KMS-encrypted dead-letter queue.
-        acknowledge(role, IAM5, CDK_KMS_GRANT_REASON, CDK_KMS_GRANT_FINDINGS)
         self.functions[spec.key] = function
         return function
 

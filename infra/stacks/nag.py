@@ -55,10 +55,3 @@ def kms_via(role: iam.IRole, sid: str, key_arn: str, actions: Sequence[str], ser
     via = [f"{service}.{region}.amazonaws.com" for service in services]
     return allow(role, sid, actions, [key_arn],
                  conditions={"StringEquals": {"kms:ViaService": via[0] if len(via) == 1 else via}})
-
-
-# What CDK's own grants add for a KMS-encrypted SQS queue or SNS topic (a function's dead-letter queue,
-# an IoT rule's error queue): wildcard *actions* on the one key, which CDK does not let us narrow.
-CDK_KMS_GRANT_FINDINGS = ("Action::kms:GenerateDataKey*",)
-CDK_KMS_GRANT_REASON = ("CDK's grant for a KMS-encrypted queue or topic on this fleet's one key: GenerateDataKey* "
-                        "names the data-key variants of that key only, never another key")
