@@ -11,7 +11,7 @@ DEMO_DIR ?= demo_out
 EDGE_VENV := .venv-edge
 DEVICE_TEST_DEPS := 'pytest>=8' 'pytest-timeout>=2.3' 'onnx>=1.16' 'cryptography>=42'
 
-.PHONY: demo test test-device lint typecheck contracts unit system-deps venv clean
+.PHONY: demo test test-device lint typecheck contracts unit system-deps infra-deps venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto; \
 	  else echo "mosquitto is not installed: sudo apt-get install mosquitto (broker tests will be skipped)"; fi; }
 
+# Node from Debian runs the pinned CDK CLI (infra/package-lock.json) for the infra tests' `cdk synth`.
+infra-deps: infra/node_modules/.package-lock.json
+
+infra/node_modules/.package-lock.json: infra/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; \
+	  else echo "node/npm are not installed: sudo apt-get install nodejs npm (the infra tests need them)"; exit 1; fi; }
+	npm ci --prefix infra --no-audit --no-fund --loglevel=error
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
@@ -35,11 +44,12 @@ typecheck: venv
 	$(VENV)/bin/mypy edge_agent/qcsight_core edge_agent/qcsight_edge batch/qcsight_batch infra/qcsight_aws \
 	  training/qcsight_data training/qcsight_train/launch greengrass/qcsight_gg \
 	  infra/qcsight_cloud
+	cd infra && ../$(VENV)/bin/mypy app.py stacks figures.py
 
 contracts: venv
 	$(VENV)/bin/lint-imports
 
-unit: venv system-deps
+unit: venv system-deps infra-deps
 	$(VENV)/bin/pytest
 
 test: lint typecheck contracts unit

@@ -1,0 +1,123 @@
+"""Every name the stacks share with code they do not own, in one place for the lead to align at merge.
+
+The CDK app deploys code from other packages (qcsight_cloud's Lambda handlers and pipeline,
+qcsight_review's web app, qcsight_batch's container server). It refers to that code only
+through the constants below: handler entry points, the environment variables the stacks set,
+the fields the IoT rules add to each message, the metric names the dashboard draws, and the
+commands the containers run. When the other packages land, change a name here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------- Lambda entry points (qcsight_cloud)
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """One Lambda function: its handler entry point and what it is for."""
+
+    key: str
+    handler: str
+    description: str
+    memory_mb: int
+    timeout_s: int
+    reserved_concurrency: int
+
+
+INGEST = FunctionSpec(
+    "ingest", "qcsight_cloud.lambdas.ingest.handler",
+    "qcsight: validate, de-duplicate and store device metrics, alerts and status from the IoT rules",
+    memory_mb=512, timeout_s=30, reserved_concurrency=20,
+)
+POLICY = FunctionSpec(
+    "policy", "qcsight_cloud.lambdas.policy.handler",
+    "qcsight: evaluate the retraining policy over the fleet's metrics and start the pipeline when it fires",
+    memory_mb=1024, timeout_s=300, reserved_concurrency=1,  # one run at a time is a policy guardrail
+)
+DEPLOY = FunctionSpec(
+    "deploy", "qcsight_cloud.lambdas.deploy.handler",
+    "qcsight: on model approval publish the model component, deploy it to the canary group, promote or roll back",
+    memory_mb=1024, timeout_s=900, reserved_concurrency=1,  # deployments are serialised
+)
+FUNCTIONS = (INGEST, POLICY, DEPLOY)
+
+# Packages copied into every Lambda package, as (source root relative to the repository, package).
+LAMBDA_PACKAGES = (("edge_agent", "qcsight_core"), ("infra", "qcsight_cloud"))
+# Third-party requirements installed into the Lambda package for the Lambda platform. boto3 is in
+# the Lambda runtime already; qcsight_core's messages, topics and errors use the standard library
+# only. Add here what qcsight_cloud's handlers import (never torch).
+LAMBDA_REQUIREMENTS: tuple[str, ...] = ()
+LAMBDA_PYTHON = "3.14"
+
+# ---------------------------------------------------------------- environment the stacks set
+
+
+class Env:
+    """Environment variable names the functions and the review container read."""
+
+    ALERTS_TABLE = "QCSIGHT_ALERTS_TABLE"
+    METRICS_TABLE = "QCSIGHT_METRICS_TABLE"
+    DEVICES_TABLE = "QCSIGHT_DEVICES_TABLE"
+    REVIEWS_TABLE = "QCSIGHT_REVIEWS_TABLE"
+    DECISIONS_TABLE = "QCSIGHT_DECISIONS_TABLE"
+    DEDUP_TABLE = "QCSIGHT_DEDUP_TABLE"
+    IMAGES_BUCKET = "QCSIGHT_IMAGES_BUCKET"
+    MODELS_BUCKET = "QCSIGHT_MODELS_BUCKET"
+    DATA_BUCKET = "QCSIGHT_DATA_BUCKET"
+    PIPELINE_BUCKET = "QCSIGHT_PIPELINE_BUCKET"
+    ALERT_TOPIC_ARN = "QCSIGHT_ALERT_TOPIC_ARN"
+    PIPELINE_NAME = "QCSIGHT_PIPELINE_NAME"
+    MODEL_PACKAGE_GROUP = "QCSIGHT_MODEL_PACKAGE_GROUP"
+    CANARY_GROUP_ARN = "QCSIGHT_CANARY_THING_GROUP_ARN"
+    FLEET_GROUP_ARN = "QCSIGHT_FLEET_THING_GROUP_ARN"
+    COMPONENT_PREFIX = "QCSIGHT_COMPONENT_ARTIFACT_PREFIX"
+    SAGEMAKER_ROLE_ARN = "QCSIGHT_SAGEMAKER_ROLE_ARN"
+    METRICS_NAMESPACE = "QCSIGHT_METRICS_NAMESPACE"
+    REVIEW_AUTH = "QCSIGHT_REVIEW_AUTH"
+    REVIEW_OIDC_ISSUER = "QCSIGHT_REVIEW_OIDC_ISSUER"
+    REVIEW_REGION = "QCSIGHT_REVIEW_AWS_REGION"
+
+
+# ---------------------------------------------------------------- what the IoT rules hand the ingest function
+
+# The rule SQL selects the whole message and adds the connection's identity and topic under these
+# names; the handler takes the device identity from them, never from the payload's `thing` field.
+RULE_FIELD_CLIENT_ID = "_clientid"
+RULE_FIELD_PRINCIPAL = "_principal"
+RULE_FIELD_TOPIC = "_topic"
+RULE_FIELD_RECEIVED_MS = "_received_ms"
+RULE_SQL_VERSION = "2016-03-23"
+
+# ---------------------------------------------------------------- metrics the dashboard and alarms read
+
+METRICS_NAMESPACE = "qcsight"  # the functions' embedded-metric-format namespace
+METRIC_DEFECT_RATE = "DefectRate"
+METRIC_CONFIDENCE_PSI = "ConfidencePsi"
+METRIC_BRIGHTNESS_PSI = "BrightnessPsi"
+METRIC_SILENT_DEVICES = "SilentDevices"
+METRIC_LATENCY_P95 = "LatencyP95Ms"
+METRIC_DIMENSION_LINE = "Line"
+
+# ---------------------------------------------------------------- S3 layout shared with the device and the gg build
+
+# Greengrass component artifacts: `qcsight gg` uploads under s3://<models bucket>/<this>/<component>/<version>/.
+COMPONENT_ARTIFACT_PREFIX = "components"
+# Full-resolution alert images: each device uploads under s3://<images bucket>/<this>/<thing name>/.
+DEVICE_IMAGE_PREFIX = "devices"
+# The model Batch Transform scores with; the deploy function copies the promoted model.tar.gz here.
+BATCH_MODEL_KEY = "batch/current/model.tar.gz"
+
+# ---------------------------------------------------------------- containers
+
+# SageMaker runs `docker run IMAGE serve`; the image's `serve` script execs this.
+SCORING_SERVE_COMMAND = ("qcsight", "batch", "serve")
+SCORING_PORT = 8080
+# The review web app (qcsight_review). Its port is the ALB target's.
+REVIEW_SERVE_COMMAND = ("qcsight", "review", "serve", "--host", "0.0.0.0", "--port", "8000")
+REVIEW_PORT = 8000
+REVIEW_HEALTH_PATH = "/healthz"
+# Where the pipeline definition comes from: a callable taking a PipelineInputs mapping (role ARN,
+# buckets, image URIs, model package group) and returning the definition as a dict.
+PIPELINE_DEFINITION_HOOK = "qcsight_cloud.pipeline:definition"

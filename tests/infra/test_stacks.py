@@ -1,0 +1,279 @@
+"""What matters in the synthesized templates, asserted with aws_cdk.assertions and on the resolved JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from tests.infra.cfn import ACCOUNT, REGION, as_list, resolve, resources
+
+Templates = Mapping[str, dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def cdk_templates(templates: Templates) -> dict[str, Any]:
+    from aws_cdk.assertions import Template
+
+    return {name: Template.from_json(template) for name, template in templates.items()}
+
+
+# ---------------------------------------------------------------- storage
+
+
+def test_every_bucket_is_encrypted_private_versioned_and_tls_only(templates: Templates,
+                                                                  cdk_templates: dict[str, Any]) -> None:
+    from aws_cdk.assertions import Match
+
+    buckets = list(resources(templates, "AWS::S3::Bucket"))
+    assert len(buckets) == 5
+    storage = cdk_templates["storage"]
+    for _, logical_id, props in buckets:
+        encryption = props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"]
+        is_log_bucket = "logs-" in props["BucketName"]
+        # Access logs (S3 server logs, ALB logs) can be delivered only to SSE-S3 buckets.
+        assert encryption["SSEAlgorithm"] == ("AES256" if is_log_bucket else "aws:kms"), logical_id
+        if not is_log_bucket:
+            assert "KMSMasterKeyID" in encryption and "LoggingConfiguration" in props, logical_id
+        assert props["PublicAccessBlockConfiguration"] == {
+            "BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
+        assert props["VersioningConfiguration"] == {"Status": "Enabled"}
+        assert props["LifecycleConfiguration"]["Rules"], logical_id
+        storage.has_resource_properties("AWS::S3::BucketPolicy", {
+            "Bucket": {"Ref": logical_id},
+            "PolicyDocument": {"Statement": Match.array_with([Match.object_like({
+                "Effect": "Deny", "Condition": {"Bool": {"aws:SecureTransport": "false"}}})])},
+        })
+
+
+def test_images_expire_and_old_versions_move_to_cheaper_tiers(templates: Templates) -> None:
+    by_name = {props["BucketName"]: props for _, _, props in resources(templates, "AWS::S3::Bucket")}
+    images = by_name[f"qcsight-images-{ACCOUNT}-{REGION}"]["LifecycleConfiguration"]["Rules"]
+    expire = {"Id": "expire-images", "ExpirationInDays": 90, "Status": "Enabled", "ExpiredObjectDeleteMarker": False}
+    assert expire in images
+    models = by_name[f"qcsight-models-{ACCOUNT}-{REGION}"]["LifecycleConfiguration"]["Rules"]
+    tiers = [t["StorageClass"] for t in models[0]["NoncurrentVersionTransitions"]]
+    assert tiers == ["STANDARD_IA", "GLACIER_IR"] and not any("ExpirationInDays" in rule for rule in models)
+
+
+def test_key_rotates_and_tables_have_pitr_and_the_key(cdk_templates: dict[str, Any], templates: Templates) -> None:
+    cdk_templates["storage"].has_resource_properties("AWS::KMS::Key", {"EnableKeyRotation": True})
+    tables = list(resources(templates, "AWS::DynamoDB::Table"))
+    assert {props["TableName"] for _, _, props in tables} == {
+        f"qcsight-{key}" for key in ("alerts", "metrics", "devices", "reviews", "decisions", "dedup")}
+    for _, logical_id, props in tables:
+        assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}, logical_id
+        assert props["SSESpecification"]["SSEEnabled"] is True and props["SSESpecification"]["SSEType"] == "KMS"
+        assert props["DeletionProtectionEnabled"] is True
+
+
+def test_stateful_resources_are_retained(templates: Templates) -> None:
+    for kind in ("AWS::S3::Bucket", "AWS::DynamoDB::Table", "AWS::KMS::Key"):
+        for logical_id, resource in templates["storage"]["Resources"].items():
+            if resource["Type"] == kind:
+                assert resource["DeletionPolicy"] == "Retain", logical_id
+
+
+def test_queues_and_topics_are_encrypted_and_tls_only(templates: Templates) -> None:
+    queues = list(resources(templates, "AWS::SQS::Queue"))
+    topics = list(resources(templates, "AWS::SNS::Topic"))
+    assert len(queues) == 6 and len(topics) == 2  # 3 function DLQs, rule errors, events, schedule
+    for _, logical_id, props in queues + topics:
+        assert "KmsMasterKeyId" in props, logical_id
+    for kind in ("AWS::SQS::QueuePolicy", "AWS::SNS::TopicPolicy"):
+        policies = list(resources(templates, kind))
+        assert len(policies) == (len(queues) if kind.startswith("AWS::SQS") else len(topics))
+        for _, _, props in policies:
+            document = props["PolicyDocument"]["Statement"]
+            assert any(s["Effect"] == "Deny" and s.get("Condition", {}).get("Bool") == {"aws:SecureTransport": "false"}
+                       for s in document)
+
+
+# ---------------------------------------------------------------- IAM
+
+
+def _statements(templates: Templates) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for stack, logical_id, props in resources(templates, "AWS::IAM::Policy"):
+        for statement in props["PolicyDocument"]["Statement"]:
+            yield stack, logical_id, resolve(statement)
+    for stack, logical_id, props in resources(templates, "AWS::IAM::Role"):
+        for policy in props.get("Policies", []):
+            for statement in policy["PolicyDocument"]["Statement"]:
+                yield stack, logical_id, resolve(statement)
+
+
+# Resource "*" appears only for actions that have no resource-level permissions; AWS requires it.
+STAR_ALLOWED = {
+    "ecr:GetAuthorizationToken": "ECR login has no resource (SageMaker jobs, the review task's execution role)",
+    "cloudwatch:PutMetricData": "no resource; the statement's condition pins SageMaker's namespaces",
+}
+B = f"{ACCOUNT}-{REGION}"
+SM = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}"
+# Every wildcard inside a resource ARN, by statement, with why it cannot be narrower. A new one fails here.
+PARTIAL_WILDCARDS = {
+    "ReadComponentArtifacts": ({f"arn:aws:s3:::qcsight-models-{B}/components/*"}, "every component version"),
+    "UploadOwnImages": ({f"arn:aws:s3:::qcsight-images-{B}/devices/${{credentials-iot:ThingName}}/*"},
+                        "the device's own prefix, by policy variable"),
+    "WatchRetraining": ({f"{SM}:pipeline/qcsight-retrain/execution/*"}, "execution ids made by SageMaker"),
+    "WriteReviewedManifest": ({f"arn:aws:s3:::qcsight-pipeline-{B}/manifests/*"}, "one manifest per run"),
+    "ReadApprovedModels": ({f"{SM}:model-package/qcsight-models/*"}, "package versions numbered by SageMaker"),
+    "ReadModelArtifacts": ({f"arn:aws:s3:::qcsight-pipeline-{B}/*"}, "where the run wrote the model"),
+    "PublishComponentArtifacts": ({f"arn:aws:s3:::qcsight-models-{B}/components/*"}, "a folder per version"),
+    "PublishComponents": ({f"arn:aws:greengrass:{REGION}:{ACCOUNT}:components:com.qcsight.*",
+                           f"arn:aws:greengrass:{REGION}:{ACCOUNT}:components:com.qcsight.*:versions:*"},
+                          "qcsight's own components and versions"),
+    "FollowDeployments": ({f"arn:aws:greengrass:{REGION}:{ACCOUNT}:deployments:*"}, "ids made by Greengrass"),
+    "GreengrassDeploymentJobs": ({f"arn:aws:iot:{REGION}:{ACCOUNT}:job/*"}, "job ids made by Greengrass"),
+    "CompileForTheEdge": ({f"{SM}:compilation-job/qcsight-*"}, "one job per model version"),
+    "ReadTrainingData": ({f"arn:aws:s3:::qcsight-{b}-{B}/*" for b in ("data", "images", "models")},
+                         "the run's manifest names the objects"),
+    "WritePipelineOutput": ({f"arn:aws:s3:::qcsight-pipeline-{B}/*"}, "prefixes named by SageMaker per run"),
+    "RunPipelineJobs": ({f"{SM}:training-job/*", f"{SM}:processing-job/*"}, "job names made by the pipeline"),
+    "RegisterCandidates": ({f"{SM}:model-package/qcsight-models/*"}, "package versions numbered by SageMaker"),
+    "JobLogs": ({f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:/aws/sagemaker/*"}, "log groups per job kind"),
+    "StartTransformJobs": ({f"{SM}:transform-job/qcsight-batch-*"}, "a name per scheduled run"),
+    "BatchInputOutput": ({f"arn:aws:s3:::qcsight-data-{B}/batch/incoming/*",
+                          f"arn:aws:s3:::qcsight-pipeline-{B}/batch/scores/*"},
+                         "every image in, a result per image out"),
+    "SignImageUrls": ({f"arn:aws:s3:::qcsight-images-{B}/devices/*"}, "any device's alert image"),
+}
+INDEX_SIDS = {"ReadFleetHistory", "CanarySoak", "ReadAlertsAndFleet"}  # Query on the tables' indexes
+
+
+def test_iam_statements_hold_no_star_resource_except_where_aws_requires_it(templates: Templates) -> None:
+    seen_partial: dict[str, set[str]] = {}
+    for stack, logical_id, statement in _statements(templates):
+        actions = as_list(statement["Action"])
+        for resource in as_list(statement.get("Resource", [])):
+            where = f"{stack}/{logical_id}/{statement.get('Sid')}: {resource}"
+            if resource == "*":
+                assert actions and all(action in STAR_ALLOWED for action in actions), where
+            elif "*" in resource:
+                sid = statement.get("Sid", "")
+                if sid in INDEX_SIDS and resource.endswith("/index/*"):
+                    continue
+                # CDK's own grants: a log group ARN's ':*' (its streams) and nothing else.
+                assert sid in PARTIAL_WILDCARDS, where
+                seen_partial.setdefault(sid, set()).add(resource)
+    for sid, found in seen_partial.items():
+        assert found == PARTIAL_WILDCARDS[sid][0], sid
+    assert set(seen_partial) == set(PARTIAL_WILDCARDS)
+
+
+def test_no_wildcard_actions(templates: Templates) -> None:
+    for stack, logical_id, statement in _statements(templates):
+        for action in as_list(statement["Action"]):
+            assert "*" not in action, f"{stack}/{logical_id}: {action}"
+
+
+def test_kms_use_is_tied_to_the_calling_service(templates: Templates) -> None:
+    for stack, logical_id, statement in _statements(templates):
+        if statement.get("Sid") and all(a.startswith("kms:") for a in as_list(statement["Action"])):
+            assert "kms:ViaService" in statement["Condition"]["StringEquals"], f"{stack}/{logical_id}"
+
+
+def test_one_role_per_function_and_each_function_is_bounded(templates: Templates) -> None:
+    functions = list(resources({"compute": templates["compute"]}, "AWS::Lambda::Function"))
+    # The only other function is CDK's own custom resource that strips the review VPC's default security group.
+    others = [logical_id for stack, logical_id, _ in resources(templates, "AWS::Lambda::Function")
+              if stack != "compute"]
+    assert len(others) == 1 and others[0].startswith("CustomVpcRestrictDefaultSG")
+    assert {props["FunctionName"] for _, _, props in functions} == {
+        "qcsight-ingest", "qcsight-policy", "qcsight-deploy"}
+    roles = [json.dumps(props["Role"]) for _, _, props in functions]
+    assert len(set(roles)) == 3
+    log_groups = {logical_id: props for _, logical_id, props in resources(templates, "AWS::Logs::LogGroup")}
+    for _, logical_id, props in functions:
+        assert props["ReservedConcurrentExecutions"] >= 1, logical_id
+        assert "TargetArn" in props["DeadLetterConfig"], logical_id
+        assert props["Architectures"] == ["arm64"] and props["Runtime"].startswith("python3.")
+        group = props["LoggingConfig"]["LogGroup"]["Ref"]
+        assert log_groups[group]["RetentionInDays"] == 90
+        assert props["Handler"].startswith("qcsight_cloud.lambdas.")
+
+
+# ---------------------------------------------------------------- IoT, events, batch
+
+
+def test_every_iot_rule_has_an_error_action_and_passes_the_connection_identity(templates: Templates) -> None:
+    rules = list(resources(templates, "AWS::IoT::TopicRule"))
+    assert {props["TopicRulePayload"]["Sql"].rsplit("'qcsight/+/", 1)[1] for _, _, props in rules} == {
+        "metrics'", "alerts'", "status'"}
+    for _, logical_id, props in rules:
+        payload = props["TopicRulePayload"]
+        assert payload["ErrorAction"]["Sqs"]["QueueUrl"], logical_id
+        assert "clientid() AS _clientid" in payload["Sql"] and "topic() AS _topic" in payload["Sql"]
+        assert "Lambda" in payload["Actions"][0]
+
+
+def test_model_approval_event_goes_to_the_deploy_function(cdk_templates: dict[str, Any]) -> None:
+    from aws_cdk.assertions import Match
+
+    cdk_templates["compute"].has_resource_properties("AWS::Events::Rule", {
+        "EventPattern": {"source": ["aws.sagemaker"], "detail-type": ["SageMaker Model Package State Change"],
+                         "detail": {"ModelPackageGroupName": ["qcsight-models"], "ModelApprovalStatus": ["Approved"]}},
+        "Targets": [Match.object_like({"DeadLetterConfig": Match.any_value(), "RetryPolicy": Match.any_value()})],
+    })
+
+
+def test_batch_schedule_sends_the_request_batch_submit_builds(templates: Templates) -> None:
+    from qcsight_batch.submit import EXECUTION_ID, SCHEDULED_TIME, TRANSFORM_TARGET_ARN
+
+    (_, _, schedule), = resources(templates, "AWS::Scheduler::Schedule")
+    (_, _, model), = resources(templates, "AWS::SageMaker::Model")
+    target = resolve(schedule["Target"])
+    assert target["Arn"] == TRANSFORM_TARGET_ARN
+    job = json.loads(target["Input"])
+    assert job["TransformJobName"] == f"qcsight-batch-{EXECUTION_ID}"
+    assert job["ModelName"] == model["ModelName"]
+    assert job["TransformOutput"]["S3OutputPath"] == f"s3://qcsight-pipeline-{ACCOUNT}-{REGION}/batch/scores/{SCHEDULED_TIME}/"
+    assert job["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://qcsight-data-{ACCOUNT}-{REGION}/batch/incoming/"
+    assert "DeadLetterConfig" in target and schedule["ScheduleExpression"] == "cron(0 2 * * ? *)"
+    assert resolve(model["PrimaryContainer"])["ModelDataUrl"] == f"s3://qcsight-models-{ACCOUNT}-{REGION}/batch/current/model.tar.gz"
+
+
+def test_pipeline_takes_the_definition_code_produced(templates: Templates) -> None:
+    (_, _, pipeline), = resources(templates, "AWS::SageMaker::Pipeline")
+    body = json.loads(resolve(pipeline["PipelineDefinition"]["PipelineDefinitionBody"]))
+    step = body["Steps"][0]["Arguments"]
+    assert step["RoleArn"] == f"arn:aws:iam::{ACCOUNT}:role/qcsight-sagemaker-execution"
+    assert step["OutputDataConfig"]["S3OutputPath"] == f"s3://qcsight-pipeline-{ACCOUNT}-{REGION}/runs/"
+
+
+def test_silent_devices_are_flagged_by_device_defender(templates: Templates) -> None:
+    (_, _, profile), = resources(templates, "AWS::IoT::SecurityProfile")
+    behavior, = profile["Behaviors"]
+    assert behavior["Metric"] == "aws:num-messages-sent"
+    assert behavior["Criteria"]["ComparisonOperator"] == "less-than" and behavior["Criteria"]["DurationSeconds"] == 900
+    assert len(profile["TargetArns"]) == 3  # canary + two lines
+
+
+# ---------------------------------------------------------------- review hosting and monitoring
+
+
+def test_review_app_is_reached_only_through_https_and_cognito(templates: Templates) -> None:
+    listeners = {props["Port"]: props for _, _, props in resources(templates, "AWS::ElasticLoadBalancingV2::Listener")}
+    assert set(listeners) == {80, 443}
+    https = listeners[443]
+    assert https["Protocol"] == "HTTPS" and https["Certificates"]
+    actions = sorted(https["DefaultActions"], key=lambda action: action["Order"])
+    assert [action["Type"] for action in actions] == ["authenticate-cognito", "forward"]
+    assert listeners[80]["DefaultActions"][0]["RedirectConfig"]["Protocol"] == "HTTPS"
+    (_, _, pool), = resources(templates, "AWS::Cognito::UserPool")
+    assert pool["MfaConfiguration"] == "ON" and pool["AdminCreateUserConfig"]["AllowAdminCreateUserOnly"] is True
+    ingress = [rule for _, _, props in resources(templates, "AWS::EC2::SecurityGroup")
+               for rule in props.get("SecurityGroupIngress", [])]
+    assert ingress and all(rule["CidrIp"] == "10.0.0.0/8" for rule in ingress if "CidrIp" in rule)
+
+
+def test_every_alarm_notifies_the_ops_topic(templates: Templates) -> None:
+    alarms = list(resources(templates, "AWS::CloudWatch::Alarm"))
+    assert len(alarms) >= 15
+    for _, logical_id, props in alarms:
+        assert props["AlarmActions"], logical_id
+    (_, _, dashboard), = resources(templates, "AWS::CloudWatch::Dashboard")
+    body = str(resolve(dashboard["DashboardBody"]))
+    for title in ("Defect rate by line", "Drift (PSI)", "Silent devices", "Retraining pipeline runs"):
+        assert title in body
