@@ -282,7 +282,7 @@ class _AnomalyExport:
         plan = plan_bank(trunk_bytes, fitted, dim, int(self.options.max_bundle_mb * _MB), int8=int8)
         if plan.reason:
             self._warn(plan.reason)
-        model = build_model(self.embedding, self.fit, plan.size)
+        model = build_model(self.embedding, self.fit, plan.size, float16_bank=plan.dtype == "float16")
         details = export_graph(model, self.staging / ONNX_FILE, (self.spec.channels, self.spec.height,
                                                                 self.spec.width), self.options.opset)
         if plan.dtype == "float16":

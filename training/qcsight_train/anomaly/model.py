@@ -149,9 +149,16 @@ def fit_bank(embedding: PatchEmbedding, paths: Sequence[str], spec: PreprocessSp
                      coreset_seconds)
 
 
-def build_model(embedding: PatchEmbedding, fit: FitResult, bank_size: int | None = None) -> MemoryBankModel:
-    """The model over the first bank_size bank patches (all by default; the greedy order makes any prefix a coreset)."""
+def build_model(embedding: PatchEmbedding, fit: FitResult, bank_size: int | None = None, *,
+                float16_bank: bool = False) -> MemoryBankModel:
+    """The model over the first bank_size bank patches (all by default; the greedy order makes any prefix a coreset).
+
+    float16_bank rounds the bank to float16 values, as the graph stores it then, so PyTorch
+    computes what ONNX Runtime will.
+    """
     bank = fit.bank if bank_size is None else fit.bank[:bank_size]
+    if float16_bank:
+        bank = bank.half().float()
     # The bank is stored centred: shift the queries by the same centre.
     return MemoryBankModel(embedding, bank, fit.centre).eval()
 

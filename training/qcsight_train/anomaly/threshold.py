@@ -19,6 +19,8 @@ from qcsight_train.metrics import rates_at_threshold, review_band, threshold_for
 
 RULES = ("false_reject", "defect_recall")
 _COUNT_EPS = 1e-9
+# 1e-4 relative: far above float32's rounding (6e-8), far below any difference that matters.
+MARGIN = 1e-4
 
 
 def binomial_upper_bound(events: int, trials: int, confidence: float = 0.95) -> float:
@@ -56,8 +58,10 @@ def binomial_upper_bound(events: int, trials: int, confidence: float = 0.95) -> 
 def threshold_at_false_reject(good_scores: np.ndarray, rate: float) -> tuple[float, dict[str, Any]]:
     """The lowest threshold that keeps at most `rate` of the good scores at or above it, and its record.
 
-    With n good scores, floor(rate * n) of them may be over: the threshold sits just above
-    the next one down (an image is flagged when its score >= the threshold).
+    With n good scores, floor(rate * n) of them may be over: the threshold sits a relative
+    MARGIN above the next one down (an image is flagged when its score >= the threshold), and
+    never past half way to the one above it. Just above it (the next float) is not enough: the
+    device divides in float32, and that image's normalised score would round up to 1.0.
     """
     if not 0.0 <= rate < 1.0:
         raise ConfigError("false_reject_rate", rate, "a fraction from 0 to below 1")
@@ -65,7 +69,10 @@ def threshold_at_false_reject(good_scores: np.ndarray, rate: float) -> tuple[flo
     if scores.size == 0:
         raise EvaluationError("no good images: a threshold at a false-reject rate needs held-out good images")
     allowed = math.floor(rate * scores.size + _COUNT_EPS)
-    threshold = float(np.nextafter(scores[allowed], np.inf))
+    below = float(scores[allowed])
+    threshold = below * (1.0 + MARGIN) if below > 0 else float(np.nextafter(below, np.inf))
+    if allowed > 0 and scores[allowed - 1] > below:
+        threshold = min(threshold, (below + float(scores[allowed - 1])) / 2.0)
     over = int(np.sum(scores >= threshold))
     return threshold, {
         "rule": f"lowest score keeping at most {rate:g} of the held-out good images at or above it",
