@@ -168,7 +168,7 @@ def predict_fn(data: Payload, model: LoadedModel, context: Any = None) -> list[d
             batch = preprocess_batch(group, model.settings.spec)
         except (PreprocessError, cv2.error) as exc:
             raise RequestError(f"cannot preprocess the request's images: {exc}") from exc
-        for verdict in model.decider.decide_batch(model.runner.run(batch)):
+        for verdict in model.decider.decide_outputs(model.runner.infer(batch), [image.shape for image in group]):
             results.append(ResultRow.scored("", verdict, model.info).to_dict(with_source=False))
     return results
 

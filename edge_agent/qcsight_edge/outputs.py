@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import cv2
 import numpy as np
 
-from qcsight_core import messages
+from qcsight_core import anomaly, messages
 from qcsight_core.errors import QcsightError
 from qcsight_core.imageio import encode_jpeg
 from qcsight_core.topics import line_signal_topic, topic
@@ -167,8 +167,9 @@ def thumbnail(image: np.ndarray, max_side: int, quality: int) -> dict[str, Any]:
 
 
 def alert_body(frame_id: str, source_ref: str, verdict: Verdict, classes: tuple[str, ...], model: Mapping[str, str],
-               thumb: Mapping[str, Any] | None, image_ref: str | None) -> dict[str, Any]:
-    """The qcsight.alert/1 fields after the envelope."""
+               thumb: Mapping[str, Any] | None, image_ref: str | None,
+               overlay: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The qcsight.alert/1 fields after the envelope (box and overlay: anomaly bundles)."""
     body: dict[str, Any] = {
         "alert_id": messages.new_message_id(),
         "frame_id": frame_id,
@@ -181,6 +182,10 @@ def alert_body(frame_id: str, source_ref: str, verdict: Verdict, classes: tuple[
         body["thumbnail"] = dict(thumb)
     if image_ref is not None:
         body["image_ref"] = image_ref
+    if verdict.box is not None:
+        body["box"] = verdict.box.to_dict()
+    if overlay is not None:
+        body["overlay"] = dict(overlay)
     return body
 
 
@@ -295,6 +300,20 @@ class VerdictOutputs:
             log.error("%d alerts were not stored before the deadline", self._pending)
         return flushed
 
+    def _overlay(self, judgement: Judgement, model: LoadedModel) -> dict[str, Any] | None:
+        """An anomaly verdict's score map over the judged region, as a thumbnail (None for classifiers)."""
+        verdict = judgement.verdict
+        if verdict.anomaly_map is None:
+            return None
+        side = self.alerts.thumbnail_max_side
+        try:
+            picture = anomaly.overlay(judgement.judged, verdict.anomaly_map, model.bundle.manifest.input,
+                                      verdict.box, max_side=side)
+            return thumbnail(picture, side, self.alerts.thumbnail_quality)
+        except (QcsightError, cv2.error, ValueError) as exc:  # the alert goes out without its overlay
+            self._warn.warning("overlay", "alert sent without its overlay: %s", exc)
+            return None
+
     def _alert(self, frame: Frame, judgement: Judgement, model: LoadedModel) -> None:
         image_ref = None
         if self.image_store is not None and frame.image is not None:
@@ -305,7 +324,7 @@ class VerdictOutputs:
         try:
             thumb = thumbnail(judgement.judged, self.alerts.thumbnail_max_side, self.alerts.thumbnail_quality)
             body = alert_body(frame.frame_id, frame.source_ref, judgement.verdict, model.bundle.manifest.classes,
-                              model.ident, thumb, image_ref)
+                              model.ident, thumb, image_ref, self._overlay(judgement, model))
             self.sink.emit(messages.ALERT, body)
             self.alert_count += 1
         except QcsightError as exc:

@@ -151,3 +151,30 @@ def test_pending_keys_skips_what_is_done() -> None:
     done = KeySet(key_digest(k) for k in keys if int(k[1:]) % 3 == 0)
     left = list(pending_keys(iter(keys), done))
     assert left == [k for k in keys if int(k[1:]) % 3]
+
+
+@pytest.mark.parametrize("name", ["out.jsonl", "out.csv"])
+def test_anomaly_rows_carry_the_box(tmp_path: Path, name: str) -> None:
+    from qcsight_batch.writer import open_writer
+    from tests.helpers.models import make_tiny_anomaly_bundle
+
+    bundle = make_tiny_anomaly_bundle(tmp_path / "bundle")
+    (tmp_path / "in").mkdir()
+    plain = np.full((60, 80, 3), 60, np.uint8)
+    spot = plain.copy()
+    spot[40:56, 4:24] = 255  # bottom left
+    cv2.imwrite(str(tmp_path / "in" / "plain.png"), plain)
+    cv2.imwrite(str(tmp_path / "in" / "spot.png"), spot)
+    scorer = Scorer(bundle, ScorerConfig(workers=0, batch_size=2))
+    writer = open_writer(tmp_path / name, scorer.model)
+    writer.open(resume=False)
+    try:
+        scorer.run(DirSource(str(tmp_path / "in")), writer)
+    finally:
+        writer.close()
+    rows = {Path(str(r["source"])).name: r for r in read_rows(tmp_path / name)}
+    assert rows["spot.png"]["verdict"] == "defect" and rows["plain.png"]["verdict"] == "good"
+    box = rows["spot.png"]["box"] if name.endswith(".jsonl") else {
+        k: rows["spot.png"][f"box_{k}"] for k in ("x0", "y0", "x1", "y1")}
+    x0, y0, x1, y1 = (float(box[k]) for k in ("x0", "y0", "x1", "y1"))  # type: ignore[index]
+    assert x0 < 24 / 80 < x1 and y0 < 48 / 60 < y1 and x1 < 0.5 and y0 > 0.4
