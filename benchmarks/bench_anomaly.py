@@ -121,7 +121,8 @@ def main(argv: Sequence[str]) -> int:
           f"{'met' if fit_s <= TARGET_FIT_S else 'NOT met'})")
     bank = manifest.metrics["bank"]
     print(f"bank: {bank['size']} of {bank['training_patches']} patches x {bank['dim']} dims ({bank['dtype']}); "
-          f"bundle {bundle_mib:.1f} MiB (bound {TARGET_MIB:.0f} MiB: {'met' if bundle_mib <= TARGET_MIB else 'NOT met'})")
+          f"bundle {bundle_mib:.1f} MiB (bound {TARGET_MIB:.0f} MiB: "
+          f"{'met' if bundle_mib <= TARGET_MIB else 'NOT met'})")
     print(f"INT8 gate: {manifest.metrics['int8'].get('reason')}")
     print("\nbatch-1 latency, ms (best of 3 rounds)   classifier   anomaly FP32   anomaly INT8   FP32/cls   INT8/cls")
     for name, row in rows.items():

@@ -110,12 +110,12 @@ def test_overlay_is_bgr_at_the_requested_size_with_the_box_drawn() -> None:
     box = anomaly.image_box(cells, spec, grey.shape)
     picture = anomaly.overlay(grey, cells, spec, box, max_side=100)
     assert picture.shape == (50, 100, 3) and picture.dtype == np.uint8
-    x0, y0, x1, y1 = box.pixels(100, 50)
+    x0, y0, x1, _ = box.pixels(100, 50)
     assert (picture[y0, x0:x1] == 255).all()  # the white frame
     # The hot corner is red (JET at the top of the scale), the cold rest blue-tinted.
-    b, g, r = picture[5, 95].astype(int)
+    b, _, r = picture[5, 95].astype(int)
     assert r > b
-    b, g, r = picture[45, 5].astype(int)
+    b, _, r = picture[45, 5].astype(int)
     assert b > r
 
 

@@ -38,7 +38,7 @@ def test_pro_is_one_for_a_perfect_map_and_counts_ties_together() -> None:
     assert pro_auc(masks, flat) == pytest.approx(0.15)
     # One region per connected component (8-connectivity): a diagonal pair is one region.
     diagonal = [np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0]], bool)]
-    fpr, pro = pro_curve(diagonal, [np.array([[1.0, 0, 0], [0, 0.5, 0], [0, 0, 0]])])
+    _, pro = pro_curve(diagonal, [np.array([[1.0, 0, 0], [0, 0.5, 0], [0, 0, 0]])])
     assert pro[1] == pytest.approx(0.5)  # half of the one region
 
 
