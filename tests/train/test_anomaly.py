@@ -225,6 +225,12 @@ def test_cli_fits_on_good_parts_and_evaluates_with_masks(tmp_path: Path, parts: 
         x0, y0, x1, y1 = verdict.box.pixels(image.shape[1], image.shape[0])
         hits += bool(mask[y0:y1, x0:x1].any())
     assert hits >= 0.75 * len(spots)
+    # `qcsight evaluate` takes an anomaly bundle too (every image of the folder, masks from DATA/masks).
+    from qcsight_train.evaluate_cli import main as evaluate
+
+    assert evaluate(["--bundle", str(out / "bundle"), "--data", str(parts), "--output", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["images"] == 36 + 16 and again["pixel"]["pro"] is not None
 
 
 def test_cli_refuses_data_without_a_good_folder(tmp_path: Path, parts: Path,

@@ -62,7 +62,8 @@ def project(features: torch.Tensor, selection_dim: int, generator: torch.Generat
     points = features.to(torch.float32)
     if dim <= selection_dim:
         return points
-    return points @ (torch.randn(dim, selection_dim, generator=generator) / selection_dim**0.5)
+    projected: torch.Tensor = points @ (torch.randn(dim, selection_dim, generator=generator) / selection_dim**0.5)
+    return projected
 
 
 def greedy_coreset(features: torch.Tensor, size: int, *, seed: int = 0, selection_dim: int = SELECTION_DIM

@@ -22,6 +22,7 @@ import numpy as np
 
 from qcsight_core import anomaly
 from qcsight_core.bundle import Bundle
+from qcsight_core.dataset import DatasetIndex
 from qcsight_core.errors import ImageError, PreprocessError
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import preprocess_batch
@@ -227,7 +228,7 @@ def plot_histogram(path: Path, scores: np.ndarray, is_defect: np.ndarray, thresh
     figure = _figure(6, 4)
     axes = figure.add_subplot()
     top = max(2.0, float(np.quantile(scores, 0.99)) * 1.05) if scores.size else 2.0
-    bins = np.linspace(0.0, top, 41)
+    bins = np.linspace(0.0, top, 41).tolist()
     clipped = np.minimum(scores, top)
     axes.hist(clipped[~is_defect], bins=bins, alpha=0.6, label=f"good ({int((~is_defect).sum())})", color="tab:blue")
     if is_defect.any():
@@ -316,3 +317,28 @@ def render_report(metrics: Mapping[str, Any], method: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def evaluate_dataset(bundle: Bundle, index: DatasetIndex, output_dir: Path, *, precision: str = "fp32",
+                     batch_size: int = 8) -> int:
+    """`qcsight evaluate` on an anomaly bundle: classes named like good are good, the rest defects; masks
+    from DATA/masks/<class>/. Prints the figures; returns the exit code."""
+    from qcsight_train.anomaly.data import mask_path
+    from qcsight_train.config import GOOD_NAMES
+
+    good = {c for c in index.classes if c.lower() in GOOD_NAMES}
+    if not good:
+        raise EvaluationError(f"{index.source}: no class named like good ({', '.join(GOOD_NAMES)}) among "
+                              f"{list(index.classes)}: an anomaly bundle is evaluated against good parts")
+    by_path = {s.path: s for s in index.samples}
+    root = Path(index.root)
+    metrics = evaluate_anomaly_bundle(
+        bundle, [LabelledImage(s.path, s.label, s.label not in good) for s in index.samples], output_dir,
+        masks=lambda path: mask_path(by_path[path], root), precision=precision, batch_size=batch_size)
+    image, pixel, at = metrics["image"], metrics["pixel"], metrics["at_threshold"]
+    print(f"{metrics['images']} images ({len(metrics['unreadable'])} unreadable): image AUROC {_fmt(image['auroc'])}, "
+          f"pixel AUROC {_fmt(pixel['pixel_auroc'])}, PRO {_fmt(pixel['pro'])}")
+    print(f"at the threshold (1.0): defect recall {_fmt(at['defect_recall'])}, F1 {_fmt(at['f1'])}, "
+          f"false-reject rate {_fmt(at['false_reject_rate'])}")
+    print(f"wrote {output_dir / METRICS_FILE}, {', '.join(metrics['plots'])} and {output_dir / REPORT_FILE}")
+    return 0

@@ -19,7 +19,7 @@ Backbones (`--arch`; weights as for classifiers, see qcsight_train.models):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +102,8 @@ class EfficientNetTrunk(nn.Module):
 
     def __init__(self, model: nn.Module, taps: tuple[int, int]) -> None:
         super().__init__()
-        self.stem = nn.Sequential(model.conv_stem, model.bn1)
-        self.blocks = nn.ModuleList(list(model.blocks)[: taps[1] + 1])
+        self.stem = nn.Sequential(model.get_submodule("conv_stem"), model.get_submodule("bn1"))
+        self.blocks = nn.ModuleList(list(model.get_submodule("blocks").children())[: taps[1] + 1])
         self.taps = taps
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,9 +121,9 @@ class ResNetTrunk(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1)
-        self.layer2 = model.layer2
-        self.layer3 = model.layer3
+        self.stem = nn.Sequential(*(model.get_submodule(n) for n in ("conv1", "bn1", "relu", "maxpool", "layer1")))
+        self.layer2 = model.get_submodule("layer2")
+        self.layer3 = model.get_submodule("layer3")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fine = self.layer2(self.stem(x))
@@ -141,6 +141,7 @@ def create_trunk(name: str, weights: str) -> nn.Module:
     model = spec.build()
     choice = models.resolve_weights(name, weights)
     if choice != "none":
+        state: Mapping[str, torch.Tensor]
         if choice == "package":
             state = models.package_state_dict(name, model)
         elif choice == "imagenet":
@@ -164,7 +165,8 @@ def projection_matrix(in_dim: int, out_dim: int, seed: int) -> torch.Tensor | No
     if out_dim >= in_dim:
         return None
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(in_dim, out_dim, generator=generator) / out_dim**0.5
+    matrix: torch.Tensor = torch.randn(in_dim, out_dim, generator=generator) / out_dim**0.5
+    return matrix
 
 
 class PatchEmbedding(nn.Module):

@@ -37,6 +37,10 @@ class MemoryBankModel(nn.Module):
     norms are large against the distances, and centring keeps the norms small.
     """
 
+    centre: torch.Tensor
+    bank_t: torch.Tensor
+    bank_sq: torch.Tensor
+
     def __init__(self, embedding: PatchEmbedding, bank: torch.Tensor, centre: torch.Tensor) -> None:
         super().__init__()
         self.embedding = embedding
