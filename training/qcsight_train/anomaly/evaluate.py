@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ HISTOGRAM_PNG = "score_histogram.png"
 GALLERY_PNG = "worst_overlays.png"
 OVERLAYS_DIR = "overlays"
 PIXEL_SIDE = 256
+_PROGRESS_S = 30.0
 
 MaskLookup = Callable[[str], Path | None]
 
@@ -92,7 +94,11 @@ def _collect(bundle: Bundle, images: Sequence[LabelledImage], masks: MaskLookup,
     by_path = {item.path: item for item in images}
     out = _Collected()
     pairs = [(item.path, item.label) for item in images]
+    last_report = time.monotonic()
     for batch, decoded in decode_batches(pairs, batch_size, out.unreadable):
+        if time.monotonic() - last_report >= _PROGRESS_S:
+            log.info("evaluation: %d/%d images scored", len(out.images) + len(out.unreadable), len(pairs))
+            last_report = time.monotonic()
         try:
             outputs = runner.infer(preprocess_batch(decoded, spec))
         except PreprocessError as exc:

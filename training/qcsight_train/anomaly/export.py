@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -73,6 +74,7 @@ SCORE_EDGES = tuple(float(v) for v in np.linspace(0.0, 2.0, 21))
 _MB = 1024 * 1024
 # Manifest, config and ONNX framing beside the weights and the bank, generously.
 _OVERHEAD_BYTES = 256 * 1024
+_PROGRESS_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -363,7 +365,11 @@ class _AnomalyExport:
         pairs = [(path, ANOMALY if defect else GOOD) for path, defect in validation]
         log.info("scoring %d validation images (ONNX %s; PyTorch on the first %d)", len(pairs), " + ".join(runners),
                  min(len(pairs), self.options.parity_images))
+        last_report = time.monotonic()
         for batch, images in decode_batches(pairs, self.options.batch_size, scored.unreadable):
+            if time.monotonic() - last_report >= _PROGRESS_S:
+                log.info("validation: %d/%d images scored", len(scored.paths) + len(scored.unreadable), len(pairs))
+                last_report = time.monotonic()
             kept, kept_images = [], []
             for (path, label), image in zip(batch, images, strict=True):
                 try:
