@@ -185,6 +185,7 @@ def test_size_bound_stores_the_bank_in_float16_then_cuts_it(tmp_path: Path, part
     assert sum(p.stat().st_size for p in bundle.path.iterdir()) <= 1 << 20
 
 
+@pytest.mark.slow
 def test_cli_fits_on_good_parts_and_evaluates_with_masks(tmp_path: Path, parts: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from qcsight_train.cli import main
