@@ -113,7 +113,8 @@ def main(argv: Sequence[str]) -> int:
     manifest = bundle.manifest
     figures = {
         "images": len(train), "size": args.size, "bank": manifest.metrics["bank"], "fit_s": fit_s,
-        "fit_cpu_s": fit_cpu_s, "extract_s": fit.extract_seconds, "coreset_s": fit.coreset_seconds, "bundle_mib": bundle_mib,
+        "fit_cpu_s": fit_cpu_s, "extract_s": fit.extract_seconds, "coreset_s": fit.coreset_seconds,
+        "bundle_mib": bundle_mib,
         "int8": manifest.metrics["int8"], "latency": rows, "load_average": os.getloadavg(),
     }
     print(f"\nfit: {len(train)} good {args.size}-px images in {fit_s:.1f} s (features {fit.extract_seconds:.1f} s, "
