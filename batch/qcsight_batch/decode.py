@@ -78,12 +78,14 @@ class DecodedChunk:
     keys: tuple[str, ...]
     pixels: np.ndarray | None
     errors: tuple[tuple[str, str], ...]
+    shapes: tuple[tuple[int, int], ...] = ()  # each decoded image's (height, width): anomaly boxes map back to it
 
 
 def decode_chunk(keys: Sequence[str], source: ImageSource, settings: DecodeSettings) -> DecodedChunk:
     """Read, decode and resize keys to the model's geometry; a key that fails becomes an error with its reason."""
     prepared: list[np.ndarray] = []
     good: list[str] = []
+    shapes: list[tuple[int, int]] = []
     errors: list[tuple[str, str]] = []
     for key in keys:
         try:
@@ -94,10 +96,11 @@ def decode_chunk(keys: Sequence[str], source: ImageSource, settings: DecodeSetti
         try:
             prepared.append(prepare_pixels(image, settings.spec))
             good.append(key)
+            shapes.append((int(image.shape[0]), int(image.shape[1])))
         except (PreprocessError, cv2.error) as exc:
             errors.append((key, f"cannot preprocess: {exc}"))
     pixels = np.stack(prepared) if prepared else None
-    return DecodedChunk(tuple(good), pixels, tuple(errors))
+    return DecodedChunk(tuple(good), pixels, tuple(errors), tuple(shapes))
 
 
 # Per-process state of a decode worker, set once by init_worker (ProcessPoolExecutor's idiom).

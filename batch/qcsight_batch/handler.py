@@ -255,14 +255,16 @@ def parse_request(input_data: bytes | bytearray | memoryview | str, content_type
     return Payload((parsed,) if isinstance(parsed, BadItem) else parsed)
 
 
-def _prepare(item: bytes | np.ndarray | BadItem, index: int, settings: DecodeSettings) -> np.ndarray:
-    """One item at the model's size (uint8): decoded within the pixel budget, then resized; raises ImageError."""
+def _prepare(item: bytes | np.ndarray | BadItem, index: int,
+             settings: DecodeSettings) -> tuple[np.ndarray, tuple[int, ...]]:
+    """One item at the model's size (uint8) and the decoded image's shape (an anomaly box maps back to it):
+    decoded within the pixel budget, then resized; raises ImageError."""
     name = f"image {index}"
     if isinstance(item, BadItem):
         raise ImageError(name, item.reason)
     image = item if isinstance(item, np.ndarray) else settings.decode(item, name)
     try:
-        return prepare_pixels(image, settings.spec)
+        return prepare_pixels(image, settings.spec), image.shape
     except (PreprocessError, cv2.error) as exc:
         raise ImageError(name, f"cannot preprocess: {getattr(exc, 'err', None) or exc}") from exc
 
@@ -274,7 +276,7 @@ def score_payload(data: Payload, model: LoadedModel) -> list[dict[str, Any]]:
             f"{len(data.items)} images in one request; at most {model.policy.max_items} (QCSIGHT_MAX_ITEMS)"
         )
     results: list[dict[str, Any] | None] = [None] * len(data.items)
-    ready: list[tuple[int, np.ndarray]] = []
+    ready: list[tuple[int, tuple[np.ndarray, tuple[int, ...]]]] = []
     for index, item in enumerate(data.items):
         try:
             ready.append((index, _prepare(item, index, model.settings)))
@@ -284,8 +286,10 @@ def score_payload(data: Payload, model: LoadedModel) -> list[dict[str, Any]]:
             results[index] = ResultRow.failed("", str(exc), model.info).to_dict(with_source=False)
     for start in range(0, len(ready), _INFERENCE_BATCH):
         group = ready[start : start + _INFERENCE_BATCH]
-        batch = normalize(np.stack([pixels for _, pixels in group]), model.settings.spec)
-        for (index, _), verdict in zip(group, model.decider.decide_batch(model.runner.run(batch)), strict=True):
+        batch = normalize(np.stack([pixels for _, (pixels, _) in group]), model.settings.spec)
+        shapes = [shape for _, (_, shape) in group]
+        verdicts = model.decider.decide_outputs(model.runner.infer(batch), shapes)
+        for (index, _), verdict in zip(group, verdicts, strict=True):
             results[index] = ResultRow.scored("", verdict, model.info).to_dict(with_source=False)
     return [r for r in results if r is not None]
 

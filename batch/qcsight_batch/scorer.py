@@ -284,7 +284,7 @@ class Scorer:
         if chunk.pixels is not None and chunk.keys:
             # The workers ran prepare_pixels; with normalize this is preprocess_batch, one path.
             batch = normalize(chunk.pixels, self.bundle.manifest.input)
-            verdicts = self.decider.decide_batch(self.runner.run(batch))
+            verdicts = self.decider.decide_outputs(self.runner.infer(batch), chunk.shapes or None)
             rows.extend(ResultRow.scored(k, v, self.model) for k, v in zip(chunk.keys, verdicts, strict=True))
         return rows
 

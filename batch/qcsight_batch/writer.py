@@ -31,6 +31,7 @@ from qcsight_core.verdict import Verdict
 log = logging.getLogger(__name__)
 
 ERROR = "error"
+BOX_COLUMNS = ("box_x0", "box_y0", "box_x1", "box_y1")  # CSV rows of anomaly models
 FORMATS = ("jsonl", "csv")
 _ENCODING_ERRORS = "surrogateescape"  # file names that are not UTF-8 survive the round trip
 _DIGEST_SIZE = 16
@@ -45,10 +46,11 @@ class ModelInfo:
     version: str
     precision: str
     classes: tuple[str, ...]
+    task: str = "classification"
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, precision: str) -> ModelInfo:
-        return cls(manifest.name, manifest.version, precision, manifest.classes)
+        return cls(manifest.name, manifest.version, precision, manifest.classes, manifest.task)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class ResultRow:
     model_version: str
     precision: str
     error: str = ""
+    box: Mapping[str, float] | None = None  # anomaly bundles: the hottest region, relative to the image
 
     @classmethod
     def scored(cls, source: str, verdict: Verdict, model: ModelInfo) -> ResultRow:
@@ -78,6 +81,7 @@ class ResultRow:
             model=model.name,
             model_version=model.version,
             precision=model.precision,
+            box=None if verdict.box is None else verdict.box.to_dict(),
         )
 
     @classmethod
@@ -97,6 +101,8 @@ class ResultRow:
             precision=self.precision,
             error=self.error or None,
         )
+        if self.box is not None:
+            data["box"] = dict(self.box)
         return data
 
 
@@ -345,6 +351,7 @@ class CsvWriter(_AppendOnlyFile):
             "model_version",
             "precision",
             "error",
+            *(BOX_COLUMNS if self.model.task == "anomaly" else ()),
         ]
 
     def _lines(self, rows: Iterable[Sequence[object]]) -> bytes:
@@ -360,7 +367,10 @@ class CsvWriter(_AppendOnlyFile):
         def cells(r: ResultRow) -> list[object]:
             number = ["" if v is None else f"{v:.6f}" for v in (r.defect_score, r.confidence)]
             scores = [f"{r.scores[c]:.6f}" if c in r.scores else "" for c in self.model.classes]
-            return [r.source, r.verdict, r.label, *number, *scores, r.model, r.model_version, r.precision, r.error]
+            box = ([f"{r.box[k]:.4f}" if r.box else "" for k in ("x0", "y0", "x1", "y1")]
+                   if self.model.task == "anomaly" else [])
+            return [r.source, r.verdict, r.label, *number, *scores, r.model, r.model_version, r.precision, r.error,
+                    *box]
 
         return self._lines(cells(r) for r in rows)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qcsight_core.anomaly import OUTPUT_KIND as ANOMALY_OUTPUT
 from qcsight_core.errors import (
     BundleError,
     BundleFileMissingError,
@@ -236,8 +237,11 @@ def _check_manifest(m: Manifest) -> None:
         raise BundleSchemaError("manifest: model name and version are required")
     if m.task not in TASKS:
         raise BundleSchemaError(f"manifest: task {m.task!r} is not one of {', '.join(TASKS)}")
-    if m.output not in ("probabilities", "logits"):
-        raise BundleSchemaError(f"manifest: model.output {m.output!r} is not 'probabilities' or 'logits'")
+    # An anomaly graph returns a normalised anomaly score (qcsight_core.anomaly), not class probabilities.
+    outputs = (ANOMALY_OUTPUT,) if m.task == "anomaly" else ("probabilities", "logits")
+    if m.output not in outputs:
+        raise BundleSchemaError(
+            f"manifest: model.output {m.output!r} is not {' or '.join(map(repr, outputs))} for task {m.task!r}")
     if len(m.classes) < 2:
         raise BundleSchemaError(f"manifest: at least two classes are needed, got {list(m.classes)}")
     if len(set(m.classes)) != len(m.classes):

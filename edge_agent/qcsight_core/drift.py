@@ -9,6 +9,10 @@ measures of its validation data as the bundle manifest's ``reference``::
 Both ends must compute them the same way, so both call this module: statistics are taken on
 the preprocessed pixels (prepare_pixels output, model input size), which makes them
 independent of the camera's resolution.
+
+For an anomaly bundle the verdict's confidence is the normalised anomaly score (1.0 is the
+threshold), and training stores that score's histogram over held-out good parts as the
+"confidence" reference, so the same PSI watches the score distribution of good parts.
 """
 
 from __future__ import annotations

@@ -2,8 +2,13 @@
 
 Each message carries a unique id and a per-device sequence number so the cloud can drop
 duplicates of an at-least-once delivery. Validation runs on both ends; an unknown major
-version is refused, never guessed at. A new optional field is a minor change: older readers
-ignore fields they do not know.
+version is refused, never guessed at.
+
+Within a major version a schema only grows: new fields are optional, and readers ignore
+fields they do not know (validate checks the ones it knows), so an older reader takes a
+newer writer's message and the reverse. qcsight.alert/1 grew this way by `box` (the hottest
+region of an anomaly bundle's score map, relative to the judged image) and `overlay` (a
+thumbnail of that image with the score map blended in).
 
 An alert's full image: ``image_ref`` says where it is, ``image_sha256`` what it is.
 ``s3://<bucket>/<prefix>images/<thing>/<YYYY-MM-DD>/<alert_id>.jpg`` (``image_key``) when the
@@ -65,6 +70,7 @@ _ENVELOPE = {
     "time": _req(str),
 }
 _QUANTILES = {"p50": _req(*_NUMBER), "p95": _req(*_NUMBER), "p99": _req(*_NUMBER)}
+_THUMBNAIL = {"format": _req(str), "width": _req(int), "height": _req(int), "data": _req(str)}
 
 SCHEMAS: dict[str, dict[str, Field]] = {
     METRICS: {
@@ -92,10 +98,12 @@ SCHEMAS: dict[str, dict[str, Field]] = {
             "status": _req(str, choices=VERDICT_STATUSES), "label": _req(str), "score": _req(*_NUMBER),
             "confidence": _req(*_NUMBER), "scores": _req(dict, values=_NUMBER),
         }),
-        "thumbnail": _opt(dict, fields={"format": _req(str), "width": _req(int), "height": _req(int),
-                                        "data": _req(str)}),
+        "thumbnail": _opt(dict, fields=_THUMBNAIL),
         "image_ref": _opt(str),
         "image_sha256": _opt(str),
+        "box": _opt(dict, fields={"x0": _req(*_NUMBER), "y0": _req(*_NUMBER), "x1": _req(*_NUMBER),
+                                  "y1": _req(*_NUMBER), "peak": _opt(*_NUMBER)}),
+        "overlay": _opt(dict, fields=_THUMBNAIL),
     },
     STATUS: {
         **_ENVELOPE,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qcsight_core import anomaly
 from qcsight_core.bundle import Bundle
 from qcsight_core.checks import check_choice, check_int
 from qcsight_core.errors import RunnerError
@@ -43,8 +44,26 @@ class RunnerOptions:
             object.__setattr__(self, name, check_int(name, getattr(self, name), 0))
 
 
+@dataclass(frozen=True)
+class RunOutputs:
+    """What one batch produced.
+
+    Attributes:
+        scores: NxK class probabilities (classification), or Nx1 normalised anomaly scores
+            (anomaly bundles: 1.0 is the decision threshold).
+        maps: NxHxW normalised anomaly score maps (anomaly bundles), else None.
+    """
+
+    scores: np.ndarray
+    maps: np.ndarray | None = None
+
+
 class OnnxRunner:
-    """Runs a bundle's ONNX model on NCHW float32 batches and returns class probabilities."""
+    """Runs a bundle's ONNX model on NCHW float32 batches.
+
+    run() returns what the Decider decides on: class probabilities, or for an anomaly bundle
+    the Nx1 normalised image scores. infer() also returns an anomaly bundle's score maps.
+    """
 
     def __init__(self, bundle: Bundle, options: RunnerOptions | None = None) -> None:
         import onnxruntime as ort
@@ -70,6 +89,17 @@ class OnnxRunner:
         spec = bundle.manifest.input
         self.input_shape = (spec.channels, spec.height, spec.width)
         self._logits = bundle.manifest.output == "logits"
+        self.anomaly = bundle.manifest.task == "anomaly"
+        self._outputs: list[str] | None = None
+        self._scale = 1.0
+        if self.anomaly:
+            self._outputs = [anomaly.SCORE_OUTPUT, anomaly.MAP_OUTPUT]
+            names = {o.name for o in self.session.get_outputs()}
+            if not set(self._outputs) <= names:
+                raise RunnerError(f"{self.model_path}: an anomaly model must return {self._outputs}, "
+                                  f"it returns {sorted(names)}")
+            entry = bundle.manifest.model(self.precision)
+            self._scale = anomaly.score_scale(entry.details if entry is not None else {})
         for _ in range(self.options.warmup_runs):
             self.run(np.zeros((1, *self.input_shape), dtype=np.float32))
         log.info("loaded %s (%s, %s)", self.model_path.name, self.precision, ",".join(providers))
@@ -81,12 +111,20 @@ class OnnxRunner:
         return precision
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 NxCxHxW -> float32 NxK class probabilities."""
+        """float32 NxCxHxW -> float32 NxK class probabilities (anomaly bundles: Nx1 normalised scores)."""
+        return self.infer(batch).scores
+
+    def infer(self, batch: np.ndarray) -> RunOutputs:
+        """float32 NxCxHxW -> the scores, and for an anomaly bundle the normalised score maps."""
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
             raise RunnerError(f"input batch shape {batch.shape} does not match the model's (N, {self.input_shape})")
         try:
-            (output,) = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+            outputs = self.session.run(self._outputs, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         except Exception as exc:
             raise RunnerError(f"{self.model_path}: inference failed: {exc}") from exc
+        if self.anomaly:
+            scores, maps = (np.asarray(o, dtype=np.float32) / np.float32(self._scale) for o in outputs)
+            return RunOutputs(scores.reshape(len(batch), 1), maps.reshape(len(batch), *maps.shape[-2:]))
+        (output,) = outputs
         output = np.asarray(output, dtype=np.float32)
-        return softmax(output) if self._logits else output
+        return RunOutputs(softmax(output) if self._logits else output)

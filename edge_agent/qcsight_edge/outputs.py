@@ -13,7 +13,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from qcsight_core import messages
+import cv2
+import numpy as np
+
+from qcsight_core import anomaly, messages
 from qcsight_core.errors import QcsightError
 from qcsight_core.topics import line_signal_topic, topic
 from qcsight_core.verdict import DEFECT, UNCERTAIN, Verdict
@@ -24,7 +27,7 @@ from qcsight_edge.imagestore import ImageStore
 from qcsight_edge.publisher import Publisher
 from qcsight_edge.queues import BoundedQueue
 from qcsight_edge.redact import printable
-from qcsight_edge.thumbnails import IOT_CORE_MAX_PAYLOAD, fit_thumbnail
+from qcsight_edge.thumbnails import IOT_CORE_MAX_PAYLOAD, encoded_size, fit_thumbnail
 
 if TYPE_CHECKING:
     from qcsight_edge.capture import Frame
@@ -176,7 +179,7 @@ def alert_ids(thing: str, frame_id: str) -> tuple[str, str]:
 def alert_body(frame_id: str, source_ref: str, verdict: Verdict, classes: tuple[str, ...], model: Mapping[str, str],
                thumb: Mapping[str, Any] | None, image_ref: str | None, alert_id: str | None = None,
                image_sha256: str | None = None) -> dict[str, Any]:
-    """The qcsight.alert/1 fields after the envelope."""
+    """The qcsight.alert/1 fields after the envelope (an anomaly verdict adds its box)."""
     body: dict[str, Any] = {
         "alert_id": alert_id or messages.new_message_id(),
         "frame_id": frame_id,
@@ -191,6 +194,8 @@ def alert_body(frame_id: str, source_ref: str, verdict: Verdict, classes: tuple[
         body["image_ref"] = image_ref
         if image_sha256 is not None:
             body["image_sha256"] = image_sha256
+    if verdict.box is not None:
+        body["box"] = verdict.box.to_dict()
     return body
 
 
@@ -419,6 +424,18 @@ class VerdictOutputs:
         except QcsightError as exc:
             self._warn.warning("image-store", "alert %s: full image not kept locally: %s", frame.frame_id, exc)
 
+    def _overlay(self, judgement: Judgement, model: LoadedModel) -> np.ndarray | None:
+        """An anomaly verdict's score map blended over the judged region (None for classifiers)."""
+        verdict = judgement.verdict
+        if verdict.anomaly_map is None:
+            return None
+        try:
+            return anomaly.overlay(judgement.judged, verdict.anomaly_map, model.bundle.manifest.input,
+                                   verdict.box, max_side=self.alerts.thumbnail_max_side)
+        except (QcsightError, cv2.error, ValueError) as exc:  # the alert goes out without its overlay
+            self._warn.warning("overlay", "alert sent without its overlay: %s", exc)
+            return None
+
     def _queue_image(self, item: _PendingAlert, alert_id: str) -> None:
         """Commit the JPEG to the upload queue before the alert; UploadQueueError (a full disk) is retried."""
         assert self.uploader is not None and item.jpeg is not None
@@ -456,6 +473,16 @@ class VerdictOutputs:
         if thumb is None:
             self._warn.warning("thumbnail-dropped", "alert for frame %s goes without its thumbnail: it cannot fit "
                                "IoT Core's %d-byte payload limit", frame.frame_id, IOT_CORE_MAX_PAYLOAD)
+        picture = self._overlay(judgement, model)
+        if picture is not None:
+            # The overlay takes what the thumbnail left of the payload budget, shrunk like it, or goes.
+            left = budget - (encoded_size(thumb) if thumb is not None else 0)
+            overlay, _ = fit_thumbnail(picture, self.alerts.thumbnail_max_side, self.alerts.thumbnail_quality, left)
+            if overlay is not None:
+                body["overlay"] = overlay
+            else:
+                self._warn.warning("overlay-dropped", "alert for frame %s goes without its overlay: it cannot fit "
+                                   "IoT Core's %d-byte payload limit", frame.frame_id, IOT_CORE_MAX_PAYLOAD)
         self.sink.emit(messages.ALERT, body, message_id)
         with self._idle:
             self.alert_count += 1

@@ -94,8 +94,9 @@ def judge(model: LoadedModel, image: np.ndarray, roi: Roi | None) -> Judgement:
 
 def _run(model: LoadedModel, ready: Prepared) -> Judgement:
     assert ready.batch is not None and ready.stats is not None and ready.region is not None
-    probs = model.runner.run(ready.batch)
-    return Judgement(model.decider.decide(probs[0]), ready.stats, ready.region)
+    # decide_outputs: an anomaly bundle's verdict also carries its score map and the box on the judged region.
+    (verdict,) = model.decider.decide_outputs(model.runner.infer(ready.batch), [ready.region.shape])
+    return Judgement(verdict, ready.stats, ready.region)
 
 
 class VerdictSink(Protocol):

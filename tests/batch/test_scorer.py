@@ -180,3 +180,30 @@ def test_a_worker_killed_mid_chunk_costs_one_error_row_and_the_run_goes_on(
     by_source = {r["source"]: r for r in read_rows(tmp_path / "out.jsonl")}
     assert by_source.pop(str(poison))["error"] == WORKER_DIED
     assert {s: r["verdict"] for s, r in by_source.items()} == images.expected
+
+
+@pytest.mark.parametrize("name", ["out.jsonl", "out.csv"])
+def test_anomaly_rows_carry_the_box(tmp_path: Path, name: str) -> None:
+    from qcsight_batch.writer import open_writer
+    from tests.helpers.models import make_tiny_anomaly_bundle
+
+    bundle = make_tiny_anomaly_bundle(tmp_path / "bundle")
+    (tmp_path / "in").mkdir()
+    plain = np.full((60, 80, 3), 60, np.uint8)
+    spot = plain.copy()
+    spot[40:56, 4:24] = 255  # bottom left
+    cv2.imwrite(str(tmp_path / "in" / "plain.png"), plain)
+    cv2.imwrite(str(tmp_path / "in" / "spot.png"), spot)
+    scorer = Scorer(bundle, ScorerConfig(workers=0, batch_size=2))
+    writer = open_writer(tmp_path / name, scorer.model)
+    writer.open(resume=False)
+    try:
+        scorer.run(DirSource(str(tmp_path / "in")), writer)
+    finally:
+        writer.close()
+    rows = {Path(str(r["source"])).name: r for r in read_rows(tmp_path / name)}
+    assert rows["spot.png"]["verdict"] == "defect" and rows["plain.png"]["verdict"] == "good"
+    box = rows["spot.png"]["box"] if name.endswith(".jsonl") else {
+        k: rows["spot.png"][f"box_{k}"] for k in ("x0", "y0", "x1", "y1")}
+    x0, y0, x1, y1 = (float(box[k]) for k in ("x0", "y0", "x1", "y1"))  # type: ignore[index]
+    assert x0 < 24 / 80 < x1 and y0 < 48 / 60 < y1 and x1 < 0.5 and y0 > 0.4

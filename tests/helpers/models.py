@@ -91,3 +91,52 @@ def make_unloadable_bundle(directory: Path, version: str = "9", name: str = "tin
     bundle = make_tiny_bundle(directory, version=version, name=name)
     (directory / "model.onnx").write_bytes(b"this is not an ONNX model")
     return write_bundle(directory, bundle.manifest)
+
+
+def tiny_anomaly_model(path: Path, channels: int = 3, cell: int = 4, offset: float = 3.0, opset: int = 17) -> Path:
+    """An ONNX graph with an anomaly bundle's outputs: the raw score map is the channel mean of the
+    normalised input averaged over cell x cell blocks, plus offset (so positive); the score is its max."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", channels, "H", "W"])
+    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])
+    score_map = helper.make_tensor_value_info("score_map", TensorProto.FLOAT, ["N", "h", "w"])
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["grey"], axes=[1], keepdims=1),
+        helper.make_node("AveragePool", ["grey"], ["cells"], kernel_shape=[cell, cell], strides=[cell, cell]),
+        helper.make_node("Add", ["cells", "offset"], ["shifted"]),
+        helper.make_node("Squeeze", ["shifted", "axis1"], ["score_map"]),
+        helper.make_node("ReduceMax", ["score_map"], ["score"], axes=[1, 2], keepdims=0),
+    ]
+    inits = [numpy_helper.from_array(np.array(offset, dtype=np.float32), "offset"),
+             numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")]
+    graph = helper.make_graph(nodes, "qcsight_tiny_anomaly", [x], [score, score_map], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def make_tiny_anomaly_bundle(directory: Path, size: int = 32, score_scale: float = 4.0,
+                             uncertain: float = 0.8, resize: str = "stretch", name: str = "tiny-anomaly") -> Bundle:
+    """A verified anomaly bundle whose score rises with brightness: a bright patch is a hot region.
+
+    A mid-grey image scores about offset + 0.2 = 3.2 raw, a white patch about 5.6 raw, so with
+    score_scale 4 the first normalises to 0.8 and the second to 1.4.
+    """
+    from qcsight_core.anomaly import OUTPUT_KIND, SCORE_SCALE_KEY
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tiny_anomaly_model(directory / "model.onnx")
+    manifest = Manifest(
+        name=name, version="1", architecture="tiny-mean-pool", classes=("good", "anomaly"),
+        defect_classes=("anomaly",), input=PreprocessSpec(height=size, width=size, color="RGB", resize=resize),
+        decision=DecisionPolicy(defect_threshold=1.0, uncertain_threshold=uncertain), task="anomaly",
+        output=OUTPUT_KIND, models=(ModelFile("model.onnx", details={SCORE_SCALE_KEY: score_scale}),),
+        data_fingerprint="test", run_id="test-run",
+        reference={"confidence": {"edges": np.linspace(0, 2, 21).tolist(), "counts": [1] * 20},
+                   "brightness": {"edges": np.linspace(0, 255, 11).tolist(), "counts": [1] * 10}},
+    )
+    return write_bundle(directory, manifest)

@@ -18,6 +18,7 @@ from typing import Any
 from qcsight_core.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, configure_logging
 from qcsight_core.errors import ConfigError, QcsightError
 from qcsight_train.config import (
+    ANOMALY_ARCH_NAMES,
     ARCH_NAMES,
     AUGMENT_FIELDS,
     TRAIN_FIELDS,
@@ -41,6 +42,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "augmentation (train only)": tuple(AUGMENT_FIELDS),
     "outputs": ("output", "checkpoint_dir", "resume", "name", "version", "run_id", "target_recall",
                 "review_fraction", "int8", "torchscript", "calibration_images"),
+    "anomaly (--task anomaly: fitted on good images only)": ("task", "bank_size", "feature_dim", "threshold_rule",
+                                                            "false_reject_rate", "max_bundle_mb"),
 }
 
 EPILOG = """\
@@ -49,6 +52,7 @@ examples:
   qcsight train --data data.csv --groups groups.csv --epochs 8 --img-size 160 --hflip --vflip --output runs/b
   torchrun --nproc_per_node=2 -m qcsight_train.cli --data DIR --output runs/c  # DDP (gloo on CPU)
   qcsight train --sagemaker --help                          # submit a SageMaker training job instead
+  qcsight train --task anomaly --data DIR --img-size 224 --output runs/d  # DIR/good fitted, other folders evaluate
 
 Each epoch logs one line: epoch=3/10 train_loss=... val_loss=... val_acc=... val_macro_f1=... lr=... images_per_s=...
 A killed run resumes from --checkpoint-dir when started again with the same settings.
@@ -92,7 +96,7 @@ def _add_flag(group: argparse._ArgumentGroup, name: str, text: str) -> None:
     default = spec.default if not callable(spec.default_factory) else spec.default_factory()
     shown = f" (default: {default})" if default not in ("", ()) else ""
     if name == "arch":
-        shown += f"; one of {', '.join(ARCH_NAMES)}"
+        shown += f"; one of {', '.join(ARCH_NAMES)} (--task anomaly: {', '.join(ANOMALY_ARCH_NAMES)})"
     flag = f"--{name.replace('_', '-')}"
     if spec.type in ("bool", bool):
         kwargs: dict[str, Any] = {"nargs": "?", "const": "true", "metavar": "BOOL"}
@@ -151,10 +155,15 @@ def main(argv: Sequence[str], prog: str = "qcsight train") -> int:
         parser.print_usage(sys.stderr)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from qcsight_train.run import run  # torch is imported only once the command line is valid
+    # torch is imported only once the command line is valid
+    if cfg.task == "anomaly":
+        from qcsight_train.anomaly.run import print_summary
+        from qcsight_train.anomaly.run import run as run_task
+    else:
+        from qcsight_train.run import run as run_task
 
     try:
-        summary = run(cfg, sm)
+        summary = run_task(cfg, sm)
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -163,7 +172,7 @@ def main(argv: Sequence[str], prog: str = "qcsight train") -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     if summary is not None:
-        _print_summary(summary)
+        (print_summary if cfg.task == "anomaly" else _print_summary)(summary)
     return EXIT_OK
 
 

@@ -21,6 +21,10 @@ ARCH_NAMES = ("efficientnet_lite0", "mobilenet_v3_small", "mobilenet_v3_large", 
 BALANCE_CHOICES = ("loss", "sampler", "none")
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 RESIZE_CHOICES = ("stretch", "shorter_side_crop", "letterbox")
+TASK_CHOICES = ("classification", "anomaly")
+# --task anomaly: the backbones of qcsight_train.anomaly.features (checked before torch loads).
+ANOMALY_ARCH_NAMES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+THRESHOLD_RULES = ("false_reject", "defect_recall")
 # Class names that mean "no defect" when neither --defect-classes nor --good-classes is given.
 GOOD_NAMES = ("good", "ok", "free", "normal", "pass", "no_defect", "nodefect", "defect_free", "clean")
 
@@ -106,6 +110,14 @@ class TrainConfig:
         torchscript: also export TorchScript (for SageMaker Neo).
         resume: resume from checkpoint_dir when it holds a checkpoint of this run.
         calibration_images: training images used to calibrate INT8.
+        task: classification (a classifier from labelled classes) or anomaly (a memory bank fitted on
+            the good class alone; other classes only choose the threshold and evaluate).
+        bank_size: anomaly: memory-bank patches kept by the greedy k-center coreset.
+        feature_dim: anomaly: patch features are randomly projected to this many dims when wider.
+        threshold_rule: anomaly: false_reject (at false_reject_rate on validation good images) or
+            defect_recall (at target_recall on validation defects, when there are any).
+        false_reject_rate: anomaly: the share of validation good images allowed over the threshold.
+        max_bundle_mb: anomaly: the bound on the bundle's size in MiB (the bank is stored float16, then cut, to fit).
         augment: the train-time augmentation.
     """
 
@@ -148,6 +160,12 @@ class TrainConfig:
     torchscript: bool = True
     resume: bool = True
     calibration_images: int = 64
+    task: str = "classification"
+    bank_size: int = 2048
+    feature_dim: int = 256
+    threshold_rule: str = "false_reject"
+    false_reject_rate: float = 0.01
+    max_bundle_mb: float = 50.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -173,7 +191,13 @@ class TrainConfig:
         _store(self, check_int, "workers", 0, 64)
         _store(self, check_int, "threads", 0, 1024)
         _store(self, check_int, "calibration_images", 1, 100_000)
-        _store(self, check_choice, "arch", ARCH_NAMES)
+        _store(self, check_choice, "task", TASK_CHOICES)
+        _store(self, check_choice, "arch", ANOMALY_ARCH_NAMES if self.task == "anomaly" else ARCH_NAMES)
+        _store(self, check_int, "bank_size", 1, 1_000_000)
+        _store(self, check_int, "feature_dim", 8, 4096)
+        _store(self, check_choice, "threshold_rule", THRESHOLD_RULES)
+        _store(self, check_number, "false_reject_rate", 0.0, 0.5)
+        _store(self, check_number, "max_bundle_mb", 1.0, 4096.0)
         _store(self, check_choice, "balance", BALANCE_CHOICES)
         _store(self, check_choice, "amp", AMP_CHOICES)
         _store(self, check_choice, "resize", RESIZE_CHOICES)

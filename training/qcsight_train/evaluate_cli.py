@@ -81,6 +81,11 @@ def main(argv: Sequence[str], prog: str = "qcsight evaluate") -> int:
     skipped = [Unreadable(s.path, "", f"skipped by the dataset loader: {s.reason}") for s in index.skipped]
     with tempfile.TemporaryDirectory(prefix="qcsight-evaluate-") as scratch:
         bundle = load_bundle(args.bundle, extract_to=Path(scratch) if args.bundle.is_file() else None)
+        if bundle.manifest.task == "anomaly":
+            from qcsight_train.anomaly.evaluate import evaluate_dataset
+
+            return evaluate_dataset(bundle, chosen, args.output, precision="int8" if args.int8 else "fp32",
+                                    batch_size=args.batch_size)
         metrics = evaluate_bundle(bundle, chosen.samples, args.output, target_defect_recall=args.target_recall,
                                   precision="int8" if args.int8 else "fp32", batch_size=args.batch_size,
                                   worst=args.worst, skipped=skipped)
