@@ -14,6 +14,7 @@ from typing import Any
 
 from qcsight_core.errors import ConfigError
 from stacks import names
+from stacks.tables import deployed_name
 
 _ACCOUNT = re.compile(r"^\d{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
@@ -42,6 +43,7 @@ class AppConfig:
         alert_email: where defect-alert and operations notifications are mailed ("" for none).
         image_retention_days: full-resolution alert images expire after this many days.
         log_retention_days: retention of every log group the app creates.
+        metrics_retention_days: metrics windows and status events expire (DynamoDB TTL) after this many days.
         noncurrent_ia_days / noncurrent_glacier_days / noncurrent_expire_days: old object versions
             move to Standard-IA, then Glacier Instant Retrieval, then expire.
         policy_rate_minutes: how often the retraining policy runs.
@@ -67,6 +69,7 @@ class AppConfig:
     alert_email: str = ""
     image_retention_days: int = 90
     log_retention_days: int = 90
+    metrics_retention_days: int = 90
     noncurrent_ia_days: int = 30
     noncurrent_glacier_days: int = 90
     noncurrent_expire_days: int = 365
@@ -95,6 +98,7 @@ class AppConfig:
         if self.alert_email:
             _match("alert_email", self.alert_email, _EMAIL, "an e-mail address, or empty for none")
         _between("image_retention_days", self.image_retention_days, 1, 3650)
+        _between("metrics_retention_days", self.metrics_retention_days, 1, 3650)  # StoreSettings' range
         if self.log_retention_days not in LOG_RETENTION_DAYS:
             raise ConfigError("log_retention_days", self.log_retention_days,
                               f"one of CloudWatch Logs' periods: {', '.join(map(str, LOG_RETENTION_DAYS))}")
@@ -147,7 +151,8 @@ class AppConfig:
         return f"{self.fleet}-{purpose}-{self.account}-{self.region}"
 
     def table_name(self, key: str) -> str:
-        return f"{self.fleet}-{key}"
+        """What the store URL dynamodb:<fleet> resolves to (qcsight_cloud.tables.table_name)."""
+        return deployed_name(self.fleet, key)
 
     def name(self, suffix: str) -> str:
         """A resource name owned by this fleet: '<fleet>-<suffix>'."""
