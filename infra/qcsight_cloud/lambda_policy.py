@@ -7,9 +7,10 @@ An EventBridge schedule invokes it (the event's content is not read). Each invoc
    Stopped -> cancelled);
 2. for each line, gathers the evidence (:func:`qcsight_cloud.trigger.gather`), adds every execution
    SageMaker reports as running that is not the line's own run (another line's, or one started by
-   hand with ``qcsight cloud pipeline start``) to the line's runs, decides (:func:`qcsight_cloud.policy.decide`) and records
-   the decision, fire or hold. The pipeline is one resource, so "one run at a time" is across lines:
-   a run started for one line holds the next line's decision back in the same invocation;
+   hand with ``qcsight cloud pipeline start``) to the line's runs, decides
+   (:func:`qcsight_cloud.policy.decide`) and records the decision, fire or hold. The pipeline is
+   one resource, so "one run at a time" is across lines: a run started for one line holds the next
+   line's decision back in the same invocation;
 3. when a decision fires: writes the line's reviewed-alert manifest, starts the pipeline with
    ``PIPELINE_PARAMETERS`` (idempotent on the run id), and records the run as ``running`` with its
    execution ARN. A refused start is recorded as a ``failed`` run with the error (and logged); it

@@ -105,7 +105,8 @@ def test_an_execution_started_by_hand_holds_the_policy(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s.sqlite")
     now = timestamps.now()
     drifting(store, "line-1", "cam-1", now)
-    retrainer = FakeRetrainer(running=[("arn:aws:sagemaker:us-east-1:1:pipeline/p/execution/byhand", "2026-03-02T08:00:00Z")])
+    by_hand = "arn:aws:sagemaker:us-east-1:1:pipeline/p/execution/byhand"
+    retrainer = FakeRetrainer(running=[(by_hand, "2026-03-02T08:00:00Z")])
     [result] = run_policy(store, Fleet({"line-1": ("cam-1",)}), retrainer,
                           PolicyJob("p", "s3://b/manifests/", SETTINGS), now=now)
     assert (result["action"], result["blocked_by"]) == (HOLD, ["one_run"]) and not retrainer.started
