@@ -25,9 +25,13 @@ from aws_cdk import aws_scheduler as scheduler
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from qcsight_aws.s3 import S3Uri
 from qcsight_batch.submit import ScheduleSpec, TransformJobSpec, model_request, schedule_request
 from qcsight_cloud.lambda_ingest import RULE_SQL, RULE_SQL_VERSION
 from qcsight_core import topics
+from qcsight_train.launch.cli import default_image_uri
+from qcsight_train.launch.job_requests import SOURCE_TARBALL, training_request
+from qcsight_train.launch.plan import AwsSpec, ComputeSpec, TrainingJobSpec, TrainingPlan
 from stacks import names, packaging
 from stacks.arns import Arns
 from stacks.config import AppConfig
@@ -49,6 +53,7 @@ DLC_ACCOUNT = "763104351884"
 DLC_REPOSITORIES = ("pytorch-training", "pytorch-inference")
 BATCH_INPUT_PREFIX = "batch/incoming/"
 BATCH_OUTPUT_PREFIX = "batch/scores/"
+TRAINING_SOURCE_PREFIX = "source/"  # the pipeline's training code: <pipeline bucket>/source/sourcedir.tar.gz
 MANIFEST_PREFIX = "manifests/"  # the policy's reviewed-alert manifests, in the pipeline bucket
 
 
@@ -104,8 +109,6 @@ class ComputeStack(Stack):
             self, "ModelPackageGroup", model_package_group_name=self.model_package_group_name,
             model_package_group_description=f"qcsight models of {config.fleet}: candidates wait for manual approval",
         )
-        self.pipeline = self._pipeline(pipeline_definition)
-        self._events()
         self.scoring_image = ecr_assets.DockerImageAsset(
             self, "ScoringImage", directory=str(packaging.REPO_ROOT), file="infra/docker/scoring.Dockerfile",
             exclude=packaging.docker_excludes(packaging.SCORING_CONTEXT), ignore_mode=IgnoreMode.DOCKER,
@@ -114,10 +117,15 @@ class ComputeStack(Stack):
         allow(self.execution_role, "PullScoringImage",
               ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
               [self.scoring_image.repository.repository_arn])
+        self.pipeline = self._pipeline(pipeline_definition)
+        self._events()
         self._batch_transform()
         CfnOutput(self, "ScoringImageUri", value=self.scoring_image.image_uri,
                   description="the Batch Transform / endpoint image (`qcsight batch submit --image-uri`)")
         CfnOutput(self, "SageMakerRoleArn", value=self.execution_role.role_arn)
+        CfnOutput(self, "TrainingSourceUri",
+                  value=f"s3://{config.bucket_name('pipeline')}/{TRAINING_SOURCE_PREFIX}{SOURCE_TARBALL}",
+                  description="upload the checkout's training source here before the first pipeline run")
 
     # ------------------------------------------------------------ functions
 
@@ -349,6 +357,7 @@ class ComputeStack(Stack):
             "images_bucket": c.bucket_name("images"), "models_bucket": c.bucket_name("models"),
             "pipeline_bucket": c.bucket_name("pipeline"), "model_package_group": self.model_package_group_name,
             "kms_key_arn": self.key_arn, "region": self.region,
+            "training_request": json.dumps(self.training_request()), "scoring_image": self.scoring_image.image_uri,
         }
         body = definition(inputs)
         pipeline = sagemaker.CfnPipeline(
@@ -378,6 +387,23 @@ class ComputeStack(Stack):
         events.Rule(self, "PolicySchedule", description="evaluate the retraining policy over the fleet",
                     schedule=events.Schedule.rate(Duration.minutes(self.config.policy_rate_minutes)),
                     targets=[targets.LambdaFunction(self.policy, **options)])
+
+    def training_request(self) -> dict[str, Any]:
+        """The pipeline's training job, as `qcsight train launch` builds it (multi-GPU through its node script).
+
+        Its code channel is the pipeline bucket's source/ prefix: upload the checkout's sourcedir.tar.gz
+        there (the TrainingSourceUri output) before the first run.
+        """
+        c = self.config
+        job = TrainingJobSpec(
+            base_job_name=c.name("retrain"), source_dir=packaging.REPO_ROOT,
+            output=S3Uri(c.bucket_name("pipeline"), "runs"), train_s3=f"s3://{c.bucket_name('data')}/train/",
+            validation_s3=None, checkpoint_s3=None,
+            image_uri=default_image_uri(c.region, c.training_instance_type), hyperparameters={},
+            compute=ComputeSpec(instance_type=c.training_instance_type, instance_count=1),
+        )
+        plan = TrainingPlan(AwsSpec(c.region, self.arns.role(self.execution_role_name)), job)
+        return training_request(plan, c.name("retrain"), S3Uri(c.bucket_name("pipeline"), TRAINING_SOURCE_PREFIX))
 
     def batch_spec(self) -> TransformJobSpec:
         """The scheduled Batch Transform job, as the spec `qcsight batch submit` builds from its options."""

@@ -52,6 +52,8 @@ class AppConfig:
         batch_schedule: when Batch Transform scores the incoming images (EventBridge Scheduler syntax).
         batch_timezone: the time zone batch_schedule is read in.
         batch_instance_type: the Batch Transform instance type.
+        training_instance_type: the retraining pipeline's default training instance (a multi-GPU type such as
+            ml.g5.12xlarge trains on every GPU; the pipeline's TrainingInstanceType parameter overrides it per run).
         review_certificate_arn: ACM certificate for the review app's HTTPS listener; "" skips the review stack.
         review_domain_name: the review app's host name (the certificate's), e.g. review.example.com.
         review_domain_prefix: the Cognito hosted-UI domain prefix ("" derives one from fleet and account).
@@ -79,6 +81,7 @@ class AppConfig:
     batch_schedule: str = "cron(0 2 * * ? *)"
     batch_timezone: str = "UTC"
     batch_instance_type: str = "ml.m5.xlarge"
+    training_instance_type: str = "ml.g5.xlarge"
     review_certificate_arn: str = ""
     review_domain_name: str = ""
     review_domain_prefix: str = ""
@@ -114,6 +117,9 @@ class AppConfig:
         _match("batch_schedule", self.batch_schedule, _SCHEDULE, "cron(...) or rate(...)")
         if not self.batch_instance_type.startswith("ml."):
             raise ConfigError("batch_instance_type", self.batch_instance_type, "a SageMaker type such as ml.m5.xlarge")
+        if not self.training_instance_type.startswith("ml."):
+            raise ConfigError("training_instance_type", self.training_instance_type,
+                              "a SageMaker type such as ml.g5.12xlarge")
         if self.review_certificate_arn and not self.review_certificate_arn.startswith("arn:aws"):
             raise ConfigError("review_certificate_arn", self.review_certificate_arn,
                               "an ACM certificate ARN, or empty to skip the review stack")

@@ -267,12 +267,27 @@ def test_batch_schedule_sends_the_request_batch_submit_builds(templates: Templat
     assert resolve(model["PrimaryContainer"])["ModelDataUrl"] == f"s3://qcsight-models-{ACCOUNT}-{REGION}/batch/current/model.tar.gz"
 
 
-def test_pipeline_takes_the_definition_code_produced(templates: Templates) -> None:
+def test_pipeline_is_qcsight_clouds_definition_with_this_fleets_role_buckets_and_group(templates: Templates) -> None:
+    from qcsight_cloud import pipeline as qp
+
     (_, _, pipeline), = resources(templates, "AWS::SageMaker::Pipeline")
     body = json.loads(resolve(pipeline["PipelineDefinition"]["PipelineDefinitionBody"]))
-    step = body["Steps"][0]["Arguments"]
-    assert step["RoleArn"] == f"arn:aws:iam::{ACCOUNT}:role/qcsight-sagemaker-execution"
-    assert step["OutputDataConfig"]["S3OutputPath"] == f"s3://qcsight-pipeline-{ACCOUNT}-{REGION}/runs/"
+    steps = {step["Name"]: step for step in body["Steps"]}
+    assert list(steps) == [qp.TRAIN, qp.EVALUATE, qp.GATE, qp.CONDITION]
+    train = steps[qp.TRAIN]["Arguments"]
+    assert train["RoleArn"] == f"arn:aws:iam::{ACCOUNT}:role/qcsight-sagemaker-execution"
+    assert train["AlgorithmSpecification"]["TrainingImage"].startswith(f"763104351884.dkr.ecr.{REGION}.amazonaws.com/"
+                                                                       "pytorch-training:")
+    code = next(c for c in train["InputDataConfig"] if c["ChannelName"] == "code")
+    assert code["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://qcsight-pipeline-{ACCOUNT}-{REGION}/source/"
+    kms = train["OutputDataConfig"]["KmsKeyId"]
+    assert kms.startswith("<Import:qcsight-storage:") and "Key" in kms, "the storage stack's key"
+    [register] = steps[qp.CONDITION]["Arguments"]["IfSteps"]
+    assert register["Arguments"]["ModelPackageGroupName"] == "qcsight-models"
+    assert register["Arguments"]["ModelApprovalStatus"] == "PendingManualApproval"
+    [(_, _, model)] = list(resources(templates, "AWS::SageMaker::Model"))
+    assert register["Arguments"]["InferenceSpecification"]["Containers"][0]["Image"] == \
+        resolve(model["PrimaryContainer"])["Image"], "the candidate is served by the Batch Transform image"
 
 
 def test_silent_devices_are_flagged_by_device_defender(templates: Templates) -> None:
