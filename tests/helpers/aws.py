@@ -101,7 +101,7 @@ def _problems(shape: Any, value: Any, path: str) -> Iterator[str]:
             return
         if shape.enum and value not in shape.enum:
             yield f"{path}: {value!r} not in enum {shape.name}"
-        if "pattern" in meta and not re.fullmatch(meta["pattern"], value, flags=re.DOTALL):
+        if "pattern" in meta and not _fullmatch(meta["pattern"], value):
             yield f"{path}: {value!r} does not match {meta['pattern']}"
         if not meta.get("min", 0) <= len(value) <= meta.get("max", 10**9):
             yield f"{path}: length {len(value)} outside [{meta.get('min')}, {meta.get('max')}]"
@@ -110,6 +110,17 @@ def _problems(shape: Any, value: Any, path: str) -> Iterator[str]:
             yield f"{path}: {value!r} is not an integer within [{meta.get('min')}, {meta.get('max')}]"
     elif kind == "boolean" and not isinstance(value, bool):
         yield f"{path}: expected true/false, got {value!r}"
+
+
+def _fullmatch(pattern: str, value: str) -> bool:
+    """The service's pattern check. Some SageMaker patterns use Unicode classes (\\p{L}) that `re` lacks;
+    `regex` (installed with cfn-lint, the infra extra) has them."""
+    try:
+        return re.fullmatch(pattern, value, flags=re.DOTALL) is not None
+    except re.error:
+        import regex
+
+        return regex.fullmatch(pattern, value, flags=regex.DOTALL) is not None
 
 
 def assert_valid(operation: str, request: Mapping[str, Any], service: str = "sagemaker") -> None:
