@@ -5,13 +5,15 @@ An EventBridge schedule invokes it (the event's content is not read). Each invoc
 1. brings the store's active runs up to date with their pipeline executions
    (``DescribePipelineExecution``: Executing -> running, Succeeded -> succeeded, Failed -> failed,
    Stopped -> cancelled);
-2. for each line, gathers the evidence (:func:`qcsight_cloud.trigger.gather`), adds every execution
+2. writes one embedded-metric-format line with the fleet's silent devices (``SilentDevices``,
+   what the monitoring stack alarms on);
+3. for each line, gathers the evidence (:func:`qcsight_cloud.trigger.gather`), adds every execution
    SageMaker reports as running that is not the line's own run (another line's, or one started by
    hand with ``qcsight cloud pipeline start``) to the line's runs, decides
    (:func:`qcsight_cloud.policy.decide`) and records the decision, fire or hold. The pipeline is
    one resource, so "one run at a time" is across lines: a run started for one line holds the next
    line's decision back in the same invocation;
-3. when a decision fires: writes the line's reviewed-alert manifest, starts the pipeline with
+4. when a decision fires: writes the line's reviewed-alert manifest, starts the pipeline with
    ``PIPELINE_PARAMETERS`` (idempotent on the run id), and records the run as ``running`` with its
    execution ARN. A refused start is recorded as a ``failed`` run with the error (and logged); it
    does not fail the invocation, so Lambda does not retry and record the decision twice.
@@ -34,9 +36,11 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from qcsight_cloud import timestamps
+from qcsight_cloud.emf import NAMESPACE, document
 from qcsight_cloud.fleet import CachedFleet, Fleet, FleetSettings, resolve
+from qcsight_cloud.lambda_ingest import Emit, emit_stdout
 from qcsight_cloud.policy import FIRE, PolicySettings, decide, explain
-from qcsight_cloud.records import GOOD, RUN_ACTIVE, Decision, Run
+from qcsight_cloud.records import GOOD, RUN_ACTIVE, Decision, DeviceStatus, Run
 from qcsight_cloud.store import Store, StoreSettings, latest_per_alert, open_store
 from qcsight_cloud.trigger import gather, line_things, model_since
 from qcsight_core.errors import ConfigError
@@ -181,14 +185,36 @@ def sync_runs(store: Store, scopes: Sequence[str], retrainer: Retrainer) -> list
     return changed
 
 
+def silent_document(fleet: Fleet, devices: Sequence[DeviceStatus], now: datetime) -> dict[str, Any]:
+    """EMF: devices silent longer than the fleet's silent_after_s (or never seen), per line and in all.
+
+    The monitoring stack's SilentDevices alarm and dashboard read the dimensionless total.
+    """
+    last_seen = {d.thing: timestamps.parse(d.last_seen) for d in devices}
+    limit = fleet.settings.silent_after_s
+    per_line = {}
+    for scope in sorted(fleet.lines):
+        things = line_things(fleet, devices, scope)
+        per_line[scope] = sum(1 for t in things if t not in last_seen or (now - last_seen[t]).total_seconds() > limit)
+    total = sum(per_line.values())
+    doc = document(NAMESPACE, [[]], {}, {"SilentDevices": (float(total), "Count")}, int(now.timestamp() * 1000),
+                   {"SilentByLine": per_line, "SilentAfterS": limit})
+    return doc
+
+
 def run_policy(store: Store, fleet: Fleet, retrainer: Retrainer, job: PolicyJob, *,
-               now: datetime | None = None) -> list[dict[str, Any]]:
-    """Decide for every line of the fleet, record each decision, and start the pipeline for the first that fires."""
+               now: datetime | None = None, emit: Emit | None = None) -> list[dict[str, Any]]:
+    """Decide for every line of the fleet, record each decision, and start the pipeline for the first that fires.
+
+    ``emit`` receives one EMF document with the fleet's silent devices (the function writes it to its log).
+    """
     now = now or timestamps.now()
     scopes = sorted(fleet.lines)
     sync_runs(store, scopes, retrainer)
     running = dict(retrainer.running())
     devices = store.devices()
+    if emit is not None:
+        emit(silent_document(fleet, devices, now))
     results = []
     for scope in scopes:
         evidence = gather(store, scope, line_things(fleet, devices, scope), job.settings, now)
@@ -265,4 +291,4 @@ def _app() -> _App:
 def handler(event: Any, context: Any) -> dict[str, Any]:
     """The Lambda entry point (``qcsight_cloud.lambda_policy.handler``)."""
     app = _app()
-    return {"decisions": run_policy(app.store, app.fleet.fleet(), app.retrainer, app.job)}
+    return {"decisions": run_policy(app.store, app.fleet.fleet(), app.retrainer, app.job, emit=emit_stdout)}

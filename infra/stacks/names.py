@@ -93,12 +93,14 @@ FUNCTION_ENV: dict[str, tuple[str, ...]] = {
 
 # ---------------------------------------------------------------- metrics the dashboard and alarms read
 
-METRICS_NAMESPACE = "qcsight"  # the functions' embedded-metric-format namespace
+# The names qcsight_cloud.emf writes (window_document: per line and per device) and the policy function's
+# silent-device count (lambda_policy.silent_document); tests/infra/test_stacks.py checks them against both.
+METRICS_NAMESPACE = "qcsight"
 METRIC_DEFECT_RATE = "DefectRate"
-METRIC_CONFIDENCE_PSI = "ConfidencePsi"
-METRIC_BRIGHTNESS_PSI = "BrightnessPsi"
+METRIC_CONFIDENCE_PSI = "ConfidencePSI"
+METRIC_BRIGHTNESS_PSI = "BrightnessPSI"
 METRIC_SILENT_DEVICES = "SilentDevices"
-METRIC_LATENCY_P95 = "LatencyP95Ms"
+METRIC_LATENCY_P95 = "LatencyP95"
 METRIC_DIMENSION_LINE = "Line"
 
 # ---------------------------------------------------------------- S3 layout shared with the device and the gg build

@@ -240,3 +240,22 @@ def test_the_lambda_entry_point_runs_from_its_environment(dynamo_store: Store, a
     [decision] = result["decisions"]
     assert (decision["scope"], decision["action"], decision["run_status"]) == ("L", FIRE, "running")
     assert len(sagemaker.list_pipeline_executions(PipelineName=job.pipeline_name)["PipelineExecutionSummaries"]) == 1
+
+
+def test_silent_devices_are_counted_per_line_for_the_alarm(tmp_path: Path) -> None:
+    from tests.cloud.test_ingest import check_emf
+
+    store = SqliteStore(tmp_path / "s.sqlite")
+    now = timestamps.now()
+    ingest = Ingestor(store, lambda t: "line-1")
+    ingest.ingest_batch([builders.incoming(builders.status("cam-1", 1, now - timedelta(seconds=30))),
+                         builders.incoming(builders.status("cam-2", 1, now - timedelta(minutes=10)))])
+    fleet = Fleet({"line-1": ("cam-1", "cam-2", "cam-3"), "line-2": ("cam-4",)})  # 30 s heartbeats, 3 -> 90 s
+    doc = lambda_policy.silent_document(fleet, store.devices(), now)
+    check_emf(doc)
+    assert doc["SilentDevices"] == 3.0 and doc["SilentByLine"] == {"line-1": 2, "line-2": 1}
+    assert doc["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [[]], "one fleet-wide series: what the alarm reads"
+    emitted: list[dict[str, Any]] = []
+    run_policy(store, fleet, FakeRetrainer(), PolicyJob("p", "s3://b/manifests/", SETTINGS), now=now,
+               emit=emitted.append)
+    assert [d["SilentDevices"] for d in emitted] == [3.0]

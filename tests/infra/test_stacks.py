@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -286,8 +287,9 @@ def test_pipeline_is_qcsight_clouds_definition_with_this_fleets_role_buckets_and
     assert register["Arguments"]["ModelPackageGroupName"] == "qcsight-models"
     assert register["Arguments"]["ModelApprovalStatus"] == "PendingManualApproval"
     [(_, _, model)] = list(resources(templates, "AWS::SageMaker::Model"))
-    assert register["Arguments"]["InferenceSpecification"]["Containers"][0]["Image"] == \
-        resolve(model["PrimaryContainer"])["Image"], "the candidate is served by the Batch Transform image"
+    batch_image = resolve(model["PrimaryContainer"])["Image"]["Fn::Sub"]  # the scoring image asset
+    assert batch_image in str(register["Arguments"]["InferenceSpecification"]["Containers"][0]["Image"]), \
+        "the candidate is served by the Batch Transform image"
 
 
 def test_silent_devices_are_flagged_by_device_defender(templates: Templates) -> None:
@@ -325,3 +327,25 @@ def test_every_alarm_notifies_the_ops_topic(templates: Templates) -> None:
     body = str(resolve(dashboard["DashboardBody"]))
     for title in ("Defect rate by line", "Drift (PSI)", "Silent devices", "Retraining pipeline runs"):
         assert title in body
+
+
+def test_the_dashboard_and_alarms_read_metrics_the_functions_write(tmp_path: Any) -> None:
+    from stacks import names
+
+    from qcsight_cloud.emf import NAMESPACE, window_document
+    from qcsight_cloud.fleet import Fleet
+    from qcsight_cloud.ingest import Ingestor
+    from qcsight_cloud.lambda_policy import silent_document
+    from qcsight_cloud.sqlite_store import SqliteStore
+    from tests.cloud import builders
+
+    store = SqliteStore(tmp_path / "s.sqlite")
+    Ingestor(store, lambda t: "line-1").ingest_batch([builders.incoming(builders.metrics("cam-1", 1, builders.T0))])
+    [window] = store.windows(thing="cam-1", since=builders.T0 - timedelta(hours=1))
+    written = {m["Name"] for m in window_document(window)["_aws"]["CloudWatchMetrics"][0]["Metrics"]}
+    written |= {"SilentDevices"} & set(silent_document(Fleet({}), [], builders.T0))
+    assert names.METRICS_NAMESPACE == NAMESPACE
+    drawn = {names.METRIC_DEFECT_RATE, names.METRIC_CONFIDENCE_PSI, names.METRIC_BRIGHTNESS_PSI,
+             names.METRIC_LATENCY_P95, names.METRIC_SILENT_DEVICES}
+    assert drawn <= written, drawn - written
+    assert names.METRIC_DIMENSION_LINE in window_document(window)["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0]
