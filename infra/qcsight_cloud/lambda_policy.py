@@ -87,7 +87,7 @@ class PolicyJob:
     def __post_init__(self) -> None:
         if not self.pipeline_name:
             raise ConfigError("QCSIGHT_PIPELINE_NAME", self.pipeline_name, "the retraining pipeline's name")
-        if not self.manifest_prefix.startswith("s3://") or "/" not in self.manifest_prefix[5:].strip("/") + "/":
+        if not self.manifest_prefix.startswith("s3://") or not self.bucket:
             raise ConfigError("QCSIGHT_MANIFEST_PREFIX", self.manifest_prefix, "s3://bucket/prefix/")
 
     @property

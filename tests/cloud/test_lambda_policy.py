@@ -207,6 +207,7 @@ def test_the_start_request_is_valid_for_the_service() -> None:
 @pytest.mark.parametrize(("env", "field"), [
     ({"QCSIGHT_PIPELINE_NAME": "", "QCSIGHT_MANIFEST_PREFIX": "s3://b/m/"}, "QCSIGHT_PIPELINE_NAME"),
     ({"QCSIGHT_PIPELINE_NAME": "p", "QCSIGHT_MANIFEST_PREFIX": "/tmp/m"}, "QCSIGHT_MANIFEST_PREFIX"),
+    ({"QCSIGHT_PIPELINE_NAME": "p", "QCSIGHT_MANIFEST_PREFIX": "s3:///m/"}, "QCSIGHT_MANIFEST_PREFIX"),
     ({"QCSIGHT_PIPELINE_NAME": "p", "QCSIGHT_MANIFEST_PREFIX": "s3://b/m/", "QCSIGHT_POLICY": "[1]"},
      "QCSIGHT_POLICY"),
     ({"QCSIGHT_PIPELINE_NAME": "p", "QCSIGHT_MANIFEST_PREFIX": "s3://b/m/", "QCSIGHT_POLICY": '{"drift": 1}'},
