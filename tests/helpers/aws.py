@@ -7,6 +7,7 @@ assert_valid checks a request the way the service's front end would.
 
 from __future__ import annotations
 
+import functools
 import re
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -112,6 +113,14 @@ def _problems(shape: Any, value: Any, path: str) -> Iterator[str]:
         yield f"{path}: expected true/false, got {value!r}"
 
 
+@functools.cache
+def _service_model(service: str) -> Any:
+    """Loading a service model costs about a second (SageMaker's is large); the tests ask for few, often."""
+    import botocore.session
+
+    return botocore.session.get_session().get_service_model(service)
+
+
 def _fullmatch(pattern: str, value: str) -> bool:
     """The service's pattern check. Some SageMaker patterns use Unicode classes (\\p{L}) that `re` lacks;
     `regex` (installed with cfn-lint, the infra extra) has them."""
@@ -129,8 +138,6 @@ def assert_valid(operation: str, request: Mapping[str, Any], service: str = "sag
     botocore's own client-side validation (and so Stubber) checks required members, types and
     minimum lengths; this also checks what only the service checks: enums, patterns, maxima.
     """
-    import botocore.session
-
-    model = botocore.session.get_session().get_service_model(service).operation_model(operation)
+    model = _service_model(service).operation_model(operation)
     problems = list(_problems(model.input_shape, dict(request), operation))
     assert not problems, "\n".join(problems)
