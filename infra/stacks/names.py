@@ -2,9 +2,9 @@
 
 The CDK app deploys code from other packages (qcsight_cloud's Lambda handlers and pipeline,
 qcsight_review's web app, qcsight_batch's container server). It refers to that code only
-through the constants below: handler entry points, the environment variables the stacks set,
-the metric names the dashboard draws, and the
-commands the containers run. When the other packages land, change a name here and nowhere else.
+through the constants below: handler entry points, the environment variables each function reads,
+the metric names the dashboard draws, and the commands the containers run. Tests hold each of
+them to the code it names (tests/infra/test_stacks.py, test_packaging.py).
 """
 
 from __future__ import annotations
