@@ -44,7 +44,7 @@ typecheck: venv
 	$(VENV)/bin/mypy edge_agent/qcsight_core edge_agent/qcsight_edge batch/qcsight_batch infra/qcsight_aws \
 	  training/qcsight_data training/qcsight_train/launch greengrass/qcsight_gg \
 	  infra/qcsight_cloud
-	cd infra && MYPYPATH=../edge_agent:../batch:. ../$(VENV)/bin/mypy app.py stacks figures.py
+	cd infra && MYPYPATH=../edge_agent:../batch:../training:. ../$(VENV)/bin/mypy app.py stacks figures.py
 
 contracts: venv
 	$(VENV)/bin/lint-imports

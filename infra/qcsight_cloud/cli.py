@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from qcsight_cloud import codec, timestamps
+from qcsight_cloud import aws_cli, codec, timestamps
 from qcsight_cloud.errors import CloudError
 from qcsight_cloud.fleet import Fleet, FleetSettings, FleetView, fleet_view, resolve
 from qcsight_cloud.policy import PolicySettings, explain
@@ -99,6 +99,9 @@ def get_args_parser(prog: str) -> argparse.ArgumentParser:
     decisions.add_argument("--since", type=duration, help="only decisions this recent, e.g. 7d")
     decisions.add_argument("--limit", type=int, default=20, help="at most this many, newest first (default 20)")
     decisions.add_argument("--json", action="store_true", help="print JSON")
+
+    # ---- SageMaker: the retraining pipeline and the real-time endpoint (qcsight_cloud.aws_cli)
+    aws_cli.add_parsers(sub)
     return parser
 
 
@@ -259,6 +262,7 @@ def main(argv: Sequence[str], prog: str = "qcsight cloud") -> int:
         return args
     configure_logging(args.verbose)
     actions = {"ingest": run_ingest, "fleet": run_fleet, "policy": run_policy, "decisions": run_decisions}
+    actions.update(aws_cli.ACTIONS)  # pipeline, endpoint
     return actions[args.action](args)
 
 

@@ -22,8 +22,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from qcsight_cloud import timestamps
 from qcsight_cloud.errors import FleetError
 from qcsight_cloud.records import DeviceStatus, Window
@@ -115,6 +113,8 @@ class FleetSettings:
     @classmethod
     def from_file(cls, path: str | Path) -> FleetSettings:
         """Read a YAML or JSON fleet file (JSON is YAML)."""
+        import yaml  # here, not at the top: the Lambda functions read inline JSON and ship without PyYAML
+
         try:
             data = yaml.safe_load(Path(path).read_text())
         except OSError as exc:

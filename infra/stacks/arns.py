@@ -37,6 +37,9 @@ class Arns:
     def indexes(self, key: str) -> str:
         return f"{self.table(key)}/index/*"
 
+    def index(self, key: str, name: str) -> str:
+        return f"{self.table(key)}/index/{name}"
+
     def sagemaker(self, resource: str) -> str:
         return self._regional("sagemaker", resource)
 

@@ -25,15 +25,20 @@ from aws_cdk import aws_scheduler as scheduler
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from qcsight_aws.s3 import S3Uri
 from qcsight_batch.submit import ScheduleSpec, TransformJobSpec, model_request, schedule_request
+from qcsight_cloud.lambda_ingest import RULE_SQL, RULE_SQL_VERSION
 from qcsight_core import topics
+from qcsight_train.launch.cli import default_image_uri
+from qcsight_train.launch.job_requests import SOURCE_TARBALL, training_request
+from qcsight_train.launch.plan import AwsSpec, ComputeSpec, TrainingJobSpec, TrainingPlan
 from stacks import names, packaging
 from stacks.arns import Arns
 from stacks.config import AppConfig
 from stacks.iot import IotStack
 from stacks.nag import acknowledge, allow, kms_via
 from stacks.storage import StorageStack
-from stacks.tables import table_specs
+from stacks.tables import store_url
 
 # CloudWatch Logs retention periods by day count, as CDK names them.
 _RETENTION = {1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS", 30: "ONE_MONTH",
@@ -48,6 +53,8 @@ DLC_ACCOUNT = "763104351884"
 DLC_REPOSITORIES = ("pytorch-training", "pytorch-inference")
 BATCH_INPUT_PREFIX = "batch/incoming/"
 BATCH_OUTPUT_PREFIX = "batch/scores/"
+TRAINING_SOURCE_PREFIX = "source/"  # the pipeline's training code: <pipeline bucket>/source/sourcedir.tar.gz
+MANIFEST_PREFIX = "manifests/"  # the policy's reviewed-alert manifests, in the pipeline bucket
 
 
 def retention_days(days: int) -> logs.RetentionDays:
@@ -102,8 +109,6 @@ class ComputeStack(Stack):
             self, "ModelPackageGroup", model_package_group_name=self.model_package_group_name,
             model_package_group_description=f"qcsight models of {config.fleet}: candidates wait for manual approval",
         )
-        self.pipeline = self._pipeline(pipeline_definition)
-        self._events()
         self.scoring_image = ecr_assets.DockerImageAsset(
             self, "ScoringImage", directory=str(packaging.REPO_ROOT), file="infra/docker/scoring.Dockerfile",
             exclude=packaging.docker_excludes(packaging.SCORING_CONTEXT), ignore_mode=IgnoreMode.DOCKER,
@@ -112,10 +117,15 @@ class ComputeStack(Stack):
         allow(self.execution_role, "PullScoringImage",
               ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
               [self.scoring_image.repository.repository_arn])
+        self.pipeline = self._pipeline(pipeline_definition)
+        self._events()
         self._batch_transform()
         CfnOutput(self, "ScoringImageUri", value=self.scoring_image.image_uri,
                   description="the Batch Transform / endpoint image (`qcsight batch submit --image-uri`)")
         CfnOutput(self, "SageMakerRoleArn", value=self.execution_role.role_arn)
+        CfnOutput(self, "TrainingSourceUri",
+                  value=f"s3://{config.bucket_name('pipeline')}/{TRAINING_SOURCE_PREFIX}{SOURCE_TARBALL}",
+                  description="upload the checkout's training source here before the first pipeline run")
 
     # ------------------------------------------------------------ functions
 
@@ -158,58 +168,68 @@ class ComputeStack(Stack):
             runtime=_runtime(), architecture=lambda_.Architecture.ARM_64, handler=spec.handler, code=code,
             role=role, memory_size=spec.memory_mb, timeout=Duration.seconds(spec.timeout_s),
             reserved_concurrent_executions=spec.reserved_concurrency, dead_letter_queue=dlq,
-            log_group=log_group, environment=self._environment(), retry_attempts=2,
+            log_group=log_group, environment=self.function_environment(spec.key), retry_attempts=2,
         )
         self.functions[spec.key] = function
         return function
 
-    def _environment(self) -> dict[str, str]:
-        s, c = self.storage, self.config
-        env = {spec.env: c.table_name(spec.key) for spec in table_specs()}
-        env.update({
-            names.Env.IMAGES_BUCKET: c.bucket_name("images"), names.Env.MODELS_BUCKET: c.bucket_name("models"),
-            names.Env.DATA_BUCKET: c.bucket_name("data"), names.Env.PIPELINE_BUCKET: c.bucket_name("pipeline"),
-            names.Env.ALERT_TOPIC_ARN: s.alert_topic.topic_arn, names.Env.PIPELINE_NAME: self.pipeline_name,
-            names.Env.MODEL_PACKAGE_GROUP: self.model_package_group_name,
-            names.Env.CANARY_GROUP_ARN: self.arns.iot(f"thinggroup/{c.name('canary')}"),
-            names.Env.FLEET_GROUP_ARN: self.arns.iot(f"thinggroup/{c.name('fleet')}"),
-            names.Env.COMPONENT_PREFIX: names.COMPONENT_ARTIFACT_PREFIX,
-            names.Env.SAGEMAKER_ROLE_ARN: self.arns.role(self.execution_role_name),
-            names.Env.METRICS_NAMESPACE: names.METRICS_NAMESPACE,
-        })
-        return env
+    def fleet_json(self) -> str:
+        """QCSIGHT_FLEET: each line's devices are the members of its thing group (qcsight_cloud.fleet)."""
+        lines = {line: {"thing_group": self.config.name(f"line-{line}")} for line in self.config.lines}
+        return json.dumps({"lines": lines}, sort_keys=True, separators=(",", ":"))
+
+    def function_environment(self, key: str) -> dict[str, str]:
+        """Exactly the variables function `key` reads (names.FUNCTION_ENV), with this fleet's values."""
+        s, c, e = self.storage, self.config, names.Env
+        values = {
+            e.STORE: store_url(c.fleet), e.FLEET: self.fleet_json(), e.RETENTION_DAYS: str(c.metrics_retention_days),
+            e.PIPELINE_NAME: self.pipeline_name, e.POLICY: "{}",
+            e.MANIFEST_PREFIX: f"s3://{c.bucket_name('pipeline')}/{MANIFEST_PREFIX}",
+            e.MODEL_PACKAGE_GROUP: self.model_package_group_name,
+            e.CANARY_GROUP_ARN: self.arns.iot(f"thinggroup/{c.name('canary')}"),
+            e.FLEET_GROUP_ARN: self.arns.iot(f"thinggroup/{c.name('fleet')}"),
+            e.COMPONENT_BUCKET: c.bucket_name("models"), e.COMPONENT_PREFIX: names.COMPONENT_ARTIFACT_PREFIX,
+            e.BATCH_MODEL_URI: f"s3://{c.bucket_name('models')}/{names.BATCH_MODEL_KEY}",
+            e.SAGEMAKER_ROLE_ARN: self.arns.role(self.execution_role_name), e.OPS_TOPIC_ARN: s.ops_topic.topic_arn,
+        }
+        return {name: values[name] for name in names.FUNCTION_ENV[key]}
 
     def _tables(self, role: iam.IRole, sid: str, actions: list[str], keys: tuple[str, ...],
-                indexes: bool = False) -> None:
-        resources = [self.arns.table(key) for key in keys]
-        if indexes:
-            resources += [self.arns.indexes(key) for key in keys]
-        allow(role, sid, actions, resources,
-              wildcard_reason="the tables' global secondary indexes (by line, by reviewer); Query on an index "
-                              "needs the index ARN, and the index set is the table's own" if indexes else "")
+                indexes: tuple[tuple[str, str], ...] = ()) -> None:
+        """Table actions on the named tables and (table, index) pairs: no wildcard, only what is queried."""
+        resources = [self.arns.table(key) for key in keys] + [self.arns.index(key, name) for key, name in indexes]
+        allow(role, sid, actions, resources)
+
+    def _read_line_groups(self, role: iam.IRole) -> None:
+        # The fleet's lines are thing groups; qcsight_cloud.fleet lists their members.
+        allow(role, "ListLineMembers", ["iot:ListThingsInThingGroup"],
+              [self.arns.iot(f"thinggroup/{self.config.name(f'line-{line}')}") for line in self.config.lines])
 
     def _ingest_permissions(self, role: iam.IRole) -> None:
-        self._tables(role, "StoreMessages",
-                     ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:GetItem", "dynamodb:ConditionCheckItem"],
-                     ("alerts", "metrics", "devices", "dedup"))
+        # qcsight_cloud.dynamodb_store: one transaction puts the message (on condition it is new) and the
+        # device's row; a duplicate is counted per identity.
+        self._tables(role, "StoreMessages", ["dynamodb:PutItem"], ("alerts", "metrics", "status", "devices"))
+        self._tables(role, "ReadDevice", ["dynamodb:GetItem"], ("devices",))
+        self._tables(role, "CountOutcomes", ["dynamodb:UpdateItem"], ("counters",))
         kms_via(role, "TablesKey", self.key_arn, ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
                 ["dynamodb"], self.region)
-        # A defect burst is mailed through the alert topic.
-        allow(role, "NotifyDefectBursts", ["sns:Publish"], [self.storage.alert_topic.topic_arn])
-        kms_via(role, "AlertTopicKey", self.key_arn, ["kms:GenerateDataKey", "kms:Decrypt"], ["sns"], self.region)
+        self._read_line_groups(role)
 
     def _policy_permissions(self, role: iam.IRole) -> None:
+        """What qcsight_cloud.lambda_policy does: read the evidence, record decisions and runs, start the pipeline."""
         pipeline_arn = self.arns.sagemaker(f"pipeline/{self.pipeline_name}")
-        self._tables(role, "ReadFleetHistory", ["dynamodb:Query", "dynamodb:GetItem"],
-                     ("metrics", "devices", "reviews", "decisions"), indexes=True)
-        self._tables(role, "RecordDecisions", ["dynamodb:PutItem"], ("decisions",))
+        self._tables(role, "ReadEvidence", ["dynamodb:Query"], ("metrics", "runs"), indexes=(("reviews", "by_month"),))
+        self._tables(role, "ListDevices", ["dynamodb:Scan"], ("devices",))
+        self._tables(role, "ReadReviewedAlerts", ["dynamodb:BatchGetItem"], ("alerts",))
+        self._tables(role, "RecordDecisions", ["dynamodb:PutItem"], ("decisions", "runs"))
         kms_via(role, "TablesKey", self.key_arn, ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
                 ["dynamodb", "s3"], self.region)
+        self._read_line_groups(role)
         allow(role, "StartRetraining", ["sagemaker:StartPipelineExecution", "sagemaker:ListPipelineExecutions"],
               [pipeline_arn])
         allow(role, "WatchRetraining", ["sagemaker:DescribePipelineExecution"], [f"{pipeline_arn}/execution/*"],
               wildcard_reason="execution ids are made by SageMaker per run, under this one pipeline")
-        allow(role, "WriteReviewedManifest", ["s3:PutObject"], [self.arns.objects("pipeline", "manifests/*")],
+        allow(role, "WriteReviewedManifest", ["s3:PutObject"], [self.arns.objects("pipeline", f"{MANIFEST_PREFIX}*")],
               wildcard_reason="one manifest of reviewed images per run, under the fixed manifests/ prefix")
 
     def _deploy_permissions(self, role: iam.IRole) -> None:
@@ -249,8 +269,9 @@ class ComputeStack(Stack):
               wildcard_reason="one Neo compilation job per model version, named <fleet>-<version>")
         allow(role, "PassSageMakerRole", ["iam:PassRole"], [a.role(self.execution_role_name)],
               conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}})
-        self._tables(role, "CanarySoak", ["dynamodb:Query", "dynamodb:GetItem"], ("metrics", "devices"), indexes=True)
-        self._tables(role, "RecordPromotions", ["dynamodb:PutItem"], ("decisions",))
+        self._tables(role, "CanarySoak", ["dynamodb:Query"], ("metrics",), indexes=(("metrics", "by_line"),))
+        self._tables(role, "ReadDevices", ["dynamodb:GetItem", "dynamodb:Scan"], ("devices",))
+        self._tables(role, "RecordPromotions", ["dynamodb:PutItem"], ("decisions", "runs"))
         allow(role, "NotifyRollbacks", ["sns:Publish"], [self.storage.ops_topic.topic_arn])
         kms_via(role, "OpsTopicKey", self.key_arn, ["kms:GenerateDataKey", "kms:Decrypt"], ["sns"], self.region)
 
@@ -263,14 +284,10 @@ class ComputeStack(Stack):
         kms_via(role, "ErrorQueueKey", self.key_arn, ["kms:GenerateDataKey", "kms:Decrypt"], ["sqs"], self.region)
         rules = {}
         for kind in topics.KINDS:
-            sql = (f"SELECT *, clientid() AS {names.RULE_FIELD_CLIENT_ID}, "
-                   f"principal() AS {names.RULE_FIELD_PRINCIPAL}, "
-                   f"topic() AS {names.RULE_FIELD_TOPIC}, timestamp() AS {names.RULE_FIELD_RECEIVED_MS} "
-                   f"FROM '{topics.ROOT}/+/{kind}'")
             rule = iot.CfnTopicRule(
                 self, f"{kind.title()}Rule", rule_name=f"{self.config.fleet.replace('-', '_')}_{kind}",
                 topic_rule_payload=iot.CfnTopicRule.TopicRulePayloadProperty(
-                    sql=sql, aws_iot_sql_version=names.RULE_SQL_VERSION, rule_disabled=False,
+                    sql=RULE_SQL[kind], aws_iot_sql_version=RULE_SQL_VERSION, rule_disabled=False,
                     description=f"qcsight {kind} from every device to the ingest function",
                     actions=[iot.CfnTopicRule.ActionProperty(
                         lambda_=iot.CfnTopicRule.LambdaActionProperty(function_arn=self.ingest.function_arn))],
@@ -340,6 +357,7 @@ class ComputeStack(Stack):
             "images_bucket": c.bucket_name("images"), "models_bucket": c.bucket_name("models"),
             "pipeline_bucket": c.bucket_name("pipeline"), "model_package_group": self.model_package_group_name,
             "kms_key_arn": self.key_arn, "region": self.region,
+            "training_request": json.dumps(self.training_request()), "scoring_image": self.scoring_image.image_uri,
         }
         body = definition(inputs)
         pipeline = sagemaker.CfnPipeline(
@@ -369,6 +387,23 @@ class ComputeStack(Stack):
         events.Rule(self, "PolicySchedule", description="evaluate the retraining policy over the fleet",
                     schedule=events.Schedule.rate(Duration.minutes(self.config.policy_rate_minutes)),
                     targets=[targets.LambdaFunction(self.policy, **options)])
+
+    def training_request(self) -> dict[str, Any]:
+        """The pipeline's training job, as `qcsight train launch` builds it (multi-GPU through its node script).
+
+        Its code channel is the pipeline bucket's source/ prefix: upload the checkout's sourcedir.tar.gz
+        there (the TrainingSourceUri output) before the first run.
+        """
+        c = self.config
+        job = TrainingJobSpec(
+            base_job_name=c.name("retrain"), source_dir=packaging.REPO_ROOT,
+            output=S3Uri(c.bucket_name("pipeline"), "runs"), train_s3=f"s3://{c.bucket_name('data')}/train/",
+            validation_s3=None, checkpoint_s3=None,
+            image_uri=default_image_uri(c.region, c.training_instance_type), hyperparameters={},
+            compute=ComputeSpec(instance_type=c.training_instance_type, instance_count=1),
+        )
+        plan = TrainingPlan(AwsSpec(c.region, self.arns.role(self.execution_role_name)), job)
+        return training_request(plan, c.name("retrain"), S3Uri(c.bucket_name("pipeline"), TRAINING_SOURCE_PREFIX))
 
     def batch_spec(self) -> TransformJobSpec:
         """The scheduled Batch Transform job, as the spec `qcsight batch submit` builds from its options."""

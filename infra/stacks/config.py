@@ -14,6 +14,7 @@ from typing import Any
 
 from qcsight_core.errors import ConfigError
 from stacks import names
+from stacks.tables import deployed_name
 
 _ACCOUNT = re.compile(r"^\d{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
@@ -42,6 +43,7 @@ class AppConfig:
         alert_email: where defect-alert and operations notifications are mailed ("" for none).
         image_retention_days: full-resolution alert images expire after this many days.
         log_retention_days: retention of every log group the app creates.
+        metrics_retention_days: metrics windows and status events expire (DynamoDB TTL) after this many days.
         noncurrent_ia_days / noncurrent_glacier_days / noncurrent_expire_days: old object versions
             move to Standard-IA, then Glacier Instant Retrieval, then expire.
         policy_rate_minutes: how often the retraining policy runs.
@@ -50,6 +52,8 @@ class AppConfig:
         batch_schedule: when Batch Transform scores the incoming images (EventBridge Scheduler syntax).
         batch_timezone: the time zone batch_schedule is read in.
         batch_instance_type: the Batch Transform instance type.
+        training_instance_type: the retraining pipeline's default training instance (a multi-GPU type such as
+            ml.g5.12xlarge trains on every GPU; the pipeline's TrainingInstanceType parameter overrides it per run).
         review_certificate_arn: ACM certificate for the review app's HTTPS listener; "" skips the review stack.
         review_domain_name: the review app's host name (the certificate's), e.g. review.example.com.
         review_domain_prefix: the Cognito hosted-UI domain prefix ("" derives one from fleet and account).
@@ -67,6 +71,7 @@ class AppConfig:
     alert_email: str = ""
     image_retention_days: int = 90
     log_retention_days: int = 90
+    metrics_retention_days: int = 90
     noncurrent_ia_days: int = 30
     noncurrent_glacier_days: int = 90
     noncurrent_expire_days: int = 365
@@ -76,6 +81,7 @@ class AppConfig:
     batch_schedule: str = "cron(0 2 * * ? *)"
     batch_timezone: str = "UTC"
     batch_instance_type: str = "ml.m5.xlarge"
+    training_instance_type: str = "ml.g5.xlarge"
     review_certificate_arn: str = ""
     review_domain_name: str = ""
     review_domain_prefix: str = ""
@@ -95,6 +101,7 @@ class AppConfig:
         if self.alert_email:
             _match("alert_email", self.alert_email, _EMAIL, "an e-mail address, or empty for none")
         _between("image_retention_days", self.image_retention_days, 1, 3650)
+        _between("metrics_retention_days", self.metrics_retention_days, 1, 3650)  # StoreSettings' range
         if self.log_retention_days not in LOG_RETENTION_DAYS:
             raise ConfigError("log_retention_days", self.log_retention_days,
                               f"one of CloudWatch Logs' periods: {', '.join(map(str, LOG_RETENTION_DAYS))}")
@@ -110,6 +117,9 @@ class AppConfig:
         _match("batch_schedule", self.batch_schedule, _SCHEDULE, "cron(...) or rate(...)")
         if not self.batch_instance_type.startswith("ml."):
             raise ConfigError("batch_instance_type", self.batch_instance_type, "a SageMaker type such as ml.m5.xlarge")
+        if not self.training_instance_type.startswith("ml."):
+            raise ConfigError("training_instance_type", self.training_instance_type,
+                              "a SageMaker type such as ml.g5.12xlarge")
         if self.review_certificate_arn and not self.review_certificate_arn.startswith("arn:aws"):
             raise ConfigError("review_certificate_arn", self.review_certificate_arn,
                               "an ACM certificate ARN, or empty to skip the review stack")
@@ -147,7 +157,8 @@ class AppConfig:
         return f"{self.fleet}-{purpose}-{self.account}-{self.region}"
 
     def table_name(self, key: str) -> str:
-        return f"{self.fleet}-{key}"
+        """What the store URL dynamodb:<fleet> resolves to (qcsight_cloud.tables.table_name)."""
+        return deployed_name(self.fleet, key)
 
     def name(self, suffix: str) -> str:
         """A resource name owned by this fleet: '<fleet>-<suffix>'."""

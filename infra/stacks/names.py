@@ -2,9 +2,9 @@
 
 The CDK app deploys code from other packages (qcsight_cloud's Lambda handlers and pipeline,
 qcsight_review's web app, qcsight_batch's container server). It refers to that code only
-through the constants below: handler entry points, the environment variables the stacks set,
-the fields the IoT rules add to each message, the metric names the dashboard draws, and the
-commands the containers run. When the other packages land, change a name here and nowhere else.
+through the constants below: handler entry points, the environment variables each function reads,
+the metric names the dashboard draws, and the commands the containers run. Tests hold each of
+them to the code it names (tests/infra/test_stacks.py, test_packaging.py).
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ class FunctionSpec:
 
 
 INGEST = FunctionSpec(
-    "ingest", "qcsight_cloud.lambdas.ingest.handler",
+    "ingest", "qcsight_cloud.lambda_ingest.handler",
     "qcsight: validate, de-duplicate and store device metrics, alerts and status from the IoT rules",
     memory_mb=512, timeout_s=30, reserved_concurrency=20,
 )
 POLICY = FunctionSpec(
-    "policy", "qcsight_cloud.lambdas.policy.handler",
+    "policy", "qcsight_cloud.lambda_policy.handler",
     "qcsight: evaluate the retraining policy over the fleet's metrics and start the pipeline when it fires",
     memory_mb=1024, timeout_s=300, reserved_concurrency=1,  # one run at a time is a policy guardrail
 )
 DEPLOY = FunctionSpec(
-    "deploy", "qcsight_cloud.lambdas.deploy.handler",
+    "deploy", "qcsight_cloud.lambda_deploy.handler",
     "qcsight: on model approval publish the model component, deploy it to the canary group, promote or roll back",
     memory_mb=1024, timeout_s=900, reserved_concurrency=1,  # deployments are serialised
 )
@@ -55,49 +55,52 @@ LAMBDA_PYTHON = "3.14"
 
 
 class Env:
-    """Environment variable names the functions and the review container read."""
+    """Environment variable names the functions and the review container read (each handler's docstring)."""
 
-    ALERTS_TABLE = "QCSIGHT_ALERTS_TABLE"
-    METRICS_TABLE = "QCSIGHT_METRICS_TABLE"
-    DEVICES_TABLE = "QCSIGHT_DEVICES_TABLE"
-    REVIEWS_TABLE = "QCSIGHT_REVIEWS_TABLE"
-    DECISIONS_TABLE = "QCSIGHT_DECISIONS_TABLE"
-    DEDUP_TABLE = "QCSIGHT_DEDUP_TABLE"
-    IMAGES_BUCKET = "QCSIGHT_IMAGES_BUCKET"
-    MODELS_BUCKET = "QCSIGHT_MODELS_BUCKET"
-    DATA_BUCKET = "QCSIGHT_DATA_BUCKET"
-    PIPELINE_BUCKET = "QCSIGHT_PIPELINE_BUCKET"
-    ALERT_TOPIC_ARN = "QCSIGHT_ALERT_TOPIC_ARN"
+    # Every function and the review app: the store (``dynamodb:<table prefix>``, qcsight_cloud.store).
+    STORE = "QCSIGHT_STORE"
+    # Ingest and policy: the fleet's lines as inline JSON naming thing groups (qcsight_cloud.fleet).
+    FLEET = "QCSIGHT_FLEET"
+    # Ingest: days before metrics windows and status events expire (DynamoDB TTL).
+    RETENTION_DAYS = "QCSIGHT_RETENTION_DAYS"
+    # Policy (qcsight_cloud.lambda_policy): the pipeline it starts and its settings.
     PIPELINE_NAME = "QCSIGHT_PIPELINE_NAME"
+    POLICY = "QCSIGHT_POLICY"
+    MANIFEST_PREFIX = "QCSIGHT_MANIFEST_PREFIX"
+    # Deploy (qcsight_cloud.lambda_deploy, branch w/loop): what the approval -> canary -> fleet rollout needs.
     MODEL_PACKAGE_GROUP = "QCSIGHT_MODEL_PACKAGE_GROUP"
     CANARY_GROUP_ARN = "QCSIGHT_CANARY_THING_GROUP_ARN"
     FLEET_GROUP_ARN = "QCSIGHT_FLEET_THING_GROUP_ARN"
+    COMPONENT_BUCKET = "QCSIGHT_COMPONENT_BUCKET"
     COMPONENT_PREFIX = "QCSIGHT_COMPONENT_ARTIFACT_PREFIX"
+    BATCH_MODEL_URI = "QCSIGHT_BATCH_MODEL_URI"
     SAGEMAKER_ROLE_ARN = "QCSIGHT_SAGEMAKER_ROLE_ARN"
-    METRICS_NAMESPACE = "QCSIGHT_METRICS_NAMESPACE"
+    OPS_TOPIC_ARN = "QCSIGHT_OPS_TOPIC_ARN"
+    # The review container (qcsight_review).
+    IMAGES_BUCKET = "QCSIGHT_IMAGES_BUCKET"
     REVIEW_AUTH = "QCSIGHT_REVIEW_AUTH"
     REVIEW_OIDC_ISSUER = "QCSIGHT_REVIEW_OIDC_ISSUER"
     REVIEW_REGION = "QCSIGHT_REVIEW_AWS_REGION"
 
 
-# ---------------------------------------------------------------- what the IoT rules hand the ingest function
-
-# The rule SQL selects the whole message and adds the connection's identity and topic under these
-# names; the handler takes the device identity from them, never from the payload's `thing` field.
-RULE_FIELD_CLIENT_ID = "_clientid"
-RULE_FIELD_PRINCIPAL = "_principal"
-RULE_FIELD_TOPIC = "_topic"
-RULE_FIELD_RECEIVED_MS = "_received_ms"
-RULE_SQL_VERSION = "2016-03-23"
+# Which variables each function reads: the compute stack sets exactly these (a test holds it to that).
+FUNCTION_ENV: dict[str, tuple[str, ...]] = {
+    "ingest": (Env.STORE, Env.FLEET, Env.RETENTION_DAYS),
+    "policy": (Env.STORE, Env.FLEET, Env.PIPELINE_NAME, Env.POLICY, Env.MANIFEST_PREFIX),
+    "deploy": (Env.STORE, Env.MODEL_PACKAGE_GROUP, Env.CANARY_GROUP_ARN, Env.FLEET_GROUP_ARN, Env.COMPONENT_BUCKET,
+               Env.COMPONENT_PREFIX, Env.BATCH_MODEL_URI, Env.SAGEMAKER_ROLE_ARN, Env.OPS_TOPIC_ARN),
+}
 
 # ---------------------------------------------------------------- metrics the dashboard and alarms read
 
-METRICS_NAMESPACE = "qcsight"  # the functions' embedded-metric-format namespace
+# The names qcsight_cloud.emf writes (window_document: per line and per device) and the policy function's
+# silent-device count (lambda_policy.silent_document); tests/infra/test_stacks.py checks them against both.
+METRICS_NAMESPACE = "qcsight"
 METRIC_DEFECT_RATE = "DefectRate"
-METRIC_CONFIDENCE_PSI = "ConfidencePsi"
-METRIC_BRIGHTNESS_PSI = "BrightnessPsi"
+METRIC_CONFIDENCE_PSI = "ConfidencePSI"
+METRIC_BRIGHTNESS_PSI = "BrightnessPSI"
 METRIC_SILENT_DEVICES = "SilentDevices"
-METRIC_LATENCY_P95 = "LatencyP95Ms"
+METRIC_LATENCY_P95 = "LatencyP95"
 METRIC_DIMENSION_LINE = "Line"
 
 # ---------------------------------------------------------------- S3 layout shared with the device and the gg build

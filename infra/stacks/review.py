@@ -25,6 +25,7 @@ from stacks.compute import retention_days
 from stacks.config import AppConfig
 from stacks.nag import acknowledge, allow, kms_via
 from stacks.storage import StorageStack
+from stacks.tables import store_url
 
 ROLES = ("operator", "engineer")  # Cognito groups; the app maps them to its roles
 
@@ -120,19 +121,14 @@ class ReviewStack(Stack):
                                          task_role=self._task_role())
         log_group = logs.LogGroup(self, "AppLogs", retention=retention_days(self.config.log_retention_days),
                                   removal_policy=RemovalPolicy.DESTROY)
-        s, c = self.storage, self.config
+        c = self.config
         task.add_container(
             "app", image=ecs.ContainerImage.from_docker_image_asset(image),
             port_mappings=[ecs.PortMapping(container_port=names.REVIEW_PORT)],
             logging=ecs.LogDrivers.aws_logs(stream_prefix="review", log_group=log_group),
             environment={
-                names.Env.ALERTS_TABLE: c.table_name("alerts"),
-                names.Env.DEVICES_TABLE: c.table_name("devices"),
-                names.Env.METRICS_TABLE: c.table_name("metrics"),
-                names.Env.REVIEWS_TABLE: c.table_name("reviews"),
-                names.Env.DECISIONS_TABLE: c.table_name("decisions"),
+                names.Env.STORE: store_url(c.fleet),
                 names.Env.IMAGES_BUCKET: c.bucket_name("images"),
-                names.Env.ALERT_TOPIC_ARN: s.alert_topic.topic_arn,
                 names.Env.REVIEW_AUTH: "alb-oidc",
                 names.Env.REVIEW_OIDC_ISSUER: self.user_pool.user_pool_provider_url,
                 names.Env.REVIEW_REGION: self.region,
@@ -163,18 +159,21 @@ class ReviewStack(Stack):
         arns = Arns(self.config)
         role = iam.Role(self, "TaskRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
                         description="the review app: read alerts and fleet data, append reviews, sign image URLs")
-        keys = ("alerts", "devices", "metrics", "decisions", "reviews")
-        allow(role, "ReadAlertsAndFleet", ["dynamodb:Query", "dynamodb:GetItem", "dynamodb:BatchGetItem"],
+        keys = ("alerts", "devices", "metrics", "status", "decisions", "reviews", "runs", "counters")
+        allow(role, "ReadAlertsAndFleet",
+              ["dynamodb:Query", "dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Scan"],
               [arns.table(key) for key in keys] + [arns.indexes(key) for key in keys],
-              wildcard_reason="the tables' global secondary indexes: the inbox pages by line, reviews by reviewer")
-        # Reviews are append-only: PutItem (guarded by a condition in the app), never UpdateItem or DeleteItem.
+              wildcard_reason="the tables' global secondary indexes: the inbox pages by line, class, device and "
+                              "review state, reviews and decisions by month")
+        # Reviews are append-only: PutItem (guarded by a condition in the app), never DeleteItem. The alert's
+        # review summary (count, verdict, the sparse unreviewed index key) is updated in the same transaction.
         allow(role, "AppendReviews", ["dynamodb:PutItem"], [arns.table("reviews")])
+        allow(role, "MarkAlertsReviewed", ["dynamodb:UpdateItem"], [arns.table("alerts")])
         allow(role, "SignImageUrls", ["s3:GetObject"], [arns.objects("images", f"{names.DEVICE_IMAGE_PREFIX}/*")],
               wildcard_reason="any device's alert image (devices/<thing>/<frame>), named at run time; a presigned "
                               "URL carries the signer's permission")
         kms_via(role, "KeyForTablesAndImages", self.storage.key.key_arn, ["kms:Decrypt", "kms:Encrypt",
-                "kms:GenerateDataKey"], ["dynamodb", "s3", "sns"], self.region)
-        allow(role, "NotifyDefectBursts", ["sns:Publish"], [self.storage.alert_topic.topic_arn])
+                "kms:GenerateDataKey"], ["dynamodb", "s3"], self.region)
         return role
 
     def _load_balancer(self) -> elbv2.ApplicationLoadBalancer:

@@ -16,7 +16,7 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from constructs import Construct
 
 from stacks.config import AppConfig
-from stacks.tables import TableSpec, table_specs
+from stacks.tables import Attribute, TableSpec, table_specs
 
 # Services that write encrypted messages with the key on their own (alarm notifications to SNS,
 # EventBridge events to SQS dead-letter queues): they need the key policy to say so.
@@ -107,11 +107,10 @@ class StorageStack(Stack):
         return bucket
 
     def _table(self, spec: TableSpec) -> dynamodb.Table:
-        string = dynamodb.AttributeType.STRING
         table = dynamodb.Table(
             self, f"{spec.key.title()}Table", table_name=self.config.table_name(spec.key),
-            partition_key=dynamodb.Attribute(name=spec.partition_key, type=string),
-            sort_key=dynamodb.Attribute(name=spec.sort_key, type=string) if spec.sort_key else None,
+            partition_key=_attribute(spec.partition_key),
+            sort_key=_attribute(spec.sort_key) if spec.sort_key else None,
             billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
             encryption=dynamodb.TableEncryption.CUSTOMER_MANAGED, encryption_key=self.key,
             point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
@@ -121,7 +120,14 @@ class StorageStack(Stack):
         )
         for index in spec.indexes:
             table.add_global_secondary_index(
-                index_name=index.name, partition_key=dynamodb.Attribute(name=index.partition_key, type=string),
-                sort_key=dynamodb.Attribute(name=index.sort_key, type=string) if index.sort_key else None,
+                index_name=index.name, partition_key=_attribute(index.partition_key),
+                sort_key=_attribute(index.sort_key) if index.sort_key else None,
+                projection_type=dynamodb.ProjectionType[index.projection],
+                non_key_attributes=list(index.non_key) or None,
             )
         return table
+
+
+def _attribute(attribute: Attribute) -> dynamodb.Attribute:
+    kind = {"S": dynamodb.AttributeType.STRING, "N": dynamodb.AttributeType.NUMBER}[attribute.kind]
+    return dynamodb.Attribute(name=attribute.name, type=kind)

@@ -1,56 +1,73 @@
-"""The DynamoDB tables of the cloud loop's store (alerts, metrics, devices, reviews, decisions, de-duplication).
+"""The DynamoDB tables of the cloud store, as qcsight_cloud.tables defines them (keys, indexes, TTL).
 
-SWITCH POINT: qcsight_cloud owns the store and will export its table definitions as a constant.
-Until it lands, TABLES below is written from the cloud-loop and review issues (#13, #15). When
-qcsight_cloud exports them, replace the body of ``table_specs()`` with the import (one line,
-marked below) and delete the local constant; the storage stack reads only ``table_specs()``.
+The store's code and the deployed tables read the one definition, ``qcsight_cloud.tables.TABLES``,
+so a key or an index cannot differ between them. The table names are what the functions' store
+URL resolves to: ``dynamodb:<fleet>`` opens ``<fleet>-<table>`` (``qcsight_cloud.tables.table_name``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-from stacks.names import Env
+from qcsight_cloud.tables import TABLES, table_name
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    kind: str  # "S" or "N"
 
 
 @dataclass(frozen=True)
 class Index:
-    """A global secondary index (string keys)."""
+    """A global secondary index: keys and projection (ALL, or INCLUDE of non_key attributes)."""
 
     name: str
-    partition_key: str
-    sort_key: str | None = None
+    partition_key: Attribute
+    sort_key: Attribute | None
+    projection: str
+    non_key: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class TableSpec:
-    """One table: string keys, optional TTL attribute, indexes, and the env var naming it for the functions."""
+    """One table of the store: keys, optional TTL attribute and indexes."""
 
     key: str
-    partition_key: str
-    sort_key: str | None
-    env: str
-    ttl_attribute: str | None = None
-    indexes: tuple[Index, ...] = field(default_factory=tuple)
+    partition_key: Attribute
+    sort_key: Attribute | None
+    ttl_attribute: str | None
+    indexes: tuple[Index, ...]
 
 
-TABLES = (
-    # Alerts by device, newest first (sk = time#alert_id); the inbox per line through by-line.
-    TableSpec("alerts", "pk", "sk", Env.ALERTS_TABLE, indexes=(Index("by-line", "line", "sk"),)),
-    # Metric windows as a time series per device; old windows expire.
-    TableSpec("metrics", "pk", "sk", Env.METRICS_TABLE, ttl_attribute="expires_at",
-              indexes=(Index("by-line", "line", "sk"),)),
-    # Device status: last seen, model version, outbox depth, errors, per-device seq tracking.
-    TableSpec("devices", "pk", None, Env.DEVICES_TABLE, indexes=(Index("by-line", "line", "pk"),)),
-    # Append-only reviews (who, when, what, previous label); the current label is derived.
-    TableSpec("reviews", "pk", "sk", Env.REVIEWS_TABLE, indexes=(Index("by-reviewer", "reviewer", "sk"),)),
-    # Every retraining-policy decision (fire or hold) with the numbers that drove it.
-    TableSpec("decisions", "pk", "sk", Env.DECISIONS_TABLE),
-    # Message ids already ingested (at-least-once delivery), kept long enough to catch redeliveries.
-    TableSpec("dedup", "pk", None, Env.DEDUP_TABLE, ttl_attribute="expires_at"),
-)
+def _schema(key_schema: list[dict[str, str]], types: dict[str, str]) -> tuple[Attribute, Attribute | None]:
+    by_role = {k["KeyType"]: Attribute(k["AttributeName"], types[k["AttributeName"]]) for k in key_schema}
+    return by_role["HASH"], by_role.get("RANGE")
+
+
+def _spec(key: str, table: dict[str, Any]) -> TableSpec:
+    types = {a["AttributeName"]: a["AttributeType"] for a in table["AttributeDefinitions"]}
+    partition, sort = _schema(table["KeySchema"], types)
+    indexes = []
+    for gsi in table["GlobalSecondaryIndexes"]:
+        index_partition, index_sort = _schema(gsi["KeySchema"], types)
+        projection = gsi["Projection"]
+        indexes.append(Index(gsi["IndexName"], index_partition, index_sort, projection["ProjectionType"],
+                             tuple(projection.get("NonKeyAttributes", ()))))
+    return TableSpec(key, partition, sort, table["TimeToLiveAttribute"], tuple(indexes))
 
 
 def table_specs() -> tuple[TableSpec, ...]:
-    """The tables to create. SWITCH: `from qcsight_cloud.store.dynamodb import TABLES; return TABLES`."""
-    return TABLES
+    """The tables to create, in qcsight_cloud.tables.TABLES order."""
+    return tuple(_spec(key, table) for key, table in TABLES.items())
+
+
+def deployed_name(fleet: str, key: str) -> str:
+    """The table's name: what ``dynamodb:<fleet>`` resolves to in qcsight_cloud.dynamodb_store."""
+    return table_name(fleet, key)
+
+
+def store_url(fleet: str) -> str:
+    """The store URL the functions and the review app open (QCSIGHT_STORE)."""
+    return f"dynamodb:{fleet}"

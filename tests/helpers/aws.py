@@ -7,6 +7,7 @@ assert_valid checks a request the way the service's front end would.
 
 from __future__ import annotations
 
+import functools
 import re
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -101,7 +102,7 @@ def _problems(shape: Any, value: Any, path: str) -> Iterator[str]:
             return
         if shape.enum and value not in shape.enum:
             yield f"{path}: {value!r} not in enum {shape.name}"
-        if "pattern" in meta and not re.fullmatch(meta["pattern"], value, flags=re.DOTALL):
+        if "pattern" in meta and not _fullmatch(meta["pattern"], value):
             yield f"{path}: {value!r} does not match {meta['pattern']}"
         if not meta.get("min", 0) <= len(value) <= meta.get("max", 10**9):
             yield f"{path}: length {len(value)} outside [{meta.get('min')}, {meta.get('max')}]"
@@ -112,14 +113,31 @@ def _problems(shape: Any, value: Any, path: str) -> Iterator[str]:
         yield f"{path}: expected true/false, got {value!r}"
 
 
+@functools.cache
+def _service_model(service: str) -> Any:
+    """Loading a service model costs about a second (SageMaker's is large); the tests ask for few, often."""
+    import botocore.session
+
+    return botocore.session.get_session().get_service_model(service)
+
+
+def _fullmatch(pattern: str, value: str) -> bool:
+    """The service's pattern check. Some SageMaker patterns use Unicode classes (\\p{L}) that `re` lacks;
+    `regex` (installed with cfn-lint, the infra extra) has them."""
+    try:
+        return re.fullmatch(pattern, value, flags=re.DOTALL) is not None
+    except re.error:
+        import regex
+
+        return regex.fullmatch(pattern, value, flags=regex.DOTALL) is not None
+
+
 def assert_valid(operation: str, request: Mapping[str, Any], service: str = "sagemaker") -> None:
     """Check a request body the way the service's API front end would, from botocore's service model.
 
     botocore's own client-side validation (and so Stubber) checks required members, types and
     minimum lengths; this also checks what only the service checks: enums, patterns, maxima.
     """
-    import botocore.session
-
-    model = botocore.session.get_session().get_service_model(service).operation_model(operation)
+    model = _service_model(service).operation_model(operation)
     problems = list(_problems(model.input_shape, dict(request), operation))
     assert not problems, "\n".join(problems)

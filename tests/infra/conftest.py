@@ -35,8 +35,6 @@ CONTEXT = {
     "qcsight:alertEmail": "quality@example.com",
     "qcsight:reviewCertificateArn": f"arn:aws:acm:{REGION}:{ACCOUNT}:certificate/00000000-0000-0000-0000-000000000000",
     "qcsight:reviewDomainName": "review.example.com",
-    # A definition produced by code, as qcsight_cloud's will be (the stack must take it as it is).
-    "qcsight:pipelineDefinition": "tests.infra.pipeline_definition:definition",
 }
 # jsii warns on every start that Debian's Node 20 is past its end of life; it runs the CDK correctly.
 QUIET_NODE = {"JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20",

@@ -44,7 +44,7 @@ def test_every_acknowledgment_gives_a_reason(assembly: Assembly) -> None:
     ours = {rule: reason for rule, reason in acknowledged.items() if " Annotation::AwsSolutions-" in rule}
     # Anything else is CDK acknowledging its own constructs to its own CloudFormation validation.
     assert all(" CloudFormation-Validate::" in rule for rule in set(acknowledged) - set(ours)), acknowledged
-    assert len(ours) >= 40
+    assert len(ours) >= 30  # a floor: the acknowledgments are recorded at all (fewer wildcards is better)
     for rule, reason in ours.items():
         assert len(reason) >= 40, f"{rule}: {reason!r} does not say why"
 

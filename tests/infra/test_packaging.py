@@ -31,17 +31,43 @@ def test_the_deployed_package_holds_the_repository_packages_and_no_torch(assembl
     assert result.returncode == 0 and result.stdout.strip() == "qcsight/a/metrics", result.stderr
 
 
-def test_handlers_resolve_inside_the_package_once_qcsight_cloud_is_there(assembly: Assembly) -> None:
+# What the Lambda Python runtime offers besides the standard library: boto3 and its dependencies.
+LAMBDA_RUNTIME_MODULES = ("boto3", "botocore", "s3transfer", "jmespath", "dateutil", "urllib3", "six")
+# Imports each handler with only the standard library, the runtime's boto3 and the package on the path:
+# any other third-party import (PyYAML, numpy, ...) fails as it would on Lambda.
+_PROBE = """
+import importlib.abc, sys
+package, module, function, allowed = sys.argv[1], sys.argv[2], sys.argv[3], set(sys.argv[4].split(","))
+sys.path.insert(0, package)
+import os
+class OnlyTheLambdaRuntime(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in sys.stdlib_module_names or top in allowed or os.path.exists(os.path.join(package, top)):
+            return None
+        raise ModuleNotFoundError(f"{name} is not in the Lambda runtime nor in the package", name=name)
+sys.meta_path.insert(0, OnlyTheLambdaRuntime())
+m = importlib.import_module(module)
+assert callable(getattr(m, function)), function
+assert m.__file__.startswith(package), m.__file__
+"""
+# The deploy function is written on another branch (w/loop, issue 13 item 5); until it merges its handler
+# cannot be found, and this test says so rather than skipping.
+_ELSEWHERE = {"qcsight_cloud.lambda_deploy": "written on branch w/loop (issue 13 item 5): fails until it merges"}
+
+
+def test_every_handler_imports_inside_the_package_with_only_the_lambda_runtime(assembly: Assembly) -> None:
     package = assembly.asset_dir("compute", "files", "qcsight_core/messages.py")
-    if not (package / "qcsight_cloud").is_dir():
-        pytest.skip("qcsight_cloud is not in this tree yet; its handlers are named in stacks/names.py")
+    failures = []
     for spec in names.FUNCTIONS:
         module, _, function = spec.handler.rpartition(".")
-        probe = (f"import sys; sys.path.insert(0, sys.argv[1]); import {module} as m; "
-                 f"assert callable(m.{function}); assert m.__file__.startswith(sys.argv[1])")
-        result = subprocess.run([sys.executable, "-I", "-c", probe, str(package)], capture_output=True, text=True,
-                                timeout=60, check=False)
-        assert result.returncode == 0, f"{spec.handler}: {result.stderr[-1500:]}"
+        result = subprocess.run([sys.executable, "-I", "-c", _PROBE, str(package), module, function,
+                                 ",".join(LAMBDA_RUNTIME_MODULES)], capture_output=True, text=True, timeout=60,
+                                check=False)
+        if result.returncode != 0:
+            note = f" [{_ELSEWHERE[module]}]" if module in _ELSEWHERE else ""
+            failures.append(f"{spec.handler}{note}: {result.stderr.strip().splitlines()[-1:]}")
+    assert not failures, "\n".join(failures)
 
 
 def _fake_repo(tmp_path: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -61,8 +62,25 @@ def test_images_expire_and_old_versions_move_to_cheaper_tiers(templates: Templat
 def test_key_rotates_and_tables_have_pitr_and_the_key(cdk_templates: dict[str, Any], templates: Templates) -> None:
     cdk_templates["storage"].has_resource_properties("AWS::KMS::Key", {"EnableKeyRotation": True})
     tables = list(resources(templates, "AWS::DynamoDB::Table"))
-    assert {props["TableName"] for _, _, props in tables} == {
-        f"qcsight-{key}" for key in ("alerts", "metrics", "devices", "reviews", "decisions", "dedup")}
+    from qcsight_cloud.tables import TABLES, create_table_request
+
+    # The deployed tables are the store's own: what `dynamodb:qcsight` opens, with its keys, indexes and TTL.
+    by_name = {props["TableName"]: props for _, _, props in tables}
+    assert set(by_name) == {f"qcsight-{key}" for key in TABLES}
+    for key, spec in TABLES.items():
+        request, props = create_table_request("qcsight", key), by_name[f"qcsight-{key}"]
+        assert props["KeySchema"] == request["KeySchema"], key
+        assert sorted(props["AttributeDefinitions"], key=str) == sorted(request["AttributeDefinitions"], key=str), key
+        indexes = {i["IndexName"]: i for i in props.get("GlobalSecondaryIndexes", [])}
+        assert set(indexes) == {i["IndexName"] for i in spec["GlobalSecondaryIndexes"]}, key
+        for index in spec["GlobalSecondaryIndexes"]:
+            deployed = indexes[index["IndexName"]]
+            assert deployed["KeySchema"] == index["KeySchema"], (key, index["IndexName"])
+            assert deployed["Projection"]["ProjectionType"] == index["Projection"]["ProjectionType"]
+            assert sorted(deployed["Projection"].get("NonKeyAttributes", [])) == sorted(
+                index["Projection"].get("NonKeyAttributes", []))
+        ttl = props.get("TimeToLiveSpecification")
+        assert (ttl and ttl["AttributeName"]) == (spec["TimeToLiveAttribute"] or None), key
     for _, logical_id, props in tables:
         assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}, logical_id
         assert props["SSESpecification"]["SSEEnabled"] is True and props["SSESpecification"]["SSEType"] == "KMS"
@@ -139,7 +157,7 @@ PARTIAL_WILDCARDS = {
                          "every image in, a result per image out"),
     "SignImageUrls": ({f"arn:aws:s3:::qcsight-images-{B}/devices/*"}, "any device's alert image"),
 }
-INDEX_SIDS = {"ReadFleetHistory", "CanarySoak", "ReadAlertsAndFleet"}  # Query on the tables' indexes
+INDEX_SIDS = {"ReadAlertsAndFleet"}  # the review app queries most indexes; the functions name theirs
 
 
 def test_iam_statements_hold_no_star_resource_except_where_aws_requires_it(templates: Templates) -> None:
@@ -191,20 +209,36 @@ def test_one_role_per_function_and_each_function_is_bounded(templates: Templates
         assert props["Architectures"] == ["arm64"] and props["Runtime"].startswith("python3.")
         group = props["LoggingConfig"]["LogGroup"]["Ref"]
         assert log_groups[group]["RetentionInDays"] == 90
-        assert props["Handler"].startswith("qcsight_cloud.lambdas.")
+    from stacks import names
+
+    # Each function gets exactly the variables its handler reads, and the store the tables make up.
+    by_name = {props["FunctionName"]: props for _, _, props in functions}
+    for spec in names.FUNCTIONS:
+        props = by_name[f"qcsight-{spec.key}"]
+        assert props["Handler"] == spec.handler
+        env = resolve(props["Environment"]["Variables"])
+        assert set(env) == set(names.FUNCTION_ENV[spec.key]), spec.key
+        assert env["QCSIGHT_STORE"] == "dynamodb:qcsight"
+    fleet = json.loads(resolve(by_name["qcsight-ingest"]["Environment"]["Variables"])["QCSIGHT_FLEET"])
+    assert fleet == {"lines": {"line-7": {"thing_group": "qcsight-line-line-7"},
+                               "line-8": {"thing_group": "qcsight-line-line-8"}}}
 
 
 # ---------------------------------------------------------------- IoT, events, batch
 
 
 def test_every_iot_rule_has_an_error_action_and_passes_the_connection_identity(templates: Templates) -> None:
+    from qcsight_cloud.lambda_ingest import RULE_SQL, RULE_SQL_VERSION
+
     rules = list(resources(templates, "AWS::IoT::TopicRule"))
+    assert sorted(props["TopicRulePayload"]["Sql"] for _, _, props in rules) == sorted(RULE_SQL.values())
+    assert {props["TopicRulePayload"]["AwsIotSqlVersion"] for _, _, props in rules} == {RULE_SQL_VERSION}
     assert {props["TopicRulePayload"]["Sql"].rsplit("'qcsight/+/", 1)[1] for _, _, props in rules} == {
         "metrics'", "alerts'", "status'"}
     for _, logical_id, props in rules:
         payload = props["TopicRulePayload"]
         assert payload["ErrorAction"]["Sqs"]["QueueUrl"], logical_id
-        assert "clientid() AS _clientid" in payload["Sql"] and "topic() AS _topic" in payload["Sql"]
+        assert "clientid() AS clientid" in payload["Sql"] and "topic() AS topic" in payload["Sql"]
         assert "Lambda" in payload["Actions"][0]
 
 
@@ -234,12 +268,28 @@ def test_batch_schedule_sends_the_request_batch_submit_builds(templates: Templat
     assert resolve(model["PrimaryContainer"])["ModelDataUrl"] == f"s3://qcsight-models-{ACCOUNT}-{REGION}/batch/current/model.tar.gz"
 
 
-def test_pipeline_takes_the_definition_code_produced(templates: Templates) -> None:
+def test_pipeline_is_qcsight_clouds_definition_with_this_fleets_role_buckets_and_group(templates: Templates) -> None:
+    from qcsight_cloud import pipeline as qp
+
     (_, _, pipeline), = resources(templates, "AWS::SageMaker::Pipeline")
     body = json.loads(resolve(pipeline["PipelineDefinition"]["PipelineDefinitionBody"]))
-    step = body["Steps"][0]["Arguments"]
-    assert step["RoleArn"] == f"arn:aws:iam::{ACCOUNT}:role/qcsight-sagemaker-execution"
-    assert step["OutputDataConfig"]["S3OutputPath"] == f"s3://qcsight-pipeline-{ACCOUNT}-{REGION}/runs/"
+    steps = {step["Name"]: step for step in body["Steps"]}
+    assert list(steps) == [qp.TRAIN, qp.EVALUATE, qp.GATE, qp.CONDITION]
+    train = steps[qp.TRAIN]["Arguments"]
+    assert train["RoleArn"] == f"arn:aws:iam::{ACCOUNT}:role/qcsight-sagemaker-execution"
+    assert train["AlgorithmSpecification"]["TrainingImage"].startswith(f"763104351884.dkr.ecr.{REGION}.amazonaws.com/"
+                                                                       "pytorch-training:")
+    code = next(c for c in train["InputDataConfig"] if c["ChannelName"] == "code")
+    assert code["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://qcsight-pipeline-{ACCOUNT}-{REGION}/source/"
+    kms = train["OutputDataConfig"]["KmsKeyId"]
+    assert kms.startswith("<Import:qcsight-storage:") and "Key" in kms, "the storage stack's key"
+    [register] = steps[qp.CONDITION]["Arguments"]["IfSteps"]
+    assert register["Arguments"]["ModelPackageGroupName"] == "qcsight-models"
+    assert register["Arguments"]["ModelApprovalStatus"] == "PendingManualApproval"
+    [(_, _, model)] = list(resources(templates, "AWS::SageMaker::Model"))
+    batch_image = resolve(model["PrimaryContainer"])["Image"]["Fn::Sub"]  # the scoring image asset
+    assert batch_image in str(register["Arguments"]["InferenceSpecification"]["Containers"][0]["Image"]), \
+        "the candidate is served by the Batch Transform image"
 
 
 def test_silent_devices_are_flagged_by_device_defender(templates: Templates) -> None:
@@ -277,3 +327,25 @@ def test_every_alarm_notifies_the_ops_topic(templates: Templates) -> None:
     body = str(resolve(dashboard["DashboardBody"]))
     for title in ("Defect rate by line", "Drift (PSI)", "Silent devices", "Retraining pipeline runs"):
         assert title in body
+
+
+def test_the_dashboard_and_alarms_read_metrics_the_functions_write(tmp_path: Any) -> None:
+    from stacks import names
+
+    from qcsight_cloud.emf import NAMESPACE, window_document
+    from qcsight_cloud.fleet import Fleet
+    from qcsight_cloud.ingest import Ingestor
+    from qcsight_cloud.lambda_policy import silent_document
+    from qcsight_cloud.sqlite_store import SqliteStore
+    from tests.cloud import builders
+
+    store = SqliteStore(tmp_path / "s.sqlite")
+    Ingestor(store, lambda t: "line-1").ingest_batch([builders.incoming(builders.metrics("cam-1", 1, builders.T0))])
+    [window] = store.windows(thing="cam-1", since=builders.T0 - timedelta(hours=1))
+    written = {m["Name"] for m in window_document(window)["_aws"]["CloudWatchMetrics"][0]["Metrics"]}
+    written |= {"SilentDevices"} & set(silent_document(Fleet({}), [], builders.T0))
+    assert names.METRICS_NAMESPACE == NAMESPACE
+    drawn = {names.METRIC_DEFECT_RATE, names.METRIC_CONFIDENCE_PSI, names.METRIC_BRIGHTNESS_PSI,
+             names.METRIC_LATENCY_P95, names.METRIC_SILENT_DEVICES}
+    assert drawn <= written, drawn - written
+    assert names.METRIC_DIMENSION_LINE in window_document(window)["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0]

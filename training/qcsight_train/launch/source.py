@@ -17,8 +17,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # What the container needs from a checkout; everything else (venv, .git, data, runs) stays home.
-# qcsight_aws: qcsight_train.data imports it (for s3:// data given to a local run).
-SOURCE_TOP_LEVEL = ("pyproject.toml", "README.md", "LICENSE", "edge_agent", "batch", "training", "infra/qcsight_aws")
+# qcsight_aws: qcsight_train.data imports it (for s3:// data given to a local run). qcsight_cloud: the
+# retraining pipeline's gate step runs `qcsight cloud gate` from the same tarball (qcsight_cloud.pipeline).
+SOURCE_TOP_LEVEL = ("pyproject.toml", "README.md", "LICENSE", "edge_agent", "batch", "training", "infra/qcsight_aws",
+                    "infra/qcsight_cloud")
 _SOURCE_SKIP_DIRS = {"__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".ipynb_checkpoints"}
 _SOURCE_SKIP_SUFFIXES = (".pyc", ".pyo")
 # Installed by the PyTorch image with matching CUDA builds; reinstalling them from PyPI would not.
