@@ -419,23 +419,18 @@ def make_transport(thing: str, transport: TransportConfig) -> Publisher | None:
         return None
     if transport.kind == "ipc":
         raise ConfigError("transport.kind", "ipc", "used only with --greengrass (the nucleus's IPC socket)")
-    from qcsight_edge.mqtt import MqttSettings, make_publisher
+    from qcsight_edge.mqtt import make_publisher
 
-    assert transport.cert and transport.key and transport.ca  # config validation requires them for mqtt
-    settings = MqttSettings(endpoint=transport.endpoint, port=transport.port, thing_name=thing, cert=transport.cert,
-                            key=transport.key, ca=transport.ca, protocol=transport.kind,
-                            keep_alive_s=transport.keep_alive_s, connect_timeout_s=transport.connect_timeout_s,
-                            iot_core_limits=transport.iot_core_limits, client_id=transport.client_id or None,
-                            ack_timeout_s=transport.ack_timeout_s,
-                            min_reconnect_delay_s=transport.min_reconnect_delay_s,
-                            max_reconnect_delay_s=transport.max_reconnect_delay_s)
+    settings = replace(transport, thing_name=thing, protocol=transport.kind)
     settings.check_files()
     warn_if_key_exposed(settings.key, "transport.key")
     return make_publisher(settings)
 
 
-def warn_if_key_exposed(key: Path, field: str) -> None:
+def warn_if_key_exposed(key: Path | None, field: str) -> None:
     """Log a warning when the private key file can be read (or written) by its group or by others."""
+    if key is None:
+        return
     try:
         mode = stat.S_IMODE(os.stat(key).st_mode)
     except OSError:
@@ -450,11 +445,9 @@ def make_line_signal(thing: str, line: LineSignalConfig) -> LineSignal:
         return NoLineSignal()
     if line.kind == "log":
         return LogLineSignal()
-    from qcsight_edge.mqtt import MqttSettings, make_publisher
+    from qcsight_edge.mqtt import make_publisher
 
-    assert line.cert and line.key and line.ca
-    settings = MqttSettings(endpoint=line.endpoint, port=line.port, thing_name=thing, cert=line.cert, key=line.key,
-                            ca=line.ca, protocol="mqtt5", iot_core_limits=False, client_id=f"{thing}-line")
+    settings = replace(line, thing_name=thing, protocol="mqtt5", client_id=line.client_id or f"{thing}-line")
     settings.check_files()
     warn_if_key_exposed(settings.key, "line_signal.key")
     publisher = make_publisher(settings)

@@ -1,16 +1,35 @@
-"""The agent's configuration: one frozen AgentConfig, read once from YAML or Greengrass, validated by field."""
+"""The agent's configuration: one frozen AgentConfig, read once from YAML or Greengrass, validated by field.
+
+The dataclasses below are the only definition of a setting: its type, its default, its bounds and
+its help text (``field(metadata=...)`` through `setting`). The reader (`AgentConfig.from_dict`),
+the annotated example file (``agent.example.yaml``) and the JSON Schema (``agent.schema.json``,
+both written by ``python -m qcsight_edge.config_docs``) are derived from them; what a field cannot
+say by itself (a default that depends on another field, a rule between fields) is written once in
+the section's reader below.
+
+Greengrass Lite serves every scalar of a YAML recipe's DefaultConfiguration as a string (its YAML
+decoder keeps scalars as text: max_fps 2 arrives as '2', true as 'true'), and a configuration merge
+on the Java nucleus can turn 10 into 10.0. The reader takes those forms for what they mean
+(`qcsight_core.checks`) and then applies the same range checks; anything else is refused by name.
+"""
+
+# RUF009: `setting` is this module's dataclass field specifier (it returns `field(...)`), not a call
+# whose result every instance would share.
+# ruff: noqa: RUF009
 
 from __future__ import annotations
 
-import math
+import inspect
 import re
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import typing
+from collections.abc import Collection, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from qcsight_core.checks import check_int, check_number, check_size
 from qcsight_core.errors import ConfigError
 from qcsight_core.runner import PRECISION_CHOICES
 from qcsight_core.topics import check_thing_name
@@ -20,21 +39,44 @@ from qcsight_edge.redact import redact_uri
 SOURCE_KINDS = ("camera", "hotfolder", "synthetic")
 SOURCE_MODES = ("free", "trigger")
 TRANSPORTS = ("mqtt5", "mqtt311", "ipc", "none")
+PROTOCOLS = ("mqtt5", "mqtt311")
 LINE_SIGNALS = ("none", "log", "mqtt")
+IMAGE_UPLOAD_KINDS = ("none", "s3", "folder")
+CREDENTIAL_KINDS = ("auto", "iot", "greengrass", "environment")
 GREENGRASS_KEYS = ("accessControl",)
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-# The largest count any setting takes: SQLite's (and C's) 64-bit signed integer. A 400-digit value
-# would otherwise pass validation and overflow wherever it is used.
-MAX_INT = 2**63 - 1
-_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
-          "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+# S3 bucket names: 3-63 of lowercase letters, digits, '.', '-', starting and ending with a letter or digit.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_ROLE_ALIAS = re.compile(r"^[\w=,@-]{1,128}$")
 _INTEGER_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
 
 
-# Greengrass Lite serves every scalar of a YAML recipe's DefaultConfiguration as a string (its YAML
-# decoder keeps scalars as text: max_fps 2 arrives as '2', true as 'true'), and a configuration merge
-# on the Java nucleus can turn 10 into 10.0. The readers below take those forms for what they mean
-# and then apply the same range checks; anything else is left as it is, to be refused by name.
+def setting(default: Any = MISSING, *, help: str, low: float | None = None, high: float | None = None,
+            open_low: bool = False, choices: tuple[str, ...] = (), size: bool = False, file: bool = False,
+            state_file: str | None = None, example: Any = None, internal: bool = False,
+            custom: bool = False, absent: Any = MISSING, default_factory: Any = MISSING) -> Any:
+    """A configuration field: its default, and in its metadata what the reader, the schema and the example need.
+
+    Args:
+        help: what the setting does (the example file's comment, the schema's description).
+        low, high, open_low: bounds of a number (``open_low``: more than ``low``).
+        choices: the words a text setting allows.
+        size: a byte count (an integer, or text such as '256MiB').
+        file: a path that must name an existing file when given.
+        state_file: a path whose default is this name inside ``state_dir``.
+        example: what the example file shows for a required setting.
+        internal: set by the program, not read from the configuration (the MQTT thing name, protocol).
+        custom: read by the section's reader itself (a value of several types, or one needing another field).
+        absent: the value when the configuration leaves the setting out, for a field the dataclass requires.
+    """
+    meta = {"help": help, "low": low, "high": high, "open_low": open_low, "choices": choices, "size": size,
+            "file": file, "state_file": state_file, "example": example, "internal": internal, "custom": custom,
+            "absent": absent}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 def coerce_integer(value: Any) -> Any:
     """'10', ' 10 ' and 10.0 as 10; any other value unchanged."""
     if isinstance(value, str) and _INTEGER_TEXT.match(value):
@@ -44,273 +86,311 @@ def coerce_integer(value: Any) -> Any:
     return value
 
 
-def coerce_number(value: Any) -> Any:
-    """'0.5' as 0.5 and '2' as 2.0; any other value unchanged (non-finite text is refused by the caller)."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
 def coerce_boolean(value: Any) -> Any:
-    """'true' and 'false' (any case) as booleans; any other value unchanged."""
+    """'true' and 'false' (any case) as booleans; any other value unchanged (only these words are booleans)."""
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     return value
 
 
+# ---------------------------------------------------------------- the definition
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which bundle runs and how.
+    """Which bundle runs and how."""
 
-    Attributes:
-        bundle: a bundle directory or model.tar.gz; changing it at run time hot-swaps the model.
-        precision: fp32, int8, or auto (int8 when the bundle has it).
-        intra_op_threads: ONNX Runtime threads inside one operator; 0 lets it decide.
-        warmup_runs: inferences run on a new model before it replaces the old one.
-        verify_key: a public key (PEM); when set, only bundles signed with it are loaded.
-    """
-
-    bundle: Path
-    precision: str = "auto"
-    intra_op_threads: int = 0
-    warmup_runs: int = 2
-    verify_key: Path | None = None
+    bundle: Path = setting(help="a bundle directory or model.tar.gz. Changing it while running hot-swaps the model "
+                                "(verified and warmed first).", example="bundle")
+    precision: str = setting("auto", choices=PRECISION_CHOICES,
+                             help="fp32, int8, or auto (int8 when the bundle has model.int8.onnx)")
+    intra_op_threads: int = setting(0, low=0, high=256, help="ONNX Runtime threads per operator; 0 lets it decide")
+    warmup_runs: int = setting(2, low=0, high=100, help="inferences run on a new model before it replaces the old one")
+    verify_key: Path | None = setting(None, file=True, help=(
+        "a public key (PEM: qcsight bundle keygen, or a KMS key's exported public key). When set, a bundle must carry "
+        "a signature made with it (qcsight bundle sign) or it is refused; without it, loading checks only that the "
+        "files match the manifest's sha256 (not who wrote them)."))
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     """Where frames come from.
 
-    Attributes:
-        kind: camera (OpenCV VideoCapture: USB index, RTSP/HTTP URL or video file), hotfolder, synthetic.
-        uri: camera: a device index (0) or a URL/path; hotfolder: the inbox directory.
-        mode: free (free-running, capped at max_fps) or trigger (one frame per part; for the hot
-            folder each file is a part; cameras do not support trigger).
-        max_fps: frame-rate cap for free-running sources; 0 = as fast as the source gives frames.
-        loop: camera reading a video file: start again at its end (demo); otherwise the end of a
-            file is the end of the run.
-        reconnect_initial_s: first wait after a camera is lost; doubles up to reconnect_max_s.
-        reconnect_max_s: the longest wait between reconnection attempts.
-        settle_s: hot folder: a file is read only after its size and mtime have not changed for this long.
-        poll_s: hot folder: how often the inbox is scanned.
-        retain_s: hot folder: files in done/ and failed/ older than this are deleted; 0 keeps them.
-        retain_bytes: hot folder: done/ and failed/ together hold at most this, oldest deleted first; 0: no cap.
-        size: synthetic: frame side in pixels (square).
-        defect_rate: synthetic: fraction of frames drawn with a defect.
-        seed: synthetic: random seed.
+    camera: uri is a USB index (0), an rtsp:// or http:// URL, or a video file path; live sources
+    reconnect with exponential backoff when lost; a file ends the run (exit 0) unless loop is true.
+    hotfolder: uri is the inbox directory and each file is one part. Partial files are never read:
+    write as name.jpg.part (or .tmp, or a leading dot) and rename when complete, or write in place:
+    a file is read once its size and mtime stayed the same for settle_s. Judged files move to
+    <inbox>/done/ once their alert is stored in the outbox; undecodable ones and symbolic links
+    (never followed) to <inbox>/failed/. Files still in the inbox at stop (or after a crash) are
+    read on the next start. synthetic: rendered surface pictures with defect_rate defects (the demo).
     """
 
-    kind: str = "synthetic"
-    uri: str | int | None = None
-    mode: str = "free"
-    max_fps: float = 10.0
-    loop: bool = False
-    reconnect_initial_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    settle_s: float = 0.5
-    poll_s: float = 0.2
-    retain_s: float = 7 * 86400.0
-    retain_bytes: int = 1024**3
-    size: int = 256
-    defect_rate: float = 0.05
-    seed: int = 0
+    kind: str = setting("synthetic", choices=SOURCE_KINDS, help="camera, hotfolder or synthetic")
+    uri: str | int | None = setting(None, custom=True, help=(
+        "camera: a device index (0) or a URL/path; hotfolder: the inbox directory (both required)"))
+    mode: str = setting("free", choices=SOURCE_MODES, help=(
+        "free (cameras, synthetic; capped at max_fps) or trigger (one frame per part: the hot folder's default and "
+        "only mode). A camera part-trigger input is not supported."))
+    max_fps: float = setting(10.0, low=0.0, high=1000.0, help="frame-rate cap; 0 = as fast as frames come")
+    loop: bool = setting(False, help="camera reading a video file: start again at its end")
+    reconnect_initial_s: float = setting(0.5, low=0.0, high=3600.0, open_low=True,
+                                         help="first wait after a live camera is lost; doubles up to reconnect_max_s")
+    reconnect_max_s: float = setting(30.0, high=3600.0, help="the longest wait between reconnection attempts "
+                                     "(at least reconnect_initial_s)")
+    settle_s: float = setting(0.5, low=0.0, high=600.0, help="hotfolder: size and mtime must be stable this long")
+    poll_s: float = setting(0.2, low=0.0, high=60.0, open_low=True, help="hotfolder: how often the inbox is scanned")
+    retain_s: float = setting(7 * 86400.0, low=0.0, high=100 * 365 * 86400.0, help=(
+        "hotfolder: files in done/ and failed/ older than this (7 days) are deleted; 0 keeps them"))
+    retain_bytes: int = setting(1024**3, low=0, size=True, help=(
+        "hotfolder: done/ and failed/ together hold at most this, oldest deleted first; 0 = no cap"))
+    size: int = setting(256, low=32, high=2048, help="synthetic: picture side in pixels")
+    defect_rate: float = setting(0.05, low=0.0, high=1.0, help="synthetic: fraction of defective parts")
+    seed: int = setting(0, low=0, help="synthetic: random seed")
 
 
 @dataclass(frozen=True)
 class Roi:
-    """A crop, in pixels of the source frame, applied before preprocessing."""
+    """A crop, in source pixels, applied before preprocessing, e.g. {x: 100, y: 40, width: 640, height: 480}."""
 
-    x: int
-    y: int
-    width: int
-    height: int
+    x: int = setting(absent=0, low=0, high=65535, help="left edge")
+    y: int = setting(absent=0, low=0, high=65535, help="top edge")
+    width: int = setting(low=8, high=65535, help="width in pixels", example=640)
+    height: int = setting(low=8, high=65535, help="height in pixels", example=480)
 
 
 @dataclass(frozen=True)
 class AlertConfig:
     """What raises an alert and what it carries."""
 
-    on_uncertain: bool = True
-    thumbnail_max_side: int = 160
-    thumbnail_quality: int = 80
+    on_uncertain: bool = setting(True, help="alert on uncertain verdicts too, not only defects")
+    thumbnail_max_side: int = setting(160, low=16, high=1024, help="the alert's JPEG thumbnail, longer side in pixels")
+    thumbnail_quality: int = setting(80, low=10, high=100, help=(
+        "side and quality are refused when a worst-case (noise) thumbnail would not fit IoT Core's 128 KiB message, "
+        "e.g. 512 at 90; a thumbnail too big for one alert is shrunk, or dropped (counted)"))
 
 
-@dataclass(frozen=True)
-class LineSignalConfig:
-    """The reject signal to the line controller (local, never via the cloud).
+_PEM = "a PEM file"
 
-    Attributes:
-        kind: none, log (a log line per reject: the stand-in when nothing is wired), or mqtt (a
-            publish on qcsight/<thing>/line/reject to the line's local broker, TLS with a client
-            certificate like every qcsight MQTT connection).
-        endpoint, port, cert, key, ca: the local broker, for kind mqtt.
-        on_uncertain: also reject parts whose verdict is uncertain (they go to a person).
+
+@dataclass(frozen=True, kw_only=True)
+class MqttSettings:
+    """How the device reaches an MQTT broker (IoT Core's ATS endpoint, or a local broker), mutual TLS.
+
+    The type of the agent's ``transport`` and ``line_signal`` sections and what the MQTT transports
+    of `qcsight_edge.mqtt` are built from. ``thing_name`` and ``protocol`` are the agent's to set.
     """
 
-    kind: str = "log"
-    endpoint: str = ""
-    port: int = 8883
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    on_uncertain: bool = True
+    where: ClassVar[str] = "mqtt"  # how errors of a directly built instance name the fields
+
+    endpoint: str = setting("", help="the broker host name without scheme, e.g. "
+                            "xxxxxxxx-ats.iot.eu-west-1.amazonaws.com; required to connect")
+    port: int = setting(8883, low=1, high=65535, help="the broker port (8883 for IoT Core mutual TLS)")
+    cert: Path | None = setting(None, file=True, help=f"the device certificate, {_PEM}; required to connect")
+    key: Path | None = setting(None, file=True, help=(
+        f"its private key, {_PEM}; keep it chmod 600 (the agent warns when group or others can read it)"))
+    ca: Path | None = setting(None, file=True, help=f"the CA that signed the broker's certificate, {_PEM}")
+    client_id: str = setting("", help="the MQTT client id; the thing name when empty (IoT policies scope by it)")
+    keep_alive_s: int = setting(60, low=5, high=1200, help="MQTT keep-alive (IoT Core accepts 30-1200 s)")
+    connect_timeout_s: float = setting(10.0, low=0.1, high=300.0, help=(
+        "one connection attempt (TCP, TLS, CONNACK); the transport keeps reconnecting by itself"))
+    ack_timeout_s: int = setting(10, low=1, high=600, help="a publish without PUBACK after this long fails (and is "
+                                 "retried from the outbox)")
+    min_reconnect_delay_s: float = setting(1.0, low=0.01, high=3600.0, help="the reconnect backoff's first wait")
+    max_reconnect_delay_s: float = setting(60.0, low=0.01, high=3600.0, help=(
+        "the reconnect backoff's longest wait (at least min_reconnect_delay_s)"))
+    max_in_flight: int = setting(100, low=1, high=65535, help=(
+        "publishes awaiting PUBACK at once; more fail at once instead of queueing"))
+    iot_core_limits: bool = setting(True, help=(
+        "MQTT5: throttle to IoT Core's per-connection limits (100 publishes/s, 512 KB/s) so a backlog drains at the "
+        "rate IoT Core accepts; false for a local broker"))
+    thing_name: str = setting("", internal=True, help="the IoT thing; the agent's thing_name")
+    protocol: str = setting("mqtt5", choices=PROTOCOLS, internal=True, help="mqtt5 or mqtt311")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("file") and isinstance(value, str) and value:
+                object.__setattr__(self, f.name, Path(value))
+            _check_typed(self, f, value)
+        name = self.where
+        if not isinstance(self.endpoint, str) or "://" in self.endpoint:
+            raise ConfigError(f"{name}.endpoint", self.endpoint, "a host name without scheme, e.g. "
+                              "xxx-ats.iot.<region>.amazonaws.com")
+        if self.thing_name:
+            check_thing_name(self.thing_name)
+        if len(self.client_id) > 128:
+            raise ConfigError(f"{name}.client_id", self.client_id, "at most 128 characters, or empty for thing_name")
+        if self.max_reconnect_delay_s < self.min_reconnect_delay_s:
+            raise ConfigError(f"{name}.max_reconnect_delay_s", self.max_reconnect_delay_s,
+                              f"at least min_reconnect_delay_s ({self.min_reconnect_delay_s})")
+
+    @property
+    def mqtt_client_id(self) -> str:
+        return self.client_id or self.thing_name
+
+    def check_files(self) -> None:
+        """Raise ConfigError naming the field and file if the endpoint, thing, certificate, key or CA cannot be used."""
+        name = "mqtt"
+        if not self.endpoint.strip():
+            raise ConfigError(f"{name}.endpoint", self.endpoint, "required: the broker host name")
+        check_thing_name(self.thing_name)
+        for key in ("cert", "key", "ca"):
+            path: Path | None = getattr(self, key)
+            if path is None:
+                raise ConfigError(f"{name}.{key}", None, "a path to a PEM file")
+            try:
+                head = path.read_bytes()[:4096]
+            except FileNotFoundError:
+                raise ConfigError(f"{name}.{key}", str(path), "a readable PEM file; it does not exist") from None
+            except OSError as exc:
+                raise ConfigError(f"{name}.{key}", str(path), f"a readable PEM file; cannot read it: "
+                                  f"{exc.strerror or exc}") from None
+            if b"-----BEGIN" not in head:
+                raise ConfigError(f"{name}.{key}", str(path), "a PEM file; it has no '-----BEGIN' line")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LineSignalConfig(MqttSettings):
+    """The reject signal to the line controller (local; never through the cloud).
+
+    kind mqtt publishes on qcsight/<thing>/line/reject to the line's local broker, with TLS and a
+    client certificate like every qcsight MQTT connection (the MQTT settings below).
+    """
+
+    where: ClassVar[str] = "line_signal"
+
+    kind: str = setting("log", choices=LINE_SIGNALS, help=(
+        "none, log (a log line per reject: the stand-in when nothing is wired) or mqtt"))
+    on_uncertain: bool = setting(True, help="also reject parts whose verdict is uncertain (they go to a person)")
+    iot_core_limits: bool = setting(False, help="throttle to IoT Core's per-connection limits (off: a local broker)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransportConfig(MqttSettings):
+    """How the outbox reaches the cloud."""
+
+    where: ClassVar[str] = "transport"
+
+    kind: str = setting("none", choices=TRANSPORTS, help=(
+        "mqtt5 or mqtt311 (direct to IoT Core or a broker, mutual TLS), ipc (through the Greengrass nucleus; needs "
+        "--greengrass), or none (messages stay in the outbox)"))
 
 
 @dataclass(frozen=True)
 class ImageStoreConfig:
     """Full-resolution images of alerted frames, kept on local disk under a byte cap (oldest evicted)."""
 
-    dir: Path
-    max_bytes: int = 1024**3
-    jpeg_quality: int = 90
+    dir: Path = setting(state_file="images", help="the folder")
+    max_bytes: int = setting(1024**3, low=1024, size=True, help="bytes, or with a unit: 500MB, 1GiB")
+    jpeg_quality: int = setting(90, low=10, high=100, help="JPEG quality of the stored images")
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     """Windowed metrics and the status heartbeat."""
 
-    window_s: float = 60.0
-    heartbeat_s: float = 30.0
-    reservoir_size: int = 2048
+    window_s: float = setting(60.0, low=0.0, high=86400.0, open_low=True,
+                              help="one qcsight.metrics/1 message per window")
+    heartbeat_s: float = setting(30.0, low=0.0, high=86400.0, open_low=True,
+                                 help="one qcsight.status/1 heartbeat per interval")
+    reservoir_size: int = setting(2048, low=16, high=1_000_000,
+                                  help="samples kept per window for quantiles (bounded memory)")
 
 
 @dataclass(frozen=True)
 class OutboxConfig:
-    """The durable outbox every message goes through."""
+    """The durable outbox every message goes through: stored here first (SQLite), then sent."""
 
-    path: Path
-    max_messages: int = 100_000
-    max_bytes: int = 256 * 1024**2
-
-
-@dataclass(frozen=True)
-class TransportConfig:
-    """How the outbox reaches the cloud.
-
-    Attributes:
-        kind: mqtt5 or mqtt311 (direct to IoT Core or a broker, mutual TLS), ipc (through the
-            Greengrass nucleus; needs --greengrass), or none (messages stay in the outbox).
-        endpoint, port: the broker (IoT Core's ATS endpoint, port 8883).
-        cert, key, ca: PEM files: the device certificate, its key, the CA of the broker.
-        client_id: MQTT client id; the thing name when empty.
-        keep_alive_s: MQTT keep-alive.
-        connect_timeout_s: one connection attempt; the transport keeps reconnecting by itself.
-        iot_core_limits: MQTT5: throttle to IoT Core's per-connection limits (off for a local broker).
-        ack_timeout_s: a publish without PUBACK after this long is retried.
-        min_reconnect_delay_s, max_reconnect_delay_s: the transport's reconnect backoff bounds.
-    """
-
-    kind: str = "none"
-    endpoint: str = ""
-    port: int = 8883
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    client_id: str = ""
-    keep_alive_s: int = 60
-    connect_timeout_s: float = 10.0
-    iot_core_limits: bool = True
-    ack_timeout_s: int = 10
-    min_reconnect_delay_s: float = 1.0
-    max_reconnect_delay_s: float = 60.0
-
-
-# ---------------------------------------------------------------- image upload (its own section: see _image_upload)
-
-IMAGE_UPLOAD_KINDS = ("none", "s3", "folder")
-CREDENTIAL_KINDS = ("auto", "iot", "greengrass", "environment")
-# S3 bucket names: 3-63 of lowercase letters, digits, '.', '-', starting and ending with a letter or digit.
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
-_ROLE_ALIAS = re.compile(r"^[\w=,@-]{1,128}$")
+    path: Path = setting(state_file="outbox.db", help="the SQLite file")
+    max_messages: int = setting(100_000, low=1, help="when full: metrics go first, then status, alerts last")
+    max_bytes: int = setting(256 * 1024**2, low=1024, size=True, help="bytes, or with a unit")
 
 
 @dataclass(frozen=True)
 class CredentialsConfig:
-    """Where the device's temporary AWS credentials come from (for an s3 image upload).
+    """Where the device's temporary AWS credentials come from (for an s3 image upload), refreshed before they expire."""
 
-    Attributes:
-        kind: iot (the AWS IoT credentials provider with the device certificate and a role alias),
-            greengrass (the Token Exchange Service: AWS_CONTAINER_CREDENTIALS_FULL_URI and
-            AWS_CONTAINER_AUTHORIZATION_TOKEN), environment (AWS_ACCESS_KEY_ID, ...), or auto:
-            greengrass when those variables are set, else iot.
-        endpoint: iot: the credentials endpoint host (describe-endpoint iot:CredentialProvider).
-        port: iot: 443 for AWS.
-        role_alias: iot: the role alias.
-        cert, key, ca: iot: PEM files; transport's when empty.
-        refresh_before_s: fetch new credentials this long before the current ones expire.
-        timeout_s: one credentials request.
-    """
-
-    kind: str = "auto"
-    endpoint: str = ""
-    port: int = 443
-    role_alias: str = ""
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    refresh_before_s: float = 300.0
-    timeout_s: float = 10.0
+    kind: str = setting("auto", choices=CREDENTIAL_KINDS, help=(
+        "iot (the AWS IoT credentials provider: the device certificate buys the role alias's credentials), "
+        "greengrass (the Token Exchange Service: AWS_CONTAINER_CREDENTIALS_FULL_URI and "
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN; the component depends on aws.greengrass.TokenExchangeService), "
+        "environment (AWS_ACCESS_KEY_ID, ...: a development box), or auto: greengrass when those variables are "
+        "set, else iot"))
+    endpoint: str = setting("", help="iot: the credentials endpoint host (describe-endpoint iot:CredentialProvider), "
+                            "e.g. xxxxxxxx.credentials.iot.eu-west-1.amazonaws.com; required for iot")
+    port: int = setting(443, low=1, high=65535, help="iot: 443 for AWS")
+    role_alias: str = setting("", help="iot: the role alias (required); the thing's IoT policy must allow "
+                              "iot:AssumeRoleWithCertificate on it")
+    cert: Path | None = setting(None, file=True, help="iot: the device certificate; transport's when empty")
+    key: Path | None = setting(None, file=True, help="iot: its private key; transport's when empty")
+    ca: Path | None = setting(None, file=True, help="iot: the endpoint's CA; transport's when empty")
+    refresh_before_s: float = setting(300.0, low=0.0, high=43200.0,
+                                      help="fetch new credentials this long before the current ones expire")
+    timeout_s: float = setting(10.0, low=0.1, high=600.0, help="one credentials request")
 
 
 @dataclass(frozen=True)
 class ImageUploadConfig:
-    """Full images of alerted parts to the cloud, through a durable queue.
+    """Full images of alerted parts to the cloud (the alert carries a thumbnail), through a durable queue.
 
-    Attributes:
-        kind: none (images stay in the local image store), s3, or folder (a local or mounted folder
-            standing in for the bucket).
-        bucket, region: s3: the bucket and its region.
-        prefix: keys are <prefix>images/<thing>/<YYYY-MM-DD>/<alert_id>.jpg; empty, or ending in '/'.
-        endpoint: s3: an endpoint URL instead of AWS's (VPC endpoint, S3-compatible store, local stand-in).
-        path_style: s3: <endpoint>/<bucket>/<key> addressing (default: when an endpoint is given).
-        ca: s3: a CA bundle for https instead of the system's.
-        path: folder: the folder.
-        queue: the queue's SQLite file.
-        max_images, max_bytes: the backlog's bounds; beyond them the oldest pending images are evicted.
-        timeout_s: connect, and each wait for the store during one upload.
-        retry_initial_s, retry_max_s: backoff after a failed upload.
-        credentials: s3: where credentials come from.
+    Keys: <prefix>images/<thing>/<YYYY-MM-DD>/<alert_id>.jpg. Each alert names its image before it is
+    uploaded (image_ref: s3://bucket/key, file:///path for a folder; image_sha256); the object exists
+    only once complete. Images wait in a durable queue (stored before their alert, nothing lost on a
+    crash), are retried with backoff while the link, the store or the credentials fail, and a full
+    queue evicts the oldest; every image that will not arrive is named in a status error message.
     """
 
-    queue: Path
-    kind: str = "none"
-    bucket: str = ""
-    region: str = ""
-    prefix: str = ""
-    endpoint: str = ""
-    path_style: bool = False
-    ca: Path | None = None
-    path: Path | None = None
-    max_images: int = 10_000
-    max_bytes: int = 1024**3
-    timeout_s: float = 60.0
-    retry_initial_s: float = 1.0
-    retry_max_s: float = 300.0
-    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
+    queue: Path = setting(state_file="uploads.db", help="the upload queue (SQLite, 0600), like the outbox")
+    kind: str = setting("none", choices=IMAGE_UPLOAD_KINDS, help=(
+        "none (images stay in image_store only), s3, or folder (a local or mounted folder standing in for the bucket)"))
+    bucket: str = setting("", help="s3: the bucket (required), e.g. my-qcsight-images")
+    region: str = setting("", help="s3: the bucket's region (required; SigV4 signs for it), e.g. eu-west-1")
+    prefix: str = setting("", custom=True, help="e.g. plant-7/ ; a '/' is added when missing")
+    endpoint: str = setting("", help="s3: an http(s) URL instead of AWS's (VPC endpoint, S3-compatible store, "
+                            "http://127.0.0.1:5000 for a local moto server)")
+    path_style: bool = setting(False, help="s3: <endpoint>/<bucket>/<key> addressing; default true when endpoint "
+                               "is set")
+    ca: Path | None = setting(None, file=True, help="s3: a CA bundle for https instead of the system's")
+    path: Path | None = setting(None, help="folder: the folder (required)")
+    max_images: int = setting(10_000, low=1, help="the backlog's bounds; beyond them the OLDEST pending images are "
+                              "evicted (counted, named in status as lost)")
+    max_bytes: int = setting(1024**3, low=1024, size=True, help="the backlog's size bound")
+    timeout_s: float = setting(60.0, low=0.1, high=3600.0, help="connect, and each wait for the store during one "
+                               "upload")
+    retry_initial_s: float = setting(1.0, low=0.001, high=3600.0, help="backoff after a failed upload: doubles "
+                                     "(jittered) up to retry_max_s")
+    retry_max_s: float = setting(300.0, high=86400.0, help="the backoff's longest wait (at least retry_initial_s)")
+    credentials: CredentialsConfig = setting(default_factory=CredentialsConfig, help="s3: temporary credentials")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     """Everything the agent needs, validated once at the edge of the program."""
 
-    thing_name: str
-    model: ModelConfig
-    outbox: OutboxConfig
-    image_store: ImageStoreConfig
-    source: SourceConfig = field(default_factory=SourceConfig)
-    roi: Roi | None = None
-    queue_size: int = 4
-    alerts: AlertConfig = field(default_factory=AlertConfig)
-    line_signal: LineSignalConfig = field(default_factory=LineSignalConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    transport: TransportConfig = field(default_factory=TransportConfig)
-    image_upload: ImageUploadConfig | None = None
-    stop_deadline_s: float = 10.0
-    config_reload_s: float = 5.0
+    thing_name: str = setting(custom=True, example="line1-cam1",
+                              help="the IoT thing (1-128 of letters, digits, ':', '_', '-')")
+    state_dir: Path = setting(Path("qcsight-state"), help="where the outbox, the image store and the upload queue "
+                              "live unless their own paths are given")
+    model: ModelConfig = setting(help="which bundle runs and how")
+    source: SourceConfig = setting(default_factory=SourceConfig, help="where frames come from")
+    roi: Roi | None = setting(None, help="a crop before preprocessing, in source pixels")
+    queue_size: int = setting(4, low=1, high=10_000, help=(
+        "frames waiting for inference; when inference falls behind a camera the OLDEST are dropped (counted in "
+        "metrics 'dropped'); the hot folder waits instead (its files wait on disk)"))
+    alerts: AlertConfig = setting(default_factory=AlertConfig, help="alerts")
+    line_signal: LineSignalConfig = setting(default_factory=LineSignalConfig, help="the reject signal to the line")
+    image_store: ImageStoreConfig = setting(help="full images of alerted frames")
+    metrics: MetricsConfig = setting(default_factory=MetricsConfig, help="metrics")
+    outbox: OutboxConfig = setting(help="the durable outbox")
+    transport: TransportConfig = setting(default_factory=TransportConfig, help="the way to the cloud")
+    image_upload: ImageUploadConfig | None = setting(None, help="full images to the cloud")
+    stop_deadline_s: float = setting(10.0, low=0.0, high=600.0, help=(
+        "on SIGTERM/SIGINT: finish the frame in flight, then flush the outbox for at most this long; the rest stays "
+        "for the next start"))
+    config_reload_s: float = setting(5.0, low=0.0, high=3600.0, help=(
+        "how often the configuration file is checked for a changed model bundle (0 = never); other changes need a "
+        "restart"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base_dir: Path | None = None) -> AgentConfig:
@@ -326,8 +406,8 @@ class AgentConfig:
         return _parse(data, base_dir)
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved configuration, JSON/YAML-serialisable (paths as strings)."""
-        plain: dict[str, Any] = _plain(asdict(self))
+        """The resolved configuration, JSON/YAML-serialisable (paths as strings); from_dict reads it back."""
+        plain: dict[str, Any] = _plain(self)
         return plain
 
     def redacted_dict(self) -> dict[str, Any]:
@@ -340,6 +420,80 @@ class AgentConfig:
     def hot_fields_equal(self, other: AgentConfig) -> bool:
         """Whether other differs from self only in what the agent applies without a restart (the model)."""
         return self.to_dict() | {"model": None} == other.to_dict() | {"model": None}
+
+
+def settings_of(cls: type) -> list[Field[Any]]:
+    """The fields of a configuration dataclass the configuration holds (not the internal ones), in file order.
+
+    A subclass's own fields come before those it inherits (a section's kind before its MQTT settings).
+    """
+    own = list(inspect.get_annotations(cls))
+    listed = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
+    return [listed[n] for n in own if n in listed] + [f for n, f in listed.items() if n not in own]
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of each field of a configuration dataclass."""
+    if cls not in _FIELD_TYPES:
+        _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    return _FIELD_TYPES[cls]
+
+
+def section_type(hint: Any) -> type | None:
+    """The dataclass a field holds (``Roi | None`` -> Roi), or None for a plain value."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if isinstance(candidate, type) and is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def _check_typed(settings: MqttSettings, f: Field[Any], value: Any) -> None:
+    """A directly built MqttSettings: the field's type and bounds, with nothing coerced (the reader coerces)."""
+    name = f"{settings.where}.{f.name}"
+    hint = field_types(type(settings))[f.name]
+    meta = f.metadata
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(name, value, "true or false")
+    if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                 or (hint is int and not isinstance(value, int))):
+        raise ConfigError(name, value, "an integer" if hint is int else "a number")
+    if hint is int:
+        check_int(name, value, _int(meta["low"]), _int(meta["high"]))
+    elif hint is float:
+        check_number(name, value, meta["low"], meta["high"], open_low=meta["open_low"])
+    elif meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(name, value, f"one of {', '.join(meta['choices'])}")
+    elif hint is str and not isinstance(value, str):
+        raise ConfigError(name, value, "a string")
+    elif meta["file"] and value is not None and (not isinstance(value, Path) or not str(value)):
+        raise ConfigError(name, value, "a path to a PEM file")
+
+
+def _int(bound: float | None) -> int | None:
+    return None if bound is None else int(bound)
+
+
+def _default_text(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+def default_of(f: Field[Any], state_dir: Path | None = None) -> Any:
+    """What a setting is when the configuration leaves it out: MISSING when it is required."""
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    if f.metadata.get("absent", MISSING) is not MISSING:
+        return f.metadata["absent"]
+    if f.metadata.get("state_file"):
+        return (state_dir or Path("qcsight-state")) / f.metadata["state_file"]
+    return MISSING
+
+
+# ---------------------------------------------------------------- reading
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -379,8 +533,8 @@ def validate_config(data: Mapping[str, Any]) -> AgentConfig:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in settings_of(type(value))}
     if isinstance(value, Path):
         return str(value)
     return value
@@ -427,48 +581,16 @@ class _Section:
             raise ConfigError(self.name(key), given, "true or false")
         return value
 
-    def integer(self, key: str, default: int, low: int, high: int | None = None) -> int:
-        given = self.raw(key, default)
-        value = coerce_integer(given)
-        top = MAX_INT if high is None else high
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or value > top:
-            raise ConfigError(self.name(key), given, f"an integer from {low} to {top}")
-        return value
+    def integer(self, key: str, default: int, low: int | None, high: int | None = None) -> int:
+        return check_int(self.name(key), self.raw(key, default), low, high)
 
-    def number(self, key: str, default: float, low: float, high: float | None = None, *,
+    def number(self, key: str, default: float, low: float | None, high: float | None = None, *,
                open_low: bool = False) -> float:
-        given = self.raw(key, default)
-        value = coerce_number(given)
-        try:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        except OverflowError:  # an integer too large for a float (400 digits)
-            ok = False
-        if ok:
-            ok = (value > low if open_low else value >= low) and (high is None or value <= high)
-        if not ok:
-            bound = f"more than {low}" if open_low else f"at least {low}"
-            allowed = f"a number {bound}" + (f" and at most {high}" if high is not None else "")
-            raise ConfigError(self.name(key), given, allowed)
-        return float(value)
+        return check_number(self.name(key), self.raw(key, default), low, high, open_low=open_low)
 
     def size(self, key: str, default: int, low: int) -> int:
         """A byte count: an integer or a string such as '256MiB' or '1GB'."""
-        value = self.raw(key, default)
-        parsed: int | None = None
-        if isinstance(value, float) and value.is_integer():
-            parsed = coerce_integer(value)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            parsed = value
-        elif isinstance(value, str) and (match := _SIZE.match(value)):
-            unit = (match.group(2) or "").lower().rstrip("b")
-            try:
-                parsed = int(float(match.group(1)) * _UNITS[unit])
-            except OverflowError:  # 400 digits: float infinity
-                parsed = None
-        if parsed is None or not low <= parsed <= MAX_INT:
-            raise ConfigError(self.name(key), value,
-                              f"a byte count from {low} to {MAX_INT} (an integer or e.g. '256MiB')")
-        return parsed
+        return check_size(self.name(key), self.raw(key, default), low)
 
     def text(self, key: str, default: str = "") -> str:
         value = self.raw(key, default)
@@ -476,8 +598,8 @@ class _Section:
             raise ConfigError(self.name(key), value, "a string")
         return value
 
-    def path(self, key: str, default: str | None = None) -> Path:
-        value = self.required(key) if default is None else self.raw(key, default)
+    def path(self, key: str, default: str | Path | None = None) -> Path:
+        value = self.required(key) if default is None else self.raw(key, str(default))
         if not isinstance(value, str):
             raise ConfigError(self.name(key), value, "a path")
         path = Path(value).expanduser()
@@ -502,44 +624,93 @@ class _Section:
                               f"a known setting of {where}: {', '.join(sorted(self.used))}")
 
 
+
+    def read(self, cls: type, name: str, *, default: Any = MISSING, low: float | None = None,
+             state_dir: Path | None = None) -> Any:
+        """One setting of cls, read by its type and metadata; default and low override the definition's."""
+        f = next(f for f in fields(cls) if f.name == name)
+        hint = field_types(cls)[name]
+        meta = f.metadata
+        if default is MISSING:
+            default = default_of(f, state_dir)
+        low = meta["low"] if low is None else low
+        if hint is bool:
+            return self.boolean(name, default)
+        if hint is int and meta["size"]:
+            return self.size(name, default, int(low or 0))
+        if hint is int:
+            return self.integer(name, MISSING_TO_NONE(default), _int(low), _int(meta["high"]))
+        if hint is float:
+            return self.number(name, default, low, meta["high"], open_low=meta["open_low"])
+        if meta["choices"]:
+            return self.choice(name, default, meta["choices"])
+        if hint is str:
+            return self.text(name, default)
+        if hint is Path:
+            return self.path(name, None if default is MISSING else default)
+        if meta["file"]:
+            return self.existing_file(name)
+        if hint == Path | None:
+            return self.optional_path(name)
+        raise TypeError(f"{cls.__name__}.{name}: no reader for {hint}")  # a definition error, found by the tests
+
+    def read_all(self, cls: type, *, defaults: Mapping[str, Any] | None = None,
+                 lows: Mapping[str, float] | None = None, state_dir: Path | None = None,
+                 skip: Collection[str] = ()) -> dict[str, Any]:
+        """Every plain setting of cls (not sections, not custom ones, not those in skip), by name."""
+        values: dict[str, Any] = {}
+        for f in settings_of(cls):
+            if f.name in skip or f.metadata["custom"] or section_type(field_types(cls)[f.name]) is not None:
+                continue
+            values[f.name] = self.read(cls, f.name, default=(defaults or {}).get(f.name, MISSING),
+                                       low=(lows or {}).get(f.name), state_dir=state_dir)
+        return values
+
+
+def MISSING_TO_NONE(value: Any) -> Any:
+    """A required integer: the check names it when absent (None is never an integer)."""
+    return None if value is MISSING else value
+
+
 def _parse(data: Mapping[str, Any], base_dir: Path | None) -> AgentConfig:
     top = _Section(data, "", base_dir)
     thing = check_thing_name(top.required("thing_name"))
-    state_dir = top.path("state_dir", "qcsight-state")
+    values = top.read_all(AgentConfig)
+    state_dir: Path = values["state_dir"]
     cfg = AgentConfig(
         thing_name=thing,
         model=_model(top.section("model")),
         source=_source(top.section("source")),
         roi=_roi(top.raw("roi")),
-        queue_size=top.integer("queue_size", 4, 1, 10_000),
         alerts=_alerts(top.section("alerts")),
         line_signal=_line_signal(top.section("line_signal")),
-        image_store=_image_store(top.section("image_store"), state_dir),
-        metrics=_metrics(top.section("metrics")),
-        outbox=_outbox(top.section("outbox"), state_dir),
+        image_store=_read(ImageStoreConfig, top.section("image_store"), state_dir=state_dir),
+        metrics=_read(MetricsConfig, top.section("metrics")),
+        outbox=_read(OutboxConfig, top.section("outbox"), state_dir=state_dir),
         transport=_transport(top.section("transport")),
         image_upload=_image_upload(top.section("image_upload"), state_dir),
-        stop_deadline_s=top.number("stop_deadline_s", 10.0, 0.0, 600.0),
-        config_reload_s=top.number("config_reload_s", 5.0, 0.0, 3600.0),
+        **values,
     )
     top.finish()
     return cfg
 
 
-def _model(s: _Section) -> ModelConfig:
-    cfg = ModelConfig(
-        bundle=s.path("bundle"),
-        precision=s.choice("precision", "auto", PRECISION_CHOICES),
-        intra_op_threads=s.integer("intra_op_threads", 0, 0, 256),
-        warmup_runs=s.integer("warmup_runs", 2, 0, 100),
-        verify_key=s.existing_file("verify_key"),
-    )
+_T = typing.TypeVar("_T")
+
+
+def _read(cls: type[_T], s: _Section, state_dir: Path | None = None) -> _T:
+    """A section that the definition says all of."""
+    cfg = cls(**s.read_all(cls, state_dir=state_dir))
     s.finish()
     return cfg
 
 
+def _model(s: _Section) -> ModelConfig:
+    return _read(ModelConfig, s)
+
+
 def _source(s: _Section) -> SourceConfig:
-    kind = s.choice("kind", "synthetic", SOURCE_KINDS)
+    kind = s.read(SourceConfig, "kind")
     uri = s.raw("uri")
     if kind == "camera":
         uri = coerce_integer(uri)  # a device index served as '0' (Greengrass Lite) or 0.0 (a merge)
@@ -551,28 +722,15 @@ def _source(s: _Section) -> SourceConfig:
         uri = str(s.path("uri"))
     elif kind == "camera" and isinstance(uri, str) and "://" not in uri:
         uri = str(s.path("uri"))  # a video file: relative to the config file like every path
-    mode = s.choice("mode", "trigger" if kind == "hotfolder" else "free", SOURCE_MODES)
+    mode = s.read(SourceConfig, "mode", default="trigger" if kind == "hotfolder" else "free")
     if kind == "camera" and mode == "trigger":
         raise ConfigError(s.name("mode"), mode, "free for a camera (a hardware part trigger is not supported)")
     if kind == "hotfolder" and mode == "free":
         raise ConfigError(s.name("mode"), mode, "trigger for a hot folder (each file is one part)")
-    initial = s.number("reconnect_initial_s", 0.5, 0.0, 3600.0, open_low=True)
-    cfg = SourceConfig(
-        kind=kind,
-        uri=uri,
-        mode=mode,
-        max_fps=s.number("max_fps", 10.0, 0.0, 1000.0),
-        loop=s.boolean("loop", False),
-        reconnect_initial_s=initial,
-        reconnect_max_s=s.number("reconnect_max_s", max(30.0, initial), initial, 3600.0),
-        settle_s=s.number("settle_s", 0.5, 0.0, 600.0),
-        poll_s=s.number("poll_s", 0.2, 0.0, 60.0, open_low=True),
-        retain_s=s.number("retain_s", 7 * 86400.0, 0.0, 100 * 365 * 86400.0),
-        retain_bytes=s.size("retain_bytes", 1024**3, 0),
-        size=s.integer("size", 256, 32, 2048),
-        defect_rate=s.number("defect_rate", 0.05, 0.0, 1.0),
-        seed=s.integer("seed", 0, 0),
-    )
+    initial = s.read(SourceConfig, "reconnect_initial_s")
+    values = s.read_all(SourceConfig, defaults={"mode": mode, "reconnect_max_s": max(30.0, initial)},
+                        lows={"reconnect_max_s": initial})
+    cfg = SourceConfig(uri=uri, **values)
     s.finish()
     return cfg
 
@@ -583,152 +741,70 @@ def _roi(value: Any) -> Roi | None:
     s = _Section(value, "roi", None)
     for key in ("width", "height"):
         s.required(key)
-    roi = Roi(x=s.integer("x", 0, 0, 65535), y=s.integer("y", 0, 0, 65535),
-              width=s.integer("width", 0, 8, 65535), height=s.integer("height", 0, 8, 65535))
-    s.finish()
-    return roi
+    return _read(Roi, s)
 
 
 def _alerts(s: _Section) -> AlertConfig:
-    cfg = AlertConfig(
-        on_uncertain=s.boolean("on_uncertain", True),
-        thumbnail_max_side=s.integer("thumbnail_max_side", 160, 16, 1024),
-        thumbnail_quality=s.integer("thumbnail_quality", 80, 10, 100),
-    )
+    cfg = _read(AlertConfig, s)
     side, quality = cfg.thumbnail_max_side, cfg.thumbnail_quality
     if thumbnails.worst_case_size(side, quality) > thumbnails.THUMBNAIL_BUDGET:
         fits = thumbnails.largest_side_that_fits(side, quality)
         raise ConfigError(s.name("thumbnail_max_side"), side,
                           f"at most about {fits} at thumbnail_quality {quality} (or a lower quality): a thumbnail "
                           f"must fit with its alert in IoT Core's 128 KiB message whatever the picture holds")
-    s.finish()
     return cfg
 
 
 def _line_signal(s: _Section) -> LineSignalConfig:
-    kind = s.choice("kind", "log", LINE_SIGNALS)
-    cfg = LineSignalConfig(
-        kind=kind,
-        endpoint=_endpoint(s, required=kind == "mqtt"),
-        port=s.integer("port", 8883, 1, 65535),
-        cert=s.existing_file("cert"),
-        key=s.existing_file("key"),
-        ca=s.existing_file("ca"),
-        on_uncertain=s.boolean("on_uncertain", True),
-    )
-    if kind == "mqtt":
-        _require_tls(s, cfg.cert, cfg.key, cfg.ca)
-    s.finish()
-    return cfg
-
-
-def _endpoint(s: _Section, required: bool) -> str:
-    endpoint = s.text("endpoint", "")
-    if required and not endpoint:
-        raise ConfigError(s.name("endpoint"), None, "required: the broker host name")
-    if "://" in endpoint:
-        raise ConfigError(s.name("endpoint"), endpoint, "a host name without scheme (no mqtts://)")
-    return endpoint
-
-
-def _require_tls(s: _Section, cert: Path | None, key: Path | None, ca: Path | None) -> None:
-    for name, value in (("cert", cert), ("key", key), ("ca", ca)):
-        if value is None:
-            raise ConfigError(s.name(name), None, "required: MQTT connections use TLS with a client certificate "
-                              "(cert, key and the broker's ca, PEM files)")
-
-
-def _image_store(s: _Section, state_dir: Path) -> ImageStoreConfig:
-    cfg = ImageStoreConfig(
-        dir=s.path("dir", str(state_dir / "images")),
-        max_bytes=s.size("max_bytes", 1024**3, 1024),
-        jpeg_quality=s.integer("jpeg_quality", 90, 10, 100),
-    )
-    s.finish()
-    return cfg
-
-
-def _metrics(s: _Section) -> MetricsConfig:
-    cfg = MetricsConfig(
-        window_s=s.number("window_s", 60.0, 0.0, 86400.0, open_low=True),
-        heartbeat_s=s.number("heartbeat_s", 30.0, 0.0, 86400.0, open_low=True),
-        reservoir_size=s.integer("reservoir_size", 2048, 16, 1_000_000),
-    )
-    s.finish()
-    return cfg
-
-
-def _outbox(s: _Section, state_dir: Path) -> OutboxConfig:
-    cfg = OutboxConfig(
-        path=s.path("path", str(state_dir / "outbox.db")),
-        max_messages=s.integer("max_messages", 100_000, 1),
-        max_bytes=s.size("max_bytes", 256 * 1024**2, 1024),
-    )
-    s.finish()
+    cfg = _read(LineSignalConfig, s)
+    _check_connection(s, cfg, cfg.kind == "mqtt")
     return cfg
 
 
 def _transport(s: _Section) -> TransportConfig:
-    kind = s.choice("kind", "none", TRANSPORTS)
-    mqtt = kind in ("mqtt5", "mqtt311")
-    cfg = TransportConfig(
-        kind=kind,
-        endpoint=_endpoint(s, required=mqtt),
-        port=s.integer("port", 8883, 1, 65535),
-        cert=s.existing_file("cert"),
-        key=s.existing_file("key"),
-        ca=s.existing_file("ca"),
-        client_id=s.text("client_id", ""),
-        keep_alive_s=s.integer("keep_alive_s", 60, 5, 1200),
-        connect_timeout_s=s.number("connect_timeout_s", 10.0, 0.1, 300.0),
-        iot_core_limits=s.boolean("iot_core_limits", True),
-        ack_timeout_s=s.integer("ack_timeout_s", 10, 1, 600),
-        min_reconnect_delay_s=s.number("min_reconnect_delay_s", 1.0, 0.01, 3600.0),
-        max_reconnect_delay_s=s.number("max_reconnect_delay_s", 60.0, 0.01, 3600.0),
-    )
+    cfg = _read(TransportConfig, s)
+    _check_connection(s, cfg, cfg.kind in PROTOCOLS)
+    return replace(cfg, protocol=cfg.kind) if cfg.kind in PROTOCOLS else cfg
+
+
+def _check_connection(s: _Section, cfg: MqttSettings, connects: bool) -> None:
+    """The MQTT rules between fields, named in the section: a host without scheme, TLS files, backoff bounds."""
+    _check_endpoint(s, cfg.endpoint, required=connects)
     if cfg.max_reconnect_delay_s < cfg.min_reconnect_delay_s:
         raise ConfigError(s.name("max_reconnect_delay_s"), cfg.max_reconnect_delay_s,
                           f"at least min_reconnect_delay_s ({cfg.min_reconnect_delay_s})")
-    if mqtt:
-        _require_tls(s, cfg.cert, cfg.key, cfg.ca)
-    s.finish()
-    return cfg
+    if len(cfg.client_id) > 128:
+        raise ConfigError(s.name("client_id"), cfg.client_id, "at most 128 characters, or empty for thing_name")
+    if connects:
+        for name in ("cert", "key", "ca"):
+            if getattr(cfg, name) is None:
+                raise ConfigError(s.name(name), None, "required: MQTT connections use TLS with a client certificate "
+                                  "(cert, key and the broker's ca, PEM files)")
 
 
-# ---------------------------------------------------------------- image upload
+def _check_endpoint(s: _Section, endpoint: str, required: bool) -> None:
+    if required and not endpoint:
+        raise ConfigError(s.name("endpoint"), None, "required: the broker host name")
+    if "://" in endpoint:
+        raise ConfigError(s.name("endpoint"), endpoint, "a host name without scheme (no mqtts://)")
 
 
 def _image_upload(s: _Section, state_dir: Path) -> ImageUploadConfig:
-    kind = s.choice("kind", "none", IMAGE_UPLOAD_KINDS)
-    endpoint = s.text("endpoint", "")
+    endpoint = s.read(ImageUploadConfig, "endpoint")
     if endpoint and not re.match(r"^https?://[^/\s]+(/\S*)?$", endpoint):
         raise ConfigError(s.name("endpoint"), endpoint, "an http:// or https:// URL (empty for AWS)")
-    initial = s.number("retry_initial_s", 1.0, 0.001, 3600.0)
-    cfg = ImageUploadConfig(
-        queue=s.path("queue", str(state_dir / "uploads.db")),
-        kind=kind,
-        bucket=s.text("bucket", ""),
-        region=s.text("region", ""),
-        prefix=_key_prefix(s),
-        endpoint=endpoint,
-        path_style=s.boolean("path_style", bool(endpoint)),
-        ca=s.existing_file("ca"),
-        path=s.optional_path("path"),
-        max_images=s.integer("max_images", 10_000, 1),
-        max_bytes=s.size("max_bytes", 1024**3, 1024),
-        timeout_s=s.number("timeout_s", 60.0, 0.1, 3600.0),
-        retry_initial_s=initial,
-        retry_max_s=s.number("retry_max_s", max(300.0, initial), initial, 86400.0),
-        credentials=_credentials(s.section("credentials")),
-    )
-    if kind == "s3":
+    initial = s.read(ImageUploadConfig, "retry_initial_s")
+    values = s.read_all(ImageUploadConfig, defaults={"path_style": bool(endpoint), "retry_max_s": max(300.0, initial)},
+                        lows={"retry_max_s": initial}, state_dir=state_dir)
+    cfg = ImageUploadConfig(prefix=_key_prefix(s), credentials=_credentials(s.section("credentials")), **values)
+    if cfg.kind == "s3":
         if not _BUCKET.match(cfg.bucket):
             raise ConfigError(s.name("bucket"), cfg.bucket or None, "required for s3: an S3 bucket name (3-63 of "
                               "lowercase letters, digits, '.', '-')")
         if not _REGION.match(cfg.region):
             raise ConfigError(s.name("region"), cfg.region or None, "required for s3: the bucket's region, e.g. "
                               "eu-west-1")
-    if kind == "folder" and cfg.path is None:
+    if cfg.kind == "folder" and cfg.path is None:
         raise ConfigError(s.name("path"), None, "required for a folder: the folder images are written to")
     s.finish()
     return cfg
@@ -744,22 +820,12 @@ def _key_prefix(s: _Section) -> str:
 
 
 def _credentials(s: _Section) -> CredentialsConfig:
-    kind = s.choice("kind", "auto", CREDENTIAL_KINDS)
-    cfg = CredentialsConfig(
-        kind=kind,
-        endpoint=_endpoint(s, required=kind == "iot"),
-        port=s.integer("port", 443, 1, 65535),
-        role_alias=s.text("role_alias", ""),
-        cert=s.existing_file("cert"),
-        key=s.existing_file("key"),
-        ca=s.existing_file("ca"),
-        refresh_before_s=s.number("refresh_before_s", 300.0, 0.0, 43200.0),
-        timeout_s=s.number("timeout_s", 10.0, 0.1, 600.0),
-    )
+    kind = s.read(CredentialsConfig, "kind")
+    _check_endpoint(s, s.read(CredentialsConfig, "endpoint"), required=kind == "iot")
+    cfg = _read(CredentialsConfig, s)
     if cfg.role_alias and not _ROLE_ALIAS.match(cfg.role_alias):
         raise ConfigError(s.name("role_alias"), cfg.role_alias, "1-128 of letters, digits and '=,@-_'")
     if kind == "iot" and not cfg.role_alias:
         raise ConfigError(s.name("role_alias"), None, "required for iot: the role alias the device's IoT policy "
                           "may assume")
-    s.finish()
     return cfg

@@ -59,13 +59,14 @@ def test_missing_or_wrong_certificate_file_is_named(tmp_path: Path) -> None:
         Mqtt311Publisher(_settings(tmp_path, key=tmp_path / "key.txt"))
 
 
-def test_settings_from_mapping_refuses_unknown_and_missing_keys(tmp_path: Path) -> None:
-    base = {"endpoint": "h", "port": 8883, "thing_name": "t", "cert": "c", "key": "k", "ca": "a"}
-    assert MqttSettings.from_mapping(base).cert == Path("c")
-    with pytest.raises(ConfigError, match=r"mqtt\.prot"):
-        MqttSettings.from_mapping({**base, "prot": "mqtt5"})
-    with pytest.raises(ConfigError, match=r"mqtt\.port.*required"):
-        MqttSettings.from_mapping({k: v for k, v in base.items() if k != "port"})
+def test_settings_without_a_broker_are_refused_when_connecting(tmp_path: Path) -> None:
+    """The transport and line-signal sections are MqttSettings with kind none allowed; connecting needs them all."""
+    with pytest.raises(ConfigError, match=r"mqtt\.endpoint.*required"):
+        Mqtt5Publisher(_settings(tmp_path, endpoint=""))
+    with pytest.raises(ConfigError, match=r"mqtt\.ca.*PEM"):
+        Mqtt5Publisher(_settings(tmp_path, ca=None))
+    with pytest.raises(ConfigError, match=r"thing_name"):
+        Mqtt5Publisher(_settings(tmp_path, thing_name=""))
 
 
 # ---------------------------------------------------------------- against the broker

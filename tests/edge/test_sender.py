@@ -150,8 +150,8 @@ def publisher_process(argv: list[str]) -> int:
     """
     db, settings_json, journal, options = argv[0], argv[1], argv[2], json.loads(argv[3])
     count, pause_s = int(options["produce"]), float(options.get("pause_s", 0.002))
-    settings = MqttSettings.from_mapping({**json.loads(settings_json), "min_reconnect_delay_s": 0.05,
-                                          "max_reconnect_delay_s": 0.5, "iot_core_limits": False})
+    settings = MqttSettings(**{**json.loads(settings_json), "min_reconnect_delay_s": 0.05,
+                               "max_reconnect_delay_s": 0.5, "iot_core_limits": False})
     outbox = Outbox(db)
     publisher = make_publisher(settings)
     publisher.connect(10)
