@@ -9,7 +9,7 @@ class BatchError(QcsightError):
     """Base class for batch scoring errors."""
 
 
-class SourceError(BatchError):
+class InputError(BatchError):
     """An input (folder, glob, manifest, S3 prefix) or a bundle location cannot be read."""
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from qcsight_batch.errors import RequestError
-from qcsight_batch.handler import LoadedModel, transform
+from qcsight_batch.handler import ServedModel, transform
 from qcsight_core.errors import ConfigError, QcsightError
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class InferenceServer:
     are known before serving starts.
     """
 
-    def __init__(self, model: LoadedModel, config: ServerConfig | None = None) -> None:
+    def __init__(self, model: ServedModel, config: ServerConfig | None = None) -> None:
         self.config = config or ServerConfig()
         self.model = model
         self._socket = socket.create_server((self.config.host, self.config.port), backlog=128)

@@ -211,7 +211,8 @@ class MqttSettings:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.metadata.get("file") and isinstance(value, str) and value:
-                object.__setattr__(self, f.name, Path(value))
+                value = Path(value)
+                object.__setattr__(self, f.name, value)
             _check_typed(self, f, value)
         name = self.where
         if not isinstance(self.endpoint, str) or "://" in self.endpoint:

@@ -27,8 +27,8 @@ from qcsight_edge.clock import Clock
 from qcsight_edge.config import Roi
 from qcsight_edge.metrics import MetricsRecorder
 from qcsight_edge.models import LoadedModel, ModelManager
-from qcsight_edge.outputs import RateLimitedLog
 from qcsight_edge.queues import BoundedQueue
+from qcsight_edge.ratelimit import RateLimitedLog
 from qcsight_edge.redact import printable
 
 log = logging.getLogger(__name__)

@@ -16,38 +16,17 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
 
 from qcsight_core.errors import ConfigError
+from qcsight_edge.clock import Backoff, Clock, SystemClock
 from qcsight_edge.errors import NotConnectedError, PublishRejectedError
 from qcsight_edge.outbox import Outbox, OutboxMessage
 from qcsight_edge.publisher import Publisher
 from qcsight_edge.thumbnails import IOT_CORE_MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
-
-
-class WaitClock(Protocol):
-    """Monotonic time plus an interruptible wait; tests pass one that advances instantly."""
-
-    def monotonic(self) -> float:
-        """Seconds from an arbitrary origin; never goes back."""
-
-    def wait(self, event: threading.Event, timeout_s: float) -> bool:
-        """Block until ``event`` is set or ``timeout_s`` passed; returns whether it was set."""
-
-
-class SystemWaitClock:
-    """Real time."""
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def wait(self, event: threading.Event, timeout_s: float) -> bool:
-        return event.wait(max(timeout_s, 0.0))
 
 
 @dataclass(frozen=True)
@@ -85,24 +64,6 @@ class SenderSettings:
             raise ConfigError("sender.max_payload_bytes", self.max_payload_bytes, "an integer from 1 to 268435456")
 
 
-class Backoff:
-    """Exponential backoff with jitter: each delay is drawn from [min, cap], and cap doubles up to max."""
-
-    def __init__(self, min_s: float, max_s: float, rng: random.Random) -> None:
-        self.min_s = min_s
-        self.max_s = max_s
-        self._rng = rng
-        self._cap = min_s
-
-    def next(self) -> float:
-        delay = self._rng.uniform(self.min_s, self._cap)
-        self._cap = min(self._cap * 2, self.max_s)
-        return delay
-
-    def reset(self) -> None:
-        self._cap = self.min_s
-
-
 @dataclass(frozen=True)
 class SenderStats:
     """Counters since this sender started (the outbox keeps the lifetime ones)."""
@@ -136,12 +97,12 @@ class OutboxSender:
     """
 
     def __init__(self, outbox: Outbox, publisher: Publisher, settings: SenderSettings | None = None, *,
-                 clock: WaitClock | None = None, rng: random.Random | None = None,
+                 clock: Clock | None = None, rng: random.Random | None = None,
                  name: str = "qcsight-outbox-sender") -> None:
         self.outbox = outbox
         self.publisher = publisher
         self.settings = settings or SenderSettings()
-        self._clock: WaitClock = clock or SystemWaitClock()
+        self._clock: Clock = clock or SystemClock()
         self._backoff = Backoff(self.settings.backoff_min_s, self.settings.backoff_max_s, rng or random.Random())
         self._name = name
         self._wake = threading.Event()

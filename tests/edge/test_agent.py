@@ -26,7 +26,7 @@ from qcsight_edge.agent import Agent, FileConfigWatcher, build_parts
 from qcsight_edge.capture import DONE_DIR, FAILED_DIR
 from qcsight_edge.clock import ManualClock
 from qcsight_edge.config import AgentConfig, load_config
-from qcsight_edge.outputs import CallbackLineSignal
+from qcsight_edge.line_signal import CallbackLineSignal
 from tests.edge.agent_helpers import agent_config, by_schema, outbox_messages, status_events, write_atomically
 from tests.edge.broker import Pki, free_port
 from tests.helpers.images import write_image

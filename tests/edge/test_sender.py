@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 
 from qcsight_core import messages, topics
+from qcsight_edge.clock import Backoff
 from qcsight_edge.errors import NotConnectedError, PublishRejectedError
 from qcsight_edge.mqtt import MqttSettings, make_publisher
 from qcsight_edge.outbox import Outbox
-from qcsight_edge.sender import Backoff, OutboxSender, SenderSettings
+from qcsight_edge.sender import OutboxSender, SenderSettings
 from tests.edge.broker import Broker, MqttSubscriber, Received, device_message, encoded
 from tests.helpers.wait import eventually
 
@@ -286,6 +287,9 @@ class InstantClock:
     def monotonic(self) -> float:
         with self.lock:
             return self.now
+
+    def time(self) -> float:
+        return 1_700_000_000.0 + self.monotonic()
 
     def wait(self, event: threading.Event, timeout_s: float) -> bool:
         with self.lock:
