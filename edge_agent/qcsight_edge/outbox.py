@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from qcsight_core.checks import check_int
 from qcsight_core.errors import ConfigError
 from qcsight_edge import durable
 from qcsight_edge.errors import OutboxError
@@ -122,10 +123,10 @@ class Outbox:
 
     def __init__(self, path: Path | str, *, max_messages: int = 10_000, max_bytes: int = 64 * 1024 * 1024,
                  busy_timeout_s: float = 5.0) -> None:
-        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
-            raise ConfigError("outbox.max_messages", max_messages, "an integer of at least 1")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ConfigError("outbox.max_bytes", max_bytes, "an integer of at least 1")
+        for name, value in (("max_messages", max_messages), ("max_bytes", max_bytes)):
+            if not isinstance(value, int):  # built in code: a number, not the text a configuration may hold
+                raise ConfigError(f"outbox.{name}", value, "an integer of at least 1")
+            check_int(f"outbox.{name}", value, 1)
         self.path = Path(path)
         self.max_messages = max_messages
         self.max_bytes = max_bytes

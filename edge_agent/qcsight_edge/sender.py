@@ -19,6 +19,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from qcsight_core.checks import check_int, check_number
 from qcsight_core.errors import ConfigError
 from qcsight_edge.clock import Backoff, Clock, SystemClock
 from qcsight_edge.errors import NotConnectedError, PublishRejectedError
@@ -49,19 +50,21 @@ class SenderSettings:
     max_payload_bytes: int = IOT_CORE_MAX_PAYLOAD
 
     def __post_init__(self) -> None:
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= 10_000:
-            raise ConfigError("sender.window", self.window, "an integer from 1 to 10000")
+        _exactly(int, "sender.window", self.window)
+        check_int("sender.window", self.window, 1, 10_000)
         for name, low in (("ack_timeout_s", 0.01), ("idle_poll_s", 0.001), ("backoff_min_s", 0.001)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= 3600:
-                raise ConfigError(f"sender.{name}", value, f"a number of seconds from {low} to 3600")
-        if (isinstance(self.backoff_max_s, bool) or not isinstance(self.backoff_max_s, (int, float))
-                or not self.backoff_min_s <= self.backoff_max_s <= 3600):
-            raise ConfigError("sender.backoff_max_s", self.backoff_max_s,
-                              f"a number of seconds from backoff_min_s ({self.backoff_min_s}) to 3600")
-        if (isinstance(self.max_payload_bytes, bool) or not isinstance(self.max_payload_bytes, int)
-                or not 1 <= self.max_payload_bytes <= 256 * 1024**2):
-            raise ConfigError("sender.max_payload_bytes", self.max_payload_bytes, "an integer from 1 to 268435456")
+            _exactly(float, f"sender.{name}", getattr(self, name))
+            check_number(f"sender.{name}", getattr(self, name), low, 3600)
+        _exactly(float, "sender.backoff_max_s", self.backoff_max_s)
+        check_number("sender.backoff_max_s", self.backoff_max_s, self.backoff_min_s, 3600)
+        _exactly(int, "sender.max_payload_bytes", self.max_payload_bytes)
+        check_int("sender.max_payload_bytes", self.max_payload_bytes, 1, 256 * 1024**2)
+
+
+def _exactly(kind: type, name: str, value: object) -> None:
+    """Settings built in code take numbers, not the text a configuration file may hold."""
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ConfigError(name, value, "an integer" if kind is int else "a number")
 
 
 @dataclass(frozen=True)

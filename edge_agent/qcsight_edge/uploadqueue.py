@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qcsight_core.checks import check_int
 from qcsight_core.errors import ConfigError
 from qcsight_edge import durable
 from qcsight_edge.errors import ImageNotQueuedError, UploadQueueError
@@ -128,10 +129,10 @@ class UploadQueue:
 
     def __init__(self, path: Path | str, *, max_images: int = 10_000, max_bytes: int = 1024**3,
                  busy_timeout_s: float = 5.0) -> None:
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-            raise ConfigError("image_upload.max_images", max_images, "an integer of at least 1")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ConfigError("image_upload.max_bytes", max_bytes, "an integer of at least 1")
+        for name, value in (("max_images", max_images), ("max_bytes", max_bytes)):
+            if not isinstance(value, int):  # built in code: a number, not the text a configuration may hold
+                raise ConfigError(f"image_upload.{name}", value, "an integer of at least 1")
+            check_int(f"image_upload.{name}", value, 1)
         self.path = Path(path)
         self.max_images = max_images
         self.max_bytes = max_bytes
