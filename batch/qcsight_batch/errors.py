@@ -47,3 +47,7 @@ class PayloadTooLargeError(RequestError):
 
 class SubmitError(BatchError):
     """A SageMaker or EventBridge Scheduler request was refused or cannot be built."""
+
+
+class KmsSigningError(BatchError):
+    """The KMS key cannot sign bundles, or KMS refused a request."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from qcsight_batch.errors import BatchError
+from qcsight_batch.errors import KmsSigningError
 from qcsight_core.signing import ALGORITHMS
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ DEFAULT_ALGORITHMS = {
     "RSA_3072": "RSASSA_PSS_SHA_256",
     "RSA_4096": "RSASSA_PSS_SHA_256",
 }
-
-
-class KmsSigningError(BatchError):
-    """The KMS key cannot sign bundles, or KMS refused a request."""
 
 
 def sign_request(key_id: str, message: bytes, algorithm: str) -> dict[str, Any]:

@@ -477,10 +477,6 @@ def _int(bound: float | None) -> int | None:
     return None if bound is None else int(bound)
 
 
-def _default_text(value: Any) -> Any:
-    return str(value) if isinstance(value, Path) else value
-
-
 def default_of(f: Field[Any], state_dir: Path | None = None) -> Any:
     """What a setting is when the configuration leaves it out: MISSING when it is required."""
     if f.default is not MISSING:
@@ -640,7 +636,7 @@ class _Section:
         if hint is int and meta["size"]:
             return self.size(name, default, int(low or 0))
         if hint is int:
-            return self.integer(name, MISSING_TO_NONE(default), _int(low), _int(meta["high"]))
+            return self.integer(name, _none_if_missing(default), _int(low), _int(meta["high"]))
         if hint is float:
             return self.number(name, default, low, meta["high"], open_low=meta["open_low"])
         if meta["choices"]:
@@ -668,7 +664,7 @@ class _Section:
         return values
 
 
-def MISSING_TO_NONE(value: Any) -> Any:
+def _none_if_missing(value: Any) -> Any:
     """A required integer: the check names it when absent (None is never an integer)."""
     return None if value is MISSING else value
 

@@ -14,9 +14,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-
-class DatabaseOpenError(Exception):
-    """The file cannot be created, locked or opened; the caller wraps it in its own error."""
+from qcsight_edge.errors import DatabaseOpenError
 
 
 def lock_beside(path: Path) -> int:

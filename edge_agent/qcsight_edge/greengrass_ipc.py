@@ -63,7 +63,7 @@ from awsiot.greengrasscoreipc.model import (
 )
 
 from qcsight_core.errors import ConfigError
-from qcsight_edge.errors import EdgeError, NotConnectedError, PublishError
+from qcsight_edge.errors import GreengrassError, NotConnectedError, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,6 @@ TOKEN_ENV = "SVCUID"
 # they are Greengrass's, not settings of the agent, and the agent's validator refuses unknown keys.
 NUCLEUS_KEYS = ("accessControl",)
 _QOS = {0: QOS.AT_MOST_ONCE, 1: QOS.AT_LEAST_ONCE}
-
-
-class GreengrassError(EdgeError):
-    """The Greengrass nucleus cannot be reached over IPC, or refused a request."""
 
 
 def agent_settings(configuration: Mapping[str, Any]) -> dict[str, Any]:

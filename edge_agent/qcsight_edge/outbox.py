@@ -31,7 +31,7 @@ from pathlib import Path
 from qcsight_core.checks import check_int
 from qcsight_core.errors import ConfigError
 from qcsight_edge import durable
-from qcsight_edge.errors import OutboxError
+from qcsight_edge.errors import DatabaseOpenError, OutboxError
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class Outbox:
     def _lock_file(self) -> int:
         try:
             return durable.lock_beside(self.path)
-        except durable.DatabaseOpenError as exc:
+        except DatabaseOpenError as exc:
             raise OutboxError(f"outbox {self.path}: {exc}") from exc
 
     def _open_schema(self) -> None:

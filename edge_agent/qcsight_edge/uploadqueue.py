@@ -29,7 +29,7 @@ from pathlib import Path
 from qcsight_core.checks import check_int
 from qcsight_core.errors import ConfigError
 from qcsight_edge import durable
-from qcsight_edge.errors import ImageNotQueuedError, UploadQueueError
+from qcsight_edge.errors import DatabaseOpenError, ImageNotQueuedError, UploadQueueError
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class UploadQueue:
         self._closed = False
         try:
             self._lock_fd = durable.lock_beside(self.path)
-        except durable.DatabaseOpenError as exc:
+        except DatabaseOpenError as exc:
             raise UploadQueueError(f"upload queue {self.path}: {exc}") from exc
         try:
             self._db = durable.connect(self.path, busy_timeout_s)
