@@ -71,17 +71,20 @@ class Backoff:
 
     With an ``rng`` each delay is drawn from [min_s, cap] (jitter, so a fleet that lost its link at
     the same moment does not come back in step); without one each delay is the cap itself (the
-    camera's reconnect: 0.5, 1, 2, ... s, as its configuration documents).
+    camera's reconnect: 0.5, 1, 2, ... s, as its configuration documents). ``full_jitter`` draws
+    from [0, cap] instead (the MQTT 3.1.1 reconnect, as the SDK's MQTT5 client does).
     """
 
-    def __init__(self, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
+    def __init__(self, min_s: float, max_s: float, rng: random.Random | None = None, *,
+                 full_jitter: bool = False) -> None:
         self.min_s = min_s
         self.max_s = max_s
         self._rng = rng
+        self._floor = 0.0 if full_jitter else min_s
         self._cap = min_s
 
     def next(self) -> float:
-        delay = self._cap if self._rng is None else self._rng.uniform(self.min_s, self._cap)
+        delay = self._cap if self._rng is None else self._rng.uniform(self._floor, self._cap)
         self._cap = min(self._cap * 2, self.max_s)
         return delay
 

@@ -22,6 +22,7 @@ from awscrt import mqtt, mqtt5
 from awsiot import mqtt5_client_builder, mqtt_connection_builder
 
 from qcsight_core.errors import ConfigError
+from qcsight_edge.clock import Backoff
 from qcsight_edge.config import MqttSettings
 from qcsight_edge.errors import NotConnectedError, PublishError, PublishRejectedError
 
@@ -280,10 +281,10 @@ class Mqtt311Publisher(_Transport):
 
     def __init__(self, settings: MqttSettings, *, rng: random.Random | None = None) -> None:
         super().__init__(settings)
-        self._rng = rng or random.Random()
         self._attempting = False
         self._retry: threading.Timer | None = None
-        self._delay_s = settings.min_reconnect_delay_s
+        self._backoff = Backoff(settings.min_reconnect_delay_s, settings.max_reconnect_delay_s, rng or random.Random(),
+                                full_jitter=True)
         s = settings
         try:
             self._conn = mqtt_connection_builder.mtls_from_path(
@@ -335,7 +336,7 @@ class Mqtt311Publisher(_Transport):
         if exc is None:
             with self._lock:
                 self._attempting = False
-            self._delay_s = self.settings.min_reconnect_delay_s
+            self._backoff.reset()
             return
         self._schedule_retry(str(exc))
 
@@ -347,8 +348,7 @@ class Mqtt311Publisher(_Transport):
             if self._closing:
                 self._attempting = False
                 return
-            delay = self._rng.uniform(0, self._delay_s)  # full jitter
-            self._delay_s = min(self._delay_s * 2, self.settings.max_reconnect_delay_s)
+            delay = self._backoff.next()
             self._retry = threading.Timer(delay, self._retry_now)
             self._retry.daemon = True
             self._retry.start()

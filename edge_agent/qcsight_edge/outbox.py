@@ -466,13 +466,7 @@ class Outbox:
             if self._closed:
                 return
             self._closed = True
-            try:
-                # Fold the WAL back into the main file so a clean shutdown leaves one file.
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                log.warning("outbox %s: checkpoint at close failed: %s", self.path, exc)
-            self._db.close()
-            os.close(self._lock_fd)
+            durable.close(self._db, self._lock_fd, f"outbox {self.path}")
 
     def __enter__(self) -> Outbox:
         return self

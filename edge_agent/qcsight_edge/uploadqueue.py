@@ -410,12 +410,7 @@ class UploadQueue:
             if self._closed:
                 return
             self._closed = True
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                log.warning("upload queue %s: checkpoint at close failed: %s", self.path, exc)
-            self._db.close()
-            os.close(self._lock_fd)
+            durable.close(self._db, self._lock_fd, f"upload queue {self.path}")
 
     def __enter__(self) -> UploadQueue:
         return self
