@@ -63,17 +63,14 @@ class KmsSigner:
 
     @staticmethod
     def _call(operation: str, function: Any, **kwargs: Any) -> dict[str, Any]:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from qcsight_aws.errors import AwsError, aws_errors  # boto3's side: only where KMS signs
 
         try:
-            response: dict[str, Any] = function(**kwargs)
-            return response
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            raise KmsSigningError(f"KMS {operation} was refused: {error.get('Code', '?')}: "
-                                  f"{error.get('Message', exc)}") from exc
-        except BotoCoreError as exc:
-            raise KmsSigningError(f"KMS {operation} failed: {exc}") from exc
+            with aws_errors(f"KMS {operation}"):
+                response: dict[str, Any] = function(**kwargs)
+                return response
+        except AwsError as exc:
+            raise KmsSigningError(str(exc)) from exc.__cause__
 
     def public_key_der(self) -> bytes:
         return self._public_der

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qcsight_aws.errors import AwsError, aws_errors
 from qcsight_aws.s3 import S3Uri
 from qcsight_batch.errors import SubmitError
 from qcsight_core.checks import check_choice, check_int
@@ -233,16 +234,13 @@ def plan(spec: TransformJobSpec, schedule: ScheduleSpec | None = None) -> dict[s
 
 
 def _call(operation: str, function: Any, **kwargs: Any) -> dict[str, Any]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    """One request; AWS's refusal as a SubmitError naming the operation ('CreateModel failed: Code: Message')."""
     try:
-        response: dict[str, Any] = function(**kwargs)
-        return response
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        raise SubmitError(f"{operation} was refused: {error.get('Code', '?')}: {error.get('Message', exc)}") from exc
-    except BotoCoreError as exc:
-        raise SubmitError(f"{operation} failed: {exc}") from exc
+        with aws_errors(operation):
+            response: dict[str, Any] = function(**kwargs)
+            return response
+    except AwsError as exc:
+        raise SubmitError(str(exc)) from exc.__cause__
 
 
 def ensure_model(sagemaker: Any, spec: TransformJobSpec) -> str:
