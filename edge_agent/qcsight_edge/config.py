@@ -1,7 +1,7 @@
 """The agent's configuration: one frozen AgentConfig, read once from YAML or Greengrass, validated by field.
 
 The dataclasses below are the only definition of a setting: its type, its default, its bounds and
-its help text (``field(metadata=...)`` through `setting`). The reader (`AgentConfig.from_dict`),
+its help text (``field(metadata=...)`` through `qcsight_edge.settings.setting`). The reader (`AgentConfig.from_dict`),
 the annotated example file (``agent.example.yaml``) and the JSON Schema (``agent.schema.json``,
 both written by ``python -m qcsight_edge.config_docs``) are derived from them; what a field cannot
 say by itself (a default that depends on another field, a rule between fields) is written once in
@@ -13,28 +13,33 @@ on the Java nucleus can turn 10 into 10.0. The reader takes those forms for what
 (`qcsight_core.checks`) and then applies the same range checks; anything else is refused by name.
 """
 
-# RUF009: `setting` is this module's dataclass field specifier (it returns `field(...)`), not a call
+# RUF009: `setting` is the dataclass field specifier of these classes (it returns `field(...)`), not a call
 # whose result every instance would share.
 # ruff: noqa: RUF009
 
 from __future__ import annotations
 
-import inspect
 import re
 import typing
-from collections.abc import Collection, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
-from qcsight_core.checks import check_int, check_number, check_size
 from qcsight_core.errors import ConfigError
 from qcsight_core.runner import PRECISION_CHOICES
 from qcsight_core.topics import check_thing_name
 from qcsight_edge import thumbnails
 from qcsight_edge.redact import redact_uri
+from qcsight_edge.settings import (
+    Section,
+    check_typed,
+    coerce_integer,
+    plain,
+    setting,
+)
 
 SOURCE_KINDS = ("camera", "hotfolder", "synthetic")
 SOURCE_MODES = ("free", "trigger")
@@ -48,49 +53,6 @@ GREENGRASS_KEYS = ("accessControl",)
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 _ROLE_ALIAS = re.compile(r"^[\w=,@-]{1,128}$")
-_INTEGER_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
-
-
-def setting(default: Any = MISSING, *, help: str, low: float | None = None, high: float | None = None,
-            open_low: bool = False, choices: tuple[str, ...] = (), size: bool = False, file: bool = False,
-            state_file: str | None = None, example: Any = None, internal: bool = False,
-            custom: bool = False, absent: Any = MISSING, default_factory: Any = MISSING) -> Any:
-    """A configuration field: its default, and in its metadata what the reader, the schema and the example need.
-
-    Args:
-        help: what the setting does (the example file's comment, the schema's description).
-        low, high, open_low: bounds of a number (``open_low``: more than ``low``).
-        choices: the words a text setting allows.
-        size: a byte count (an integer, or text such as '256MiB').
-        file: a path that must name an existing file when given.
-        state_file: a path whose default is this name inside ``state_dir``.
-        example: what the example file shows for a required setting.
-        internal: set by the program, not read from the configuration (the MQTT thing name, protocol).
-        custom: read by the section's reader itself (a value of several types, or one needing another field).
-        absent: the value when the configuration leaves the setting out, for a field the dataclass requires.
-    """
-    meta = {"help": help, "low": low, "high": high, "open_low": open_low, "choices": choices, "size": size,
-            "file": file, "state_file": state_file, "example": example, "internal": internal, "custom": custom,
-            "absent": absent}
-    if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def coerce_integer(value: Any) -> Any:
-    """'10', ' 10 ' and 10.0 as 10; any other value unchanged."""
-    if isinstance(value, str) and _INTEGER_TEXT.match(value):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def coerce_boolean(value: Any) -> Any:
-    """'true' and 'false' (any case) as booleans; any other value unchanged (only these words are booleans)."""
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    return value
 
 
 # ---------------------------------------------------------------- the definition
@@ -213,7 +175,7 @@ class MqttSettings:
             if f.metadata.get("file") and isinstance(value, str) and value:
                 value = Path(value)
                 object.__setattr__(self, f.name, value)
-            _check_typed(self, f, value)
+            check_typed(self, f, value)
         name = self.where
         if not isinstance(self.endpoint, str) or "://" in self.endpoint:
             raise ConfigError(f"{name}.endpoint", self.endpoint, "a host name without scheme, e.g. "
@@ -408,86 +370,19 @@ class AgentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration, JSON/YAML-serialisable (paths as strings); from_dict reads it back."""
-        plain: dict[str, Any] = _plain(self)
-        return plain
+        resolved: dict[str, Any] = plain(self)
+        return resolved
 
     def redacted_dict(self) -> dict[str, Any]:
         """to_dict() for what leaves the device (the status config echo, --check): no credentials in the camera URI."""
-        plain = self.to_dict()
-        if plain["source"]["uri"] is not None:
-            plain["source"]["uri"] = redact_uri(plain["source"]["uri"])
-        return plain
+        resolved = self.to_dict()
+        if resolved["source"]["uri"] is not None:
+            resolved["source"]["uri"] = redact_uri(resolved["source"]["uri"])
+        return resolved
 
     def hot_fields_equal(self, other: AgentConfig) -> bool:
         """Whether other differs from self only in what the agent applies without a restart (the model)."""
         return self.to_dict() | {"model": None} == other.to_dict() | {"model": None}
-
-
-def settings_of(cls: type) -> list[Field[Any]]:
-    """The fields of a configuration dataclass the configuration holds (not the internal ones), in file order.
-
-    A subclass's own fields come before those it inherits (a section's kind before its MQTT settings).
-    """
-    own = list(inspect.get_annotations(cls))
-    listed = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
-    return [listed[n] for n in own if n in listed] + [f for n, f in listed.items() if n not in own]
-
-
-_FIELD_TYPES: dict[type, dict[str, Any]] = {}
-
-
-def field_types(cls: type) -> dict[str, Any]:
-    """The resolved type of each field of a configuration dataclass."""
-    if cls not in _FIELD_TYPES:
-        _FIELD_TYPES[cls] = typing.get_type_hints(cls)
-    return _FIELD_TYPES[cls]
-
-
-def section_type(hint: Any) -> type | None:
-    """The dataclass a field holds (``Roi | None`` -> Roi), or None for a plain value."""
-    for candidate in (hint, *typing.get_args(hint)):
-        if isinstance(candidate, type) and is_dataclass(candidate):
-            return candidate
-    return None
-
-
-def _check_typed(settings: MqttSettings, f: Field[Any], value: Any) -> None:
-    """A directly built MqttSettings: the field's type and bounds, with nothing coerced (the reader coerces)."""
-    name = f"{settings.where}.{f.name}"
-    hint = field_types(type(settings))[f.name]
-    meta = f.metadata
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(name, value, "true or false")
-    if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                 or (hint is int and not isinstance(value, int))):
-        raise ConfigError(name, value, "an integer" if hint is int else "a number")
-    if hint is int:
-        check_int(name, value, _int(meta["low"]), _int(meta["high"]))
-    elif hint is float:
-        check_number(name, value, meta["low"], meta["high"], open_low=meta["open_low"])
-    elif meta["choices"] and value not in meta["choices"]:
-        raise ConfigError(name, value, f"one of {', '.join(meta['choices'])}")
-    elif hint is str and not isinstance(value, str):
-        raise ConfigError(name, value, "a string")
-    elif meta["file"] and value is not None and (not isinstance(value, Path) or not str(value)):
-        raise ConfigError(name, value, "a path to a PEM file")
-
-
-def _int(bound: float | None) -> int | None:
-    return None if bound is None else int(bound)
-
-
-def default_of(f: Field[Any], state_dir: Path | None = None) -> Any:
-    """What a setting is when the configuration leaves it out: MISSING when it is required."""
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    if f.metadata.get("absent", MISSING) is not MISSING:
-        return f.metadata["absent"]
-    if f.metadata.get("state_file"):
-        return (state_dir or Path("qcsight-state")) / f.metadata["state_file"]
-    return MISSING
 
 
 # ---------------------------------------------------------------- reading
@@ -529,148 +424,8 @@ def validate_config(data: Mapping[str, Any]) -> AgentConfig:
     return from_greengrass(data)
 
 
-def _plain(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in settings_of(type(value))}
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-class _Section:
-    """Typed reads from one mapping that remember which keys were used, to refuse unknown ones."""
-
-    def __init__(self, data: Any, prefix: str, base_dir: Path | None) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(prefix or "configuration", data, "a mapping of settings")
-        self.data = data
-        self.prefix = prefix
-        self.base_dir = base_dir
-        self.used: set[str] = set()
-
-    def name(self, key: str) -> str:
-        return f"{self.prefix}.{key}" if self.prefix else key
-
-    def raw(self, key: str, default: Any = None) -> Any:
-        self.used.add(key)
-        value = self.data.get(key, default)
-        return default if value is None else value
-
-    def required(self, key: str) -> Any:
-        value = self.raw(key)
-        if value is None or value == "":
-            raise ConfigError(self.name(key), None, "required")
-        return value
-
-    def section(self, key: str) -> _Section:
-        return _Section(self.raw(key, {}), self.name(key), self.base_dir)
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.raw(key, default)
-        if value not in choices:
-            raise ConfigError(self.name(key), value, f"one of {', '.join(choices)}")
-        return str(value)
-
-    def boolean(self, key: str, default: bool) -> bool:
-        given = self.raw(key, default)
-        value = coerce_boolean(given)
-        if not isinstance(value, bool):
-            raise ConfigError(self.name(key), given, "true or false")
-        return value
-
-    def integer(self, key: str, default: int, low: int | None, high: int | None = None) -> int:
-        return check_int(self.name(key), self.raw(key, default), low, high)
-
-    def number(self, key: str, default: float, low: float | None, high: float | None = None, *,
-               open_low: bool = False) -> float:
-        return check_number(self.name(key), self.raw(key, default), low, high, open_low=open_low)
-
-    def size(self, key: str, default: int, low: int) -> int:
-        """A byte count: an integer or a string such as '256MiB' or '1GB'."""
-        return check_size(self.name(key), self.raw(key, default), low)
-
-    def text(self, key: str, default: str = "") -> str:
-        value = self.raw(key, default)
-        if not isinstance(value, str):
-            raise ConfigError(self.name(key), value, "a string")
-        return value
-
-    def path(self, key: str, default: str | Path | None = None) -> Path:
-        value = self.required(key) if default is None else self.raw(key, str(default))
-        if not isinstance(value, str):
-            raise ConfigError(self.name(key), value, "a path")
-        path = Path(value).expanduser()
-        if not path.is_absolute() and self.base_dir is not None:
-            path = self.base_dir / path
-        return path
-
-    def optional_path(self, key: str) -> Path | None:
-        return None if self.raw(key) in (None, "") else self.path(key)
-
-    def existing_file(self, key: str) -> Path | None:
-        path = self.optional_path(key)
-        if path is not None and not path.is_file():
-            raise ConfigError(self.name(key), str(path), "an existing file")
-        return path
-
-    def finish(self) -> None:
-        unknown = sorted(str(k) for k in self.data if k not in self.used)
-        if unknown:
-            where = self.prefix or "the configuration"
-            raise ConfigError(self.name(unknown[0]), self.data[unknown[0]],
-                              f"a known setting of {where}: {', '.join(sorted(self.used))}")
-
-
-
-    def read(self, cls: type, name: str, *, default: Any = MISSING, low: float | None = None,
-             state_dir: Path | None = None) -> Any:
-        """One setting of cls, read by its type and metadata; default and low override the definition's."""
-        f = next(f for f in fields(cls) if f.name == name)
-        hint = field_types(cls)[name]
-        meta = f.metadata
-        if default is MISSING:
-            default = default_of(f, state_dir)
-        low = meta["low"] if low is None else low
-        if hint is bool:
-            return self.boolean(name, default)
-        if hint is int and meta["size"]:
-            return self.size(name, default, int(low or 0))
-        if hint is int:
-            return self.integer(name, _none_if_missing(default), _int(low), _int(meta["high"]))
-        if hint is float:
-            return self.number(name, default, low, meta["high"], open_low=meta["open_low"])
-        if meta["choices"]:
-            return self.choice(name, default, meta["choices"])
-        if hint is str:
-            return self.text(name, default)
-        if hint is Path:
-            return self.path(name, None if default is MISSING else default)
-        if meta["file"]:
-            return self.existing_file(name)
-        if hint == Path | None:
-            return self.optional_path(name)
-        raise TypeError(f"{cls.__name__}.{name}: no reader for {hint}")  # a definition error, found by the tests
-
-    def read_all(self, cls: type, *, defaults: Mapping[str, Any] | None = None,
-                 lows: Mapping[str, float] | None = None, state_dir: Path | None = None,
-                 skip: Collection[str] = ()) -> dict[str, Any]:
-        """Every plain setting of cls (not sections, not custom ones, not those in skip), by name."""
-        values: dict[str, Any] = {}
-        for f in settings_of(cls):
-            if f.name in skip or f.metadata["custom"] or section_type(field_types(cls)[f.name]) is not None:
-                continue
-            values[f.name] = self.read(cls, f.name, default=(defaults or {}).get(f.name, MISSING),
-                                       low=(lows or {}).get(f.name), state_dir=state_dir)
-        return values
-
-
-def _none_if_missing(value: Any) -> Any:
-    """A required integer: the check names it when absent (None is never an integer)."""
-    return None if value is MISSING else value
-
-
 def _parse(data: Mapping[str, Any], base_dir: Path | None) -> AgentConfig:
-    top = _Section(data, "", base_dir)
+    top = Section(data, "", base_dir)
     thing = check_thing_name(top.required("thing_name"))
     values = top.read_all(AgentConfig)
     state_dir: Path = values["state_dir"]
@@ -695,18 +450,18 @@ def _parse(data: Mapping[str, Any], base_dir: Path | None) -> AgentConfig:
 _T = typing.TypeVar("_T")
 
 
-def _read(cls: type[_T], s: _Section, state_dir: Path | None = None) -> _T:
+def _read(cls: type[_T], s: Section, state_dir: Path | None = None) -> _T:
     """A section that the definition says all of."""
     cfg = cls(**s.read_all(cls, state_dir=state_dir))
     s.finish()
     return cfg
 
 
-def _model(s: _Section) -> ModelConfig:
+def _model(s: Section) -> ModelConfig:
     return _read(ModelConfig, s)
 
 
-def _source(s: _Section) -> SourceConfig:
+def _source(s: Section) -> SourceConfig:
     kind = s.read(SourceConfig, "kind")
     uri = s.raw("uri")
     if kind == "camera":
@@ -735,13 +490,13 @@ def _source(s: _Section) -> SourceConfig:
 def _roi(value: Any) -> Roi | None:
     if value is None:
         return None
-    s = _Section(value, "roi", None)
+    s = Section(value, "roi", None)
     for key in ("width", "height"):
         s.required(key)
     return _read(Roi, s)
 
 
-def _alerts(s: _Section) -> AlertConfig:
+def _alerts(s: Section) -> AlertConfig:
     cfg = _read(AlertConfig, s)
     side, quality = cfg.thumbnail_max_side, cfg.thumbnail_quality
     if thumbnails.worst_case_size(side, quality) > thumbnails.THUMBNAIL_BUDGET:
@@ -752,19 +507,19 @@ def _alerts(s: _Section) -> AlertConfig:
     return cfg
 
 
-def _line_signal(s: _Section) -> LineSignalConfig:
+def _line_signal(s: Section) -> LineSignalConfig:
     cfg = _read(LineSignalConfig, s)
     _check_connection(s, cfg, cfg.kind == "mqtt")
     return cfg
 
 
-def _transport(s: _Section) -> TransportConfig:
+def _transport(s: Section) -> TransportConfig:
     cfg = _read(TransportConfig, s)
     _check_connection(s, cfg, cfg.kind in PROTOCOLS)
     return replace(cfg, protocol=cfg.kind) if cfg.kind in PROTOCOLS else cfg
 
 
-def _check_connection(s: _Section, cfg: MqttSettings, connects: bool) -> None:
+def _check_connection(s: Section, cfg: MqttSettings, connects: bool) -> None:
     """The MQTT rules between fields, named in the section: a host without scheme, TLS files, backoff bounds."""
     _check_endpoint(s, cfg.endpoint, required=connects)
     if cfg.max_reconnect_delay_s < cfg.min_reconnect_delay_s:
@@ -779,14 +534,14 @@ def _check_connection(s: _Section, cfg: MqttSettings, connects: bool) -> None:
                                   "(cert, key and the broker's ca, PEM files)")
 
 
-def _check_endpoint(s: _Section, endpoint: str, required: bool) -> None:
+def _check_endpoint(s: Section, endpoint: str, required: bool) -> None:
     if required and not endpoint:
         raise ConfigError(s.name("endpoint"), None, "required: the broker host name")
     if "://" in endpoint:
         raise ConfigError(s.name("endpoint"), endpoint, "a host name without scheme (no mqtts://)")
 
 
-def _image_upload(s: _Section, state_dir: Path) -> ImageUploadConfig:
+def _image_upload(s: Section, state_dir: Path) -> ImageUploadConfig:
     endpoint = s.read(ImageUploadConfig, "endpoint")
     if endpoint and not re.match(r"^https?://[^/\s]+(/\S*)?$", endpoint):
         raise ConfigError(s.name("endpoint"), endpoint, "an http:// or https:// URL (empty for AWS)")
@@ -807,7 +562,7 @@ def _image_upload(s: _Section, state_dir: Path) -> ImageUploadConfig:
     return cfg
 
 
-def _key_prefix(s: _Section) -> str:
+def _key_prefix(s: Section) -> str:
     prefix = s.text("prefix", "")
     if prefix.startswith("/") or "//" in prefix or any(part in (".", "..") for part in prefix.split("/")):
         raise ConfigError(s.name("prefix"), prefix, "a key prefix without a leading '/', '//', '.' or '..' parts")
@@ -816,7 +571,7 @@ def _key_prefix(s: _Section) -> str:
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
-def _credentials(s: _Section) -> CredentialsConfig:
+def _credentials(s: Section) -> CredentialsConfig:
     kind = s.read(CredentialsConfig, "kind")
     _check_endpoint(s, s.read(CredentialsConfig, "endpoint"), required=kind == "iot")
     cfg = _read(CredentialsConfig, s)

@@ -19,7 +19,8 @@ from dataclasses import MISSING, Field
 from pathlib import Path
 from typing import Any
 
-from qcsight_edge.config import AgentConfig, default_of, field_types, section_type, settings_of
+from qcsight_edge.config import AgentConfig
+from qcsight_edge.settings import default_of, field_types, section_type, settings_of
 
 EXAMPLE = "agent.example.yaml"
 SCHEMA = "agent.schema.json"
