@@ -433,10 +433,6 @@ class Outbox:
         with self._lock:
             self._in_flight.difference_update(row_ids)
 
-    def release_all(self) -> None:
-        with self._lock:
-            self._in_flight.clear()
-
     def stats(self) -> OutboxStats:
         with self._lock:
             self._check_open()
