@@ -165,7 +165,7 @@ def _object_schema(cls: type) -> dict[str, Any]:
     for f in settings_of(cls):
         hint = field_types(cls)[f.name]
         properties[f.name] = _property_schema(f, hint)
-        if default_of(f) is MISSING:
+        if _required(f, hint):
             required.append(f.name)
     schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
     if cls.__doc__:
@@ -173,6 +173,14 @@ def _object_schema(cls: type) -> dict[str, Any]:
     if required:
         schema["required"] = required
     return schema
+
+
+def _required(f: Field[Any], hint: Any) -> bool:
+    """Whether a configuration must give the key: no default, and for a section, a key of its own without one."""
+    nested = section_type(hint)
+    if default_of(f) is not MISSING:
+        return False
+    return nested is None or any(_required(g, field_types(nested)[g.name]) for g in settings_of(nested))
 
 
 def _property_schema(f: Field[Any], hint: Any) -> dict[str, Any]:

@@ -51,6 +51,7 @@ def _schema() -> jsonschema.Draft202012Validator:
 def test_the_schema_accepts_the_example_and_the_greengrass_defaults() -> None:
     validator = _schema()
     validator.validate(yaml.safe_load(config_docs.example_yaml()))
+    validator.validate({"thing_name": "t", "model": {"bundle": "b"}})  # what the reader requires, no more
     recipe = yaml.safe_load((ROOT / "greengrass" / "recipes" / "com.qcsight.EdgeAgent.yaml").read_text())
     defaults = dict(recipe["ComponentConfiguration"]["DefaultConfiguration"])
     defaults.pop("accessControl")
@@ -69,6 +70,7 @@ def test_the_schema_accepts_the_example_and_the_greengrass_defaults() -> None:
     {"image_upload": {"credentials": {"timeout_s": 0}}},
     {"metrics": {"window": 60}},
     {"queue_size": True},
+    {"model": {}},
 ])
 def test_the_schema_refuses_what_the_reader_refuses(change: dict[str, Any]) -> None:
     data = {"thing_name": "t", "model": {"bundle": "b"}, **change}
