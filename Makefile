@@ -9,7 +9,7 @@ DEMO_DIR ?= demo_out
 # The device install: the edge extra and what the device-side tests themselves use (onnx builds
 # their tiny models, cryptography the broker's certificates); never torch, never boto3.
 EDGE_VENV := .venv-edge
-DEVICE_TEST_DEPS := 'pytest>=8' 'pytest-timeout>=2.3' 'onnx>=1.16' 'cryptography>=42'
+DEVICE_TEST_DEPS := 'pytest>=8' 'pytest-timeout>=2.3' 'onnx>=1.16' 'cryptography>=42' 'jsonschema>=4.18'
 
 .PHONY: demo test test-device lint typecheck contracts unit system-deps infra-deps venv clean
 

@@ -49,10 +49,11 @@ from qcsight_core.bundle import Bundle, DecisionPolicy, Manifest, ModelFile, loa
 from qcsight_core.drift import histogram, input_statistics  # noqa: E402
 from qcsight_core.preprocess import PreprocessSpec, prepare_pixels, preprocess  # noqa: E402
 from qcsight_core.runner import OnnxRunner, RunnerOptions  # noqa: E402
-from qcsight_edge.agent import Agent, AgentParts, NoLineSignal  # noqa: E402
+from qcsight_edge.agent import Agent, AgentParts  # noqa: E402
 from qcsight_edge.capture import Frame, new_frame_id  # noqa: E402
 from qcsight_edge.config import AgentConfig  # noqa: E402
 from qcsight_edge.imagestore import ImageStore  # noqa: E402
+from qcsight_edge.line_signal import NoLineSignal  # noqa: E402
 from qcsight_edge.outbox import Outbox  # noqa: E402
 
 log = logging.getLogger("bench_agent")

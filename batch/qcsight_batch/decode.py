@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from qcsight_batch.errors import SourceError, WorkerError
+from qcsight_batch.errors import InputError, WorkerError
 from qcsight_batch.sources import ImageSource
 from qcsight_core.errors import ConfigError, ImageError, PreprocessError
 from qcsight_core.imageio import DEFAULT_MAX_PIXELS, decode_image
@@ -90,7 +90,7 @@ def decode_chunk(keys: Sequence[str], source: ImageSource, settings: DecodeSetti
     for key in keys:
         try:
             image = settings.decode(source.read(key), key)
-        except (SourceError, ImageError) as exc:
+        except (InputError, ImageError) as exc:
             errors.append((key, getattr(exc, "reason", None) or str(exc)))
             continue
         try:

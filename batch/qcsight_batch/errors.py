@@ -9,7 +9,7 @@ class BatchError(QcsightError):
     """Base class for batch scoring errors."""
 
 
-class SourceError(BatchError):
+class InputError(BatchError):
     """An input (folder, glob, manifest, S3 prefix) or a bundle location cannot be read."""
 
 
@@ -47,3 +47,7 @@ class PayloadTooLargeError(RequestError):
 
 class SubmitError(BatchError):
     """A SageMaker or EventBridge Scheduler request was refused or cannot be built."""
+
+
+class KmsSigningError(BatchError):
+    """The KMS key cannot sign bundles, or KMS refused a request."""

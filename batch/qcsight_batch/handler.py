@@ -98,7 +98,7 @@ class RequestPolicy:
 
 
 @dataclass(frozen=True)
-class LoadedModel:
+class ServedModel:
     """What model_fn returns: the runner and decision policy of one bundle, and how requests are served."""
 
     runner: OnnxRunner
@@ -123,13 +123,13 @@ class Payload:
 
 
 def load_model(model_dir: str, precision: str = "fp32", intra_op_threads: int = 0, *,
-               max_pixels: int = DEFAULT_MAX_PIXELS, policy: RequestPolicy | None = None) -> LoadedModel:
+               max_pixels: int = DEFAULT_MAX_PIXELS, policy: RequestPolicy | None = None) -> ServedModel:
     """Load and verify the bundle in model_dir (SageMaker unpacks model.tar.gz to /opt/ml/model)."""
     bundle = load_bundle(model_dir)
     runner = OnnxRunner(bundle, RunnerOptions(precision=precision, intra_op_threads=intra_op_threads))
     info = ModelInfo.from_manifest(bundle.manifest, runner.precision)
     settings = DecodeSettings.for_spec(bundle.manifest.input, max_pixels=max_pixels)
-    return LoadedModel(runner, Decider(bundle.manifest), info, settings, policy or RequestPolicy())
+    return ServedModel(runner, Decider(bundle.manifest), info, settings, policy or RequestPolicy())
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int, allowed: str) -> int:
@@ -157,7 +157,7 @@ def policy_from_env(environ: Mapping[str, str]) -> RequestPolicy:
     )
 
 
-def model_fn(model_dir: str, context: Any = None) -> LoadedModel:
+def model_fn(model_dir: str, context: Any = None) -> ServedModel:
     """Toolkit hook: load the bundle, tuned by the QCSIGHT_* variables of the container environment.
 
     QCSIGHT_PRECISION (fp32/int8/auto), QCSIGHT_INTRA_OP_THREADS, QCSIGHT_MAX_PIXELS (pixel
@@ -269,7 +269,7 @@ def _prepare(item: bytes | np.ndarray | BadItem, index: int,
         raise ImageError(name, f"cannot preprocess: {getattr(exc, 'err', None) or exc}") from exc
 
 
-def score_payload(data: Payload, model: LoadedModel) -> list[dict[str, Any]]:
+def score_payload(data: Payload, model: ServedModel) -> list[dict[str, Any]]:
     """Decode, preprocess and score each item, one decode at a time; one result dict per item, in order."""
     if len(data.items) > model.policy.max_items:
         raise PayloadTooLargeError(
@@ -301,7 +301,7 @@ def input_fn(input_data: bytes | bytearray | memoryview | str, content_type: str
 
 
 @_toolkit_errors
-def predict_fn(data: Payload, model: LoadedModel, context: Any = None) -> list[dict[str, Any]]:
+def predict_fn(data: Payload, model: ServedModel, context: Any = None) -> list[dict[str, Any]]:
     """Toolkit hook: decode, preprocess and score each image; one result dict per image, in order."""
     return score_payload(data, model)
 
@@ -332,7 +332,7 @@ def output_fn(prediction: list[dict[str, Any]], accept: str, context: Any = None
     return render(prediction, accept)
 
 
-def transform(model: LoadedModel, body: bytes, content_type: str | None, accept: str | None) -> tuple[bytes, str]:
+def transform(model: ServedModel, body: bytes, content_type: str | None, accept: str | None) -> tuple[bytes, str]:
     """The whole request, as the toolkit chains it: (response body, response content type)."""
     response_type = negotiate(accept)  # refuse an unknown accept type before doing the work
     prediction = score_payload(parse_request(body, content_type or ""), model)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from qcsight_batch.errors import BatchError
+from qcsight_batch.errors import KmsSigningError
 from qcsight_core.signing import ALGORITHMS
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ DEFAULT_ALGORITHMS = {
     "RSA_3072": "RSASSA_PSS_SHA_256",
     "RSA_4096": "RSASSA_PSS_SHA_256",
 }
-
-
-class KmsSigningError(BatchError):
-    """The KMS key cannot sign bundles, or KMS refused a request."""
 
 
 def sign_request(key_id: str, message: bytes, algorithm: str) -> dict[str, Any]:
@@ -67,17 +63,14 @@ class KmsSigner:
 
     @staticmethod
     def _call(operation: str, function: Any, **kwargs: Any) -> dict[str, Any]:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from qcsight_aws.errors import AwsError, aws_errors  # boto3's side: only where KMS signs
 
         try:
-            response: dict[str, Any] = function(**kwargs)
-            return response
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            raise KmsSigningError(f"KMS {operation} was refused: {error.get('Code', '?')}: "
-                                  f"{error.get('Message', exc)}") from exc
-        except BotoCoreError as exc:
-            raise KmsSigningError(f"KMS {operation} failed: {exc}") from exc
+            with aws_errors(f"KMS {operation}"):
+                response: dict[str, Any] = function(**kwargs)
+                return response
+        except AwsError as exc:
+            raise KmsSigningError(str(exc)) from exc.__cause__
 
     def public_key_der(self) -> bytes:
         return self._public_der

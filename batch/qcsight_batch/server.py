@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from qcsight_batch.errors import RequestError
-from qcsight_batch.handler import LoadedModel, transform
+from qcsight_batch.handler import ServedModel, transform
+from qcsight_core.checks import check_int, check_number
 from qcsight_core.errors import ConfigError, QcsightError
 
 log = logging.getLogger(__name__)
@@ -86,20 +87,16 @@ class ServerConfig:
     max_header_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ConfigError("port", self.port, "0 to 65535")
-        if not 0 < self.max_payload_mb <= 100:
-            raise ConfigError("max_payload_mb", self.max_payload_mb, "more than 0 and at most 100")
+        check_int("port", self.port, 0, 65535)
+        check_number("max_payload_mb", self.max_payload_mb, 0, 100, open_low=True)
         if self.max_concurrent < 1 or self.max_connections < self.max_concurrent:
             raise ConfigError(
                 "max_concurrent/max_connections", (self.max_concurrent, self.max_connections),
                 "at least 1, with max_connections >= max_concurrent",
             )
-        if self.max_waiting < 0:
-            raise ConfigError("max_waiting", self.max_waiting, "0 or more")
+        check_int("max_waiting", self.max_waiting, 0)
         for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s", "slot_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, getattr(self, name), "a positive number of seconds")
+            check_number(name, getattr(self, name), 0, open_low=True)
 
     @property
     def max_payload_bytes(self) -> int:
@@ -179,7 +176,7 @@ class InferenceServer:
     are known before serving starts.
     """
 
-    def __init__(self, model: LoadedModel, config: ServerConfig | None = None) -> None:
+    def __init__(self, model: ServedModel, config: ServerConfig | None = None) -> None:
         self.config = config or ServerConfig()
         self.model = model
         self._socket = socket.create_server((self.config.host, self.config.port), backlog=128)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from qcsight_batch.errors import SourceError
+from qcsight_batch.errors import InputError
 from qcsight_core.imageio import is_image_path
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class ImageSource(Protocol):
         ...
 
     def read(self, key: str) -> bytes:
-        """The encoded bytes at key; raises SourceError when they cannot be read."""
+        """The encoded bytes at key; raises InputError when they cannot be read."""
         ...
 
     def describe(self) -> str:
@@ -65,7 +65,7 @@ def s3_client() -> Any:
             try:
                 import boto3
             except ModuleNotFoundError as exc:
-                raise SourceError("reading s3:// locations needs boto3: pip install 'qcsight[batch]'") from exc
+                raise InputError("reading s3:// locations needs boto3: pip install 'qcsight[batch]'") from exc
             client = boto3.session.Session().client("s3")
             _clients[key] = client
         return client
@@ -74,10 +74,10 @@ def s3_client() -> Any:
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """s3://bucket/some/key -> ("bucket", "some/key")."""
     if not uri.startswith(S3_SCHEME):
-        raise SourceError(f"{uri}: not an s3:// URI")
+        raise InputError(f"{uri}: not an s3:// URI")
     bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
     if not bucket:
-        raise SourceError(f"{uri}: no bucket name in the S3 URI")
+        raise InputError(f"{uri}: no bucket name in the S3 URI")
     return bucket, key
 
 
@@ -90,14 +90,14 @@ def read_location(location: str) -> bytes:
             with body:
                 data: bytes = body.read()
             return data
-        except SourceError:
+        except InputError:
             raise
         except Exception as exc:  # botocore's ClientError and transport errors share no narrower base
-            raise SourceError(f"{location}: cannot read from S3: {exc}") from exc
+            raise InputError(f"{location}: cannot read from S3: {exc}") from exc
     try:
         return Path(location).read_bytes()
     except OSError as exc:
-        raise SourceError(f"{location}: cannot read file: {exc.strerror or exc}") from exc
+        raise InputError(f"{location}: cannot read file: {exc.strerror or exc}") from exc
 
 
 def _visible(name: str) -> bool:
@@ -118,7 +118,7 @@ def _walk_files(root: str, max_depth: int | None = None) -> Iterator[str]:
     try:
         walked = {_folder_id(os.stat(root))}
     except OSError as exc:
-        raise SourceError(f"{root}: cannot list folder: {exc.strerror or exc}") from exc
+        raise InputError(f"{root}: cannot list folder: {exc.strerror or exc}") from exc
     pending: list[tuple[str, int]] = [(root, 1)]
     while pending:
         directory, depth = pending.pop()
@@ -140,7 +140,7 @@ def _walk_files(root: str, max_depth: int | None = None) -> Iterator[str]:
                     elif entry.is_file(follow_symlinks=True):
                         yield entry.path
         except OSError as exc:
-            raise SourceError(f"{directory}: cannot list folder: {exc.strerror or exc}") from exc
+            raise InputError(f"{directory}: cannot list folder: {exc.strerror or exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def _manifest_lines(location: str) -> Iterator[bytes]:
         try:
             body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
         except Exception as exc:
-            raise SourceError(f"{location}: cannot read manifest from S3: {exc}") from exc
+            raise InputError(f"{location}: cannot read manifest from S3: {exc}") from exc
         with body:
             yield from body.iter_lines()
         return
@@ -247,7 +247,7 @@ def _manifest_lines(location: str) -> Iterator[bytes]:
         with open(location, "rb") as handle:
             yield from handle
     except OSError as exc:
-        raise SourceError(f"{location}: cannot read manifest: {exc.strerror or exc}") from exc
+        raise InputError(f"{location}: cannot read manifest: {exc.strerror or exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -272,10 +272,10 @@ class ManifestSource:
             try:
                 record = json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise SourceError(f"{self.location} line {number}: not a JSON object: {exc}") from exc
+                raise InputError(f"{self.location} line {number}: not a JSON object: {exc}") from exc
             ref = next((record[f] for f in MANIFEST_FIELDS if isinstance(record, dict) and f in record), None)
             if not isinstance(ref, str) or not ref:
-                raise SourceError(
+                raise InputError(
                     f"{self.location} line {number}: no {' or '.join(repr(f) for f in MANIFEST_FIELDS)} string"
                 )
             yield self._resolve(ref)
@@ -309,10 +309,10 @@ class S3PrefixSource:
                     if key.endswith("/") or not _visible(name) or (self.images_only and not is_image_path(name)):
                         continue
                     yield f"{S3_SCHEME}{self.bucket}/{key}"
-        except SourceError:
+        except InputError:
             raise
         except Exception as exc:
-            raise SourceError(f"s3://{self.bucket}/{self.prefix}: cannot list objects: {exc}") from exc
+            raise InputError(f"s3://{self.bucket}/{self.prefix}: cannot list objects: {exc}") from exc
 
     def read(self, key: str) -> bytes:
         return read_location(key)
@@ -335,8 +335,8 @@ def open_source(spec: str, images_only: bool = False) -> ImageSource:
     if _GLOB_MAGIC.search(spec):
         return GlobSource(spec)
     if os.path.exists(spec):
-        raise SourceError(f"{spec}: a file input must be a JSON-lines manifest ({', '.join(MANIFEST_SUFFIXES)})")
-    raise SourceError(f"{spec}: no such folder or manifest (and not a glob or s3:// URI)")
+        raise InputError(f"{spec}: a file input must be a JSON-lines manifest ({', '.join(MANIFEST_SUFFIXES)})")
+    raise InputError(f"{spec}: no such folder or manifest (and not a glob or s3:// URI)")
 
 
 def _download(bucket: str, key: str, target: Path) -> None:
@@ -345,7 +345,7 @@ def _download(bucket: str, key: str, target: Path) -> None:
     try:
         s3_client().download_file(bucket, key, str(tmp))
     except Exception as exc:
-        raise SourceError(f"s3://{bucket}/{key}: cannot download: {exc}") from exc
+        raise InputError(f"s3://{bucket}/{key}: cannot download: {exc}") from exc
     os.replace(tmp, target)
 
 
@@ -380,9 +380,9 @@ def fetch_bundle(location: str, cache_dir: Path) -> Path:
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             objects.extend((str(o["Key"]), str(o["ETag"])) for o in page.get("Contents", ()))
     except Exception as exc:
-        raise SourceError(f"{location}: cannot list the bundle prefix: {exc}") from exc
+        raise InputError(f"{location}: cannot list the bundle prefix: {exc}") from exc
     if not objects:
-        raise SourceError(f"{location}: no such S3 object or prefix")
+        raise InputError(f"{location}: no such S3 object or prefix")
     # manifest.json last: an interrupted download then leaves no manifest and is fetched again.
     objects.sort(key=lambda item: (item[0].endswith("/manifest.json"), item[0]))
     fingerprint = hashlib.sha256(repr(sorted(objects)).encode()).hexdigest()[:16]
@@ -395,7 +395,7 @@ def fetch_bundle(location: str, cache_dir: Path) -> Path:
                 continue
             target = (slot / relative).resolve()
             if slot.resolve() not in target.parents:
-                raise SourceError(f"{location}: object {object_key!r} escapes the bundle folder")
+                raise InputError(f"{location}: object {object_key!r} escapes the bundle folder")
             _download(bucket, object_key, target)
     return slot
 

@@ -17,7 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qcsight_aws.errors import AwsError, aws_errors
+from qcsight_aws.s3 import S3Uri
 from qcsight_batch.errors import SubmitError
+from qcsight_core.checks import check_choice, check_int
 from qcsight_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,13 +43,7 @@ def _check_name(field_name: str, value: str, max_length: int = 63) -> None:
 
 
 def _check_s3(field_name: str, value: str) -> None:
-    if not value.startswith("s3://") or len(value) <= len("s3://"):
-        raise ConfigError(field_name, value, "an s3://bucket/key URI")
-
-
-def _choice(field_name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(field_name, value, f"one of {', '.join(allowed)}")
+    S3Uri.parse(value, field_name, allowed="an s3://bucket/key URI", legacy_bucket=True)
 
 
 @dataclass(frozen=True)
@@ -108,21 +105,18 @@ class TransformJobSpec:
             raise ConfigError("image_uri", self.image_uri, "the container image URI (ECR)")
         if not self.role_arn.startswith("arn:"):
             raise ConfigError("role_arn", self.role_arn, "an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
-        _choice("input_kind", self.input_kind, INPUT_KINDS)
-        _choice("split_type", self.split_type, SPLIT_TYPES)
-        _choice("assemble_with", self.assemble_with, ASSEMBLE_TYPES)
-        _choice("batch_strategy", self.batch_strategy, BATCH_STRATEGIES)
-        _choice("accept", self.accept, ("application/json", "application/jsonlines"))
-        _choice("precision", self.precision, ("fp32", "int8", "auto"))
-        _choice("bad_records", self.bad_records, ("error_row", "reject"))
+        check_choice("input_kind", self.input_kind, INPUT_KINDS)
+        check_choice("split_type", self.split_type, SPLIT_TYPES)
+        check_choice("assemble_with", self.assemble_with, ASSEMBLE_TYPES)
+        check_choice("batch_strategy", self.batch_strategy, BATCH_STRATEGIES)
+        check_choice("accept", self.accept, ("application/json", "application/jsonlines"))
+        check_choice("precision", self.precision, ("fp32", "int8", "auto"))
+        check_choice("bad_records", self.bad_records, ("error_row", "reject"))
         if not self.instance_type.startswith("ml."):
             raise ConfigError("instance_type", self.instance_type, "a SageMaker instance type such as ml.m5.xlarge")
-        if not 1 <= self.instance_count <= 100:
-            raise ConfigError("instance_count", self.instance_count, "an integer from 1 to 100")
-        if not 0 <= self.max_concurrent <= 100:
-            raise ConfigError("max_concurrent", self.max_concurrent, "0 (let SageMaker decide) to 100")
-        if not 1 <= self.max_payload_mb <= 100:
-            raise ConfigError("max_payload_mb", self.max_payload_mb, "an integer from 1 to 100")
+        check_int("instance_count", self.instance_count, 1, 100)
+        check_int("max_concurrent", self.max_concurrent, 0, 100)  # 0: let SageMaker decide
+        check_int("max_payload_mb", self.max_payload_mb, 1, 100)
 
 
 @dataclass(frozen=True)
@@ -240,16 +234,13 @@ def plan(spec: TransformJobSpec, schedule: ScheduleSpec | None = None) -> dict[s
 
 
 def _call(operation: str, function: Any, **kwargs: Any) -> dict[str, Any]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    """One request; AWS's refusal as a SubmitError naming the operation ('CreateModel failed: Code: Message')."""
     try:
-        response: dict[str, Any] = function(**kwargs)
-        return response
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        raise SubmitError(f"{operation} was refused: {error.get('Code', '?')}: {error.get('Message', exc)}") from exc
-    except BotoCoreError as exc:
-        raise SubmitError(f"{operation} failed: {exc}") from exc
+        with aws_errors(operation):
+            response: dict[str, Any] = function(**kwargs)
+            return response
+    except AwsError as exc:
+        raise SubmitError(str(exc)) from exc.__cause__
 
 
 def ensure_model(sagemaker: Any, spec: TransformJobSpec) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -15,19 +14,14 @@ from qcsight_core import messages
 from qcsight_core.errors import ConfigError, QcsightError
 from qcsight_edge.capture import FrameSource, open_source
 from qcsight_edge.clock import Clock, SystemClock
-from qcsight_edge.config import AgentConfig, LineSignalConfig, TransportConfig, load_config
+from qcsight_edge.config import AgentConfig, TransportConfig, load_config
 from qcsight_edge.errors import EdgeError, PublishError
 from qcsight_edge.imagestore import ImageStore
+from qcsight_edge.line_signal import LineSignal, make_line_signal, warn_if_key_exposed
 from qcsight_edge.metrics import MetricsRecorder, MetricsWindow
 from qcsight_edge.models import LoadedModel, ModelManager, Rejected, load_model
 from qcsight_edge.outbox import Outbox
-from qcsight_edge.outputs import (
-    LineSignal,
-    LogLineSignal,
-    MessageSink,
-    PublisherLineSignal,
-    VerdictOutputs,
-)
+from qcsight_edge.outputs import MessageSink, VerdictOutputs
 from qcsight_edge.pipeline import Pipeline
 from qcsight_edge.publisher import Publisher
 from qcsight_edge.sender import OutboxSender
@@ -44,16 +38,6 @@ class ModelListener(Protocol):
     def model_loaded(self, bundle: Path) -> None: ...
 
     def model_rejected(self, bundle: Path, reason: str) -> None: ...
-
-
-class NoLineSignal:
-    """kind: none."""
-
-    def reject(self, payload: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -419,51 +403,12 @@ def make_transport(thing: str, transport: TransportConfig) -> Publisher | None:
         return None
     if transport.kind == "ipc":
         raise ConfigError("transport.kind", "ipc", "used only with --greengrass (the nucleus's IPC socket)")
-    from qcsight_edge.mqtt import MqttSettings, make_publisher
+    from qcsight_edge.mqtt import make_publisher
 
-    assert transport.cert and transport.key and transport.ca  # config validation requires them for mqtt
-    settings = MqttSettings(endpoint=transport.endpoint, port=transport.port, thing_name=thing, cert=transport.cert,
-                            key=transport.key, ca=transport.ca, protocol=transport.kind,
-                            keep_alive_s=transport.keep_alive_s, connect_timeout_s=transport.connect_timeout_s,
-                            iot_core_limits=transport.iot_core_limits, client_id=transport.client_id or None,
-                            ack_timeout_s=transport.ack_timeout_s,
-                            min_reconnect_delay_s=transport.min_reconnect_delay_s,
-                            max_reconnect_delay_s=transport.max_reconnect_delay_s)
+    settings = replace(transport, thing_name=thing, protocol=transport.kind)
     settings.check_files()
     warn_if_key_exposed(settings.key, "transport.key")
     return make_publisher(settings)
-
-
-def warn_if_key_exposed(key: Path, field: str) -> None:
-    """Log a warning when the private key file can be read (or written) by its group or by others."""
-    try:
-        mode = stat.S_IMODE(os.stat(key).st_mode)
-    except OSError:
-        return  # check_files has already refused a key that cannot be read
-    if mode & 0o077:
-        log.warning("%s %s is accessible to its group or others (mode %04o): anyone on this device could act as "
-                    "the thing; chmod 600 it", field, key, mode)
-
-
-def make_line_signal(thing: str, line: LineSignalConfig) -> LineSignal:
-    if line.kind == "none":
-        return NoLineSignal()
-    if line.kind == "log":
-        return LogLineSignal()
-    from qcsight_edge.mqtt import MqttSettings, make_publisher
-
-    assert line.cert and line.key and line.ca
-    settings = MqttSettings(endpoint=line.endpoint, port=line.port, thing_name=thing, cert=line.cert, key=line.key,
-                            ca=line.ca, protocol="mqtt5", iot_core_limits=False, client_id=f"{thing}-line")
-    settings.check_files()
-    warn_if_key_exposed(settings.key, "line_signal.key")
-    publisher = make_publisher(settings)
-    try:
-        publisher.connect(5.0)
-    except PublishError as exc:
-        log.warning("line signal broker %s:%d not reachable yet (%s); it keeps reconnecting",
-                    line.endpoint, line.port, exc)
-    return PublisherLineSignal(publisher, thing)
 
 
 class FileConfigWatcher:

@@ -25,6 +25,7 @@ import numpy as np
 
 from qcsight_core.errors import ImageError
 from qcsight_core.imageio import decode_image, is_image_path
+from qcsight_edge.clock import Backoff
 from qcsight_edge.config import SourceConfig
 from qcsight_edge.errors import SourceError
 from qcsight_edge.redact import printable, redact_text, redact_uri
@@ -192,7 +193,7 @@ class OpenCvCamera:
         self._factory = capture_factory
         self._capture: VideoCaptureLike | None = None
         self._pacer = _Pacer(config.max_fps)
-        self._backoff = config.reconnect_initial_s
+        self._backoff = Backoff(config.reconnect_initial_s, config.reconnect_max_s)
         self._next_attempt = 0.0
         self._ended = False
         self.connects = 0
@@ -223,15 +224,15 @@ class OpenCvCamera:
             return False
         self._capture = capture
         self.connects += 1
-        self._backoff = self.config.reconnect_initial_s
+        self._backoff.reset()
         if self.connects > 1:
             log.info("camera %s: reconnected", self.ref)
         return True
 
     def _schedule_retry(self, reason: str) -> None:
-        self._next_attempt = time.monotonic() + self._backoff
-        log.warning("camera %s: %s; retrying in %.1f s", self.ref, reason, self._backoff)
-        self._backoff = min(self._backoff * 2, self.config.reconnect_max_s)
+        delay = self._backoff.next()
+        self._next_attempt = time.monotonic() + delay
+        log.warning("camera %s: %s; retrying in %.1f s", self.ref, reason, delay)
 
     def _lost(self, reason: str) -> None:
         if self._capture is not None:

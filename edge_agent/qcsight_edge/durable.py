@@ -10,13 +10,14 @@ memory and two processes draining one file would send everything twice.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 from pathlib import Path
 
+from qcsight_edge.errors import DatabaseOpenError
 
-class DatabaseOpenError(Exception):
-    """The file cannot be created, locked or opened; the caller wraps it in its own error."""
+log = logging.getLogger(__name__)
 
 
 def lock_beside(path: Path) -> int:
@@ -61,6 +62,20 @@ def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def close(db: sqlite3.Connection, lock_fd: int, what: str) -> None:
+    """Close a database opened by connect() and release its lock_beside() lock.
+
+    The WAL is folded back into the main file first, so a clean shutdown leaves one file; a failed
+    checkpoint is logged (``what`` names the store) and the close goes on: the WAL is still valid.
+    """
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as exc:
+        log.warning("%s: checkpoint at close failed: %s", what, exc)
+    db.close()
+    os.close(lock_fd)
 
 
 class Transaction:

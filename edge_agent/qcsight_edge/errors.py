@@ -63,3 +63,15 @@ class UploadError(EdgeError):
         self.permanent = permanent
         self.code = code
         super().__init__(message)
+
+
+class GreengrassError(EdgeError):
+    """The Greengrass nucleus cannot be reached over IPC, or refused a request."""
+
+
+class ImageStoreError(EdgeError):
+    """An image cannot be written to the local store."""
+
+
+class DatabaseOpenError(EdgeError):
+    """The file cannot be created, locked or opened; the caller wraps it in its own error."""

@@ -63,7 +63,8 @@ from awsiot.greengrasscoreipc.model import (
 )
 
 from qcsight_core.errors import ConfigError
-from qcsight_edge.errors import EdgeError, NotConnectedError, PublishError
+from qcsight_edge.clock import Backoff
+from qcsight_edge.errors import GreengrassError, NotConnectedError, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,6 @@ TOKEN_ENV = "SVCUID"
 # they are Greengrass's, not settings of the agent, and the agent's validator refuses unknown keys.
 NUCLEUS_KEYS = ("accessControl",)
 _QOS = {0: QOS.AT_MOST_ONCE, 1: QOS.AT_LEAST_ONCE}
-
-
-class GreengrassError(EdgeError):
-    """The Greengrass nucleus cannot be reached over IPC, or refused a request."""
 
 
 def agent_settings(configuration: Mapping[str, Any]) -> dict[str, Any]:
@@ -375,7 +372,7 @@ class IpcLink:
     def _reconnect(self, old: IpcSession | None) -> bool:
         """Open a new session; False when the link is closed or the limit was reached."""
         started = time.monotonic()
-        delay = self.policy.initial_delay_s
+        backoff = Backoff(self.policy.initial_delay_s, self.policy.max_delay_s)
         log.warning("Greengrass IPC connection down: reconnecting (giving up after %.0fs)",
                     self.policy.give_up_after_s)
         if old is not None:
@@ -394,9 +391,9 @@ class IpcLink:
                     except Exception:
                         log.exception("stopping the agent after the IPC limit")
                     return False
+                delay = backoff.next()
                 log.info("Greengrass IPC reconnection failed (%s); retrying in %.1fs", exc, delay)
                 self._closed.wait(min(delay, max(0.0, self.policy.give_up_after_s - down)))
-                delay = min(delay * 2, self.policy.max_delay_s)
                 continue
             with self._lock:
                 self._session = session

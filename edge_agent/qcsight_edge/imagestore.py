@@ -13,15 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from qcsight_core.imageio import encode_jpeg
-from qcsight_edge.errors import EdgeError
+from qcsight_edge.errors import ImageStoreError
 
 log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-class ImageStoreError(EdgeError):
-    """An image cannot be written to the local store."""
 
 
 @dataclass(frozen=True)

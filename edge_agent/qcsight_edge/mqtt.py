@@ -14,17 +14,16 @@ import functools
 import logging
 import random
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from awscrt import mqtt, mqtt5
 from awsiot import mqtt5_client_builder, mqtt_connection_builder
 
 from qcsight_core.errors import ConfigError
-from qcsight_core.topics import check_thing_name
+from qcsight_edge.clock import Backoff
+from qcsight_edge.config import MqttSettings
 from qcsight_edge.errors import NotConnectedError, PublishError, PublishRejectedError
 
 if TYPE_CHECKING:
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("mqtt5", "mqtt311")
 # PUBACK codes that mean "stored by the broker". NO_MATCHING_SUBSCRIBERS is a success in MQTT5.
 _PUBACK_OK = (mqtt5.PubackReasonCode.SUCCESS, mqtt5.PubackReasonCode.NO_MATCHING_SUBSCRIBERS)
 # PUBACK codes that the same message will get again on every retry: it goes to the dead letters.
@@ -40,111 +38,6 @@ _PUBACK_PERMANENT = (mqtt5.PubackReasonCode.NOT_AUTHORIZED, mqtt5.PubackReasonCo
                      mqtt5.PubackReasonCode.PAYLOAD_FORMAT_INVALID)
 
 _F = TypeVar("_F", bound=Callable[..., None])
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    """How the device reaches its MQTT broker (IoT Core's ATS endpoint, or Mosquitto on loopback).
-
-    Attributes:
-        endpoint: broker host name, e.g. ``abc123-ats.iot.eu-west-1.amazonaws.com``.
-        port: broker port; always passed to the SDK (8883 for IoT Core mTLS), never guessed.
-        thing_name: the IoT thing; also the client id unless ``client_id`` is set, since IoT
-            policies scope topics by ``${iot:Connection.Thing.ThingName}``.
-        cert, key, ca: PEM files: device certificate, its private key, the CA that signed the broker.
-        protocol: ``mqtt5`` or ``mqtt311``.
-        keep_alive_s: MQTT keep-alive (IoT Core accepts 30-1200 s).
-        connect_timeout_s: how long one connection attempt (TCP+TLS+CONNACK) may take.
-        ack_timeout_s: how long a sent publish may wait for its PUBACK before it fails.
-        min_reconnect_delay_s, max_reconnect_delay_s: the SDK's exponential reconnect backoff bounds
-            (MQTT5: full jitter; MQTT 3.1.1: whole seconds, at least 1, and no jitter in the SDK).
-        max_in_flight: publishes awaiting PUBACK at once; more fail at once instead of queueing.
-        iot_core_limits: MQTT5 only: throttle to IoT Core's per-connection limits (100 publishes/s,
-            512 KB/s) on the client, so a backlog drains at the rate IoT Core accepts instead of
-            being throttled or disconnected by it. Turn off only for a local broker.
-        client_id: override of the MQTT client id (defaults to ``thing_name``).
-    """
-
-    endpoint: str
-    port: int
-    thing_name: str
-    cert: Path
-    key: Path
-    ca: Path
-    protocol: str = "mqtt5"
-    keep_alive_s: int = 60
-    connect_timeout_s: float = 10.0
-    ack_timeout_s: int = 10
-    min_reconnect_delay_s: float = 1.0
-    max_reconnect_delay_s: float = 60.0
-    max_in_flight: int = 100
-    iot_core_limits: bool = True
-    client_id: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.endpoint, str) or not self.endpoint.strip() or "://" in self.endpoint:
-            raise ConfigError("mqtt.endpoint", self.endpoint, "a host name without scheme, e.g. xxx-ats.iot.<region>"
-                              ".amazonaws.com")
-        _check_int("mqtt.port", self.port, 1, 65535)
-        check_thing_name(self.thing_name)
-        for name in ("cert", "key", "ca"):
-            value = getattr(self, name)
-            if not isinstance(value, (str, Path)) or not str(value):
-                raise ConfigError(f"mqtt.{name}", value, "a path to a PEM file")
-            object.__setattr__(self, name, Path(value))
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError("mqtt.protocol", self.protocol, f"one of {', '.join(PROTOCOLS)}")
-        _check_int("mqtt.keep_alive_s", self.keep_alive_s, 5, 1200)
-        _check_number("mqtt.connect_timeout_s", self.connect_timeout_s, 0.1, 300)
-        _check_int("mqtt.ack_timeout_s", self.ack_timeout_s, 1, 600)
-        _check_number("mqtt.min_reconnect_delay_s", self.min_reconnect_delay_s, 0.01, 3600)
-        _check_number("mqtt.max_reconnect_delay_s", self.max_reconnect_delay_s, self.min_reconnect_delay_s, 3600)
-        _check_int("mqtt.max_in_flight", self.max_in_flight, 1, 65535)
-        if not isinstance(self.iot_core_limits, bool):
-            raise ConfigError("mqtt.iot_core_limits", self.iot_core_limits, "true or false")
-        if self.client_id is not None and (not isinstance(self.client_id, str) or not 1 <= len(self.client_id) <= 128):
-            raise ConfigError("mqtt.client_id", self.client_id, "1-128 characters, or unset to use thing_name")
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> MqttSettings:
-        """Build from a configuration mapping (e.g. the ``mqtt`` section of the agent's YAML)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            allowed = f"not a setting; known: {', '.join(sorted(known))}"
-            raise ConfigError(f"mqtt.{unknown[0]}", data[unknown[0]], allowed)
-        missing = [name for name in ("endpoint", "port", "thing_name", "cert", "key", "ca") if name not in data]
-        if missing:
-            raise ConfigError(f"mqtt.{missing[0]}", None, "required")
-        return cls(**dict(data))
-
-    @property
-    def mqtt_client_id(self) -> str:
-        return self.client_id or self.thing_name
-
-    def check_files(self) -> None:
-        """Raise ConfigError naming the field and file if a certificate, key or CA file cannot be used."""
-        for name in ("cert", "key", "ca"):
-            path: Path = getattr(self, name)
-            try:
-                head = path.read_bytes()[:4096]
-            except FileNotFoundError:
-                raise ConfigError(f"mqtt.{name}", str(path), "a readable PEM file; it does not exist") from None
-            except OSError as exc:
-                raise ConfigError(f"mqtt.{name}", str(path), f"a readable PEM file; cannot read it: "
-                                  f"{exc.strerror or exc}") from None
-            if b"-----BEGIN" not in head:
-                raise ConfigError(f"mqtt.{name}", str(path), "a PEM file; it has no '-----BEGIN' line")
-
-
-def _check_int(field: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(field, value, f"an integer from {low} to {high}")
-
-
-def _check_number(field: str, value: object, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ConfigError(field, value, f"a number from {low} to {high}")
 
 
 def make_publisher(settings: MqttSettings) -> Mqtt5Publisher | Mqtt311Publisher:
@@ -388,10 +281,10 @@ class Mqtt311Publisher(_Transport):
 
     def __init__(self, settings: MqttSettings, *, rng: random.Random | None = None) -> None:
         super().__init__(settings)
-        self._rng = rng or random.Random()
         self._attempting = False
         self._retry: threading.Timer | None = None
-        self._delay_s = settings.min_reconnect_delay_s
+        self._backoff = Backoff(settings.min_reconnect_delay_s, settings.max_reconnect_delay_s, rng or random.Random(),
+                                full_jitter=True)
         s = settings
         try:
             self._conn = mqtt_connection_builder.mtls_from_path(
@@ -443,7 +336,7 @@ class Mqtt311Publisher(_Transport):
         if exc is None:
             with self._lock:
                 self._attempting = False
-            self._delay_s = self.settings.min_reconnect_delay_s
+            self._backoff.reset()
             return
         self._schedule_retry(str(exc))
 
@@ -455,8 +348,7 @@ class Mqtt311Publisher(_Transport):
             if self._closing:
                 self._attempting = False
                 return
-            delay = self._rng.uniform(0, self._delay_s)  # full jitter
-            self._delay_s = min(self._delay_s * 2, self.settings.max_reconnect_delay_s)
+            delay = self._backoff.next()
             self._retry = threading.Timer(delay, self._retry_now)
             self._retry.daemon = True
             self._retry.start()

@@ -28,9 +28,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from qcsight_core.checks import check_int
 from qcsight_core.errors import ConfigError
 from qcsight_edge import durable
-from qcsight_edge.errors import OutboxError
+from qcsight_edge.errors import DatabaseOpenError, OutboxError
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,10 @@ class Outbox:
 
     def __init__(self, path: Path | str, *, max_messages: int = 10_000, max_bytes: int = 64 * 1024 * 1024,
                  busy_timeout_s: float = 5.0) -> None:
-        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
-            raise ConfigError("outbox.max_messages", max_messages, "an integer of at least 1")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ConfigError("outbox.max_bytes", max_bytes, "an integer of at least 1")
+        for name, value in (("max_messages", max_messages), ("max_bytes", max_bytes)):
+            if not isinstance(value, int):  # built in code: a number, not the text a configuration may hold
+                raise ConfigError(f"outbox.{name}", value, "an integer of at least 1")
+            check_int(f"outbox.{name}", value, 1)
         self.path = Path(path)
         self.max_messages = max_messages
         self.max_bytes = max_bytes
@@ -154,7 +155,7 @@ class Outbox:
     def _lock_file(self) -> int:
         try:
             return durable.lock_beside(self.path)
-        except durable.DatabaseOpenError as exc:
+        except DatabaseOpenError as exc:
             raise OutboxError(f"outbox {self.path}: {exc}") from exc
 
     def _open_schema(self) -> None:
@@ -432,10 +433,6 @@ class Outbox:
         with self._lock:
             self._in_flight.difference_update(row_ids)
 
-    def release_all(self) -> None:
-        with self._lock:
-            self._in_flight.clear()
-
     def stats(self) -> OutboxStats:
         with self._lock:
             self._check_open()
@@ -465,13 +462,7 @@ class Outbox:
             if self._closed:
                 return
             self._closed = True
-            try:
-                # Fold the WAL back into the main file so a clean shutdown leaves one file.
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                log.warning("outbox %s: checkpoint at close failed: %s", self.path, exc)
-            self._db.close()
-            os.close(self._lock_fd)
+            durable.close(self._db, self._lock_fd, f"outbox {self.path}")
 
     def __enter__(self) -> Outbox:
         return self

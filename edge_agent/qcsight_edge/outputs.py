@@ -1,4 +1,5 @@
-"""What the agent says: the line's reject signal (local), and alerts/metrics/status into the durable outbox."""
+"""What the agent says about each verdict: the line's reject signal (line_signal.py), and alerts, metrics and status
+into the durable outbox."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ import hashlib
 import json
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,14 +17,15 @@ import numpy as np
 
 from qcsight_core import anomaly, messages
 from qcsight_core.errors import QcsightError
-from qcsight_core.topics import line_signal_topic, topic
+from qcsight_core.topics import topic
 from qcsight_core.verdict import DEFECT, UNCERTAIN, Verdict
 from qcsight_edge.clock import Clock, iso_utc
 from qcsight_edge.config import AlertConfig, LineSignalConfig
 from qcsight_edge.errors import ImageNotQueuedError, OutboxError, UploadQueueError
 from qcsight_edge.imagestore import ImageStore
-from qcsight_edge.publisher import Publisher
+from qcsight_edge.line_signal import LineSignal, line_payload
 from qcsight_edge.queues import BoundedQueue
+from qcsight_edge.ratelimit import RateLimitedLog
 from qcsight_edge.redact import printable
 from qcsight_edge.thumbnails import IOT_CORE_MAX_PAYLOAD, encoded_size, fit_thumbnail
 
@@ -44,7 +44,7 @@ ENVELOPE_RESERVE = 512
 KIND_BY_SCHEMA = {messages.METRICS: "metrics", messages.ALERT: "alerts", messages.STATUS: "status"}
 
 
-class Outbox(Protocol):
+class MessageStore(Protocol):
     """The part of qcsight_edge.outbox.Outbox the agent writes through."""
 
     def put(self, topic: str, kind: str, build: Callable[[int], tuple[str, bytes]]) -> tuple[int, bool]: ...
@@ -58,7 +58,8 @@ class MessageSink:
     a message that fails validation uses no seq.
     """
 
-    def __init__(self, outbox: Outbox, thing: str, clock: Clock, on_stored: Callable[[], None] | None = None) -> None:
+    def __init__(self, outbox: MessageStore, thing: str, clock: Clock,
+                 on_stored: Callable[[], None] | None = None) -> None:
         self.outbox = outbox
         self.thing = thing
         self.clock = clock
@@ -96,79 +97,6 @@ class MessageSink:
         return built
 
 
-class LineSignal(Protocol):
-    """Tells the line controller to reject a part; must return quickly (it runs on the inference thread)."""
-
-    def reject(self, payload: Mapping[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class CallbackLineSignal:
-    """Calls a function for each reject: a GPIO driver, a PLC client, or a test's list."""
-
-    def __init__(self, callback: Callable[[Mapping[str, Any]], None]) -> None:
-        self._callback = callback
-
-    def reject(self, payload: Mapping[str, Any]) -> None:
-        self._callback(payload)
-
-    def close(self) -> None:
-        pass
-
-
-class LogLineSignal:
-    """Writes each reject to the log (the stand-in when no line controller is wired)."""
-
-    def reject(self, payload: Mapping[str, Any]) -> None:
-        log.info("REJECT frame=%s status=%s label=%s score=%.3f", payload.get("frame_id"), payload.get("status"),
-                 payload.get("label"), float(payload.get("score", 0.0)))
-
-    def close(self) -> None:
-        pass
-
-
-class PublisherLineSignal:
-    """Publishes each reject on the local line topic through a Publisher (a broker on the line's network).
-
-    Delivery is QoS 1 but not awaited: a reject that cannot be delivered within its moment is
-    useless to the line, so failures are logged and counted, never queued for later.
-    """
-
-    def __init__(self, publisher: Publisher, thing: str, connect_timeout_s: float = 5.0) -> None:
-        self._publisher = publisher
-        self.topic = line_signal_topic(thing)
-        self.failed = 0
-        self._connect_timeout_s = connect_timeout_s
-
-    def reject(self, payload: Mapping[str, Any]) -> None:
-        data = json.dumps(payload, separators=(",", ":")).encode("utf-8")
-        try:
-            future = self._publisher.publish(self.topic, data, 1)
-        except Exception as exc:  # a transport's error must not stop inference
-            self._failed(exc)
-            return
-        future.add_done_callback(self._done)
-
-    def _done(self, future: Future[None]) -> None:
-        exc = future.exception()
-        if exc is not None:
-            self._failed(exc)
-
-    def _failed(self, exc: BaseException) -> None:
-        self.failed += 1
-        log.warning("line signal on %s not delivered: %s", self.topic, exc)
-
-    def close(self) -> None:
-        self._publisher.close(self._connect_timeout_s)
-
-
-def line_payload(frame_id: str, source_ref: str, verdict: Verdict, model_version: str, clock: Clock) -> dict[str, Any]:
-    return {"frame_id": frame_id, "source": source_ref, "reject": True, "status": verdict.status,
-            "label": verdict.label, "score": round(verdict.score, 6), "model_version": model_version,
-            "time": iso_utc(clock.time())}
-
-
 def alert_ids(thing: str, frame_id: str) -> tuple[str, str]:
     """(message_id, alert_id) of the alert for one frame: derived from the frame id, so the same part judged
     again after a crash (the hot folder's frame ids are stable) makes an alert the cloud drops as a duplicate."""
@@ -197,28 +125,6 @@ def alert_body(frame_id: str, source_ref: str, verdict: Verdict, classes: tuple[
     if verdict.box is not None:
         body["box"] = verdict.box.to_dict()
     return body
-
-
-class RateLimitedLog:
-    """At most one log record per key per interval, with how many were suppressed."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
-        self._logger = logger
-        self._interval = interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(key, -1e9) < self._interval:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return
-            self._last[key] = now
-            suppressed = self._suppressed.pop(key, 0)
-        suffix = f" ({suppressed} similar suppressed)" if suppressed else ""
-        self._logger.warning(message + suffix, *args)
 
 
 Finish = Callable[["Frame", bool], None]

@@ -27,8 +27,8 @@ from qcsight_edge.clock import Clock
 from qcsight_edge.config import Roi
 from qcsight_edge.metrics import MetricsRecorder
 from qcsight_edge.models import LoadedModel, ModelManager
-from qcsight_edge.outputs import RateLimitedLog
 from qcsight_edge.queues import BoundedQueue
+from qcsight_edge.ratelimit import RateLimitedLog
 from qcsight_edge.redact import printable
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,21 @@ FrameQueue = BoundedQueue[Frame]
 
 @dataclass(frozen=True)
 class Prepared:
-    """A frame made ready for one preprocessing spec, or the reason it cannot be."""
+    """A frame made ready for one preprocessing spec: the region the model sees, its statistics, its input batch."""
 
     frame: Frame
-    spec: PreprocessSpec | None = None
-    region: np.ndarray | None = None
-    stats: InputStats | None = None
-    batch: np.ndarray | None = None
-    error: str | None = None
+    spec: PreprocessSpec
+    region: np.ndarray
+    stats: InputStats
+    batch: np.ndarray
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A frame that cannot be prepared (no image, a crop outside it, a decoder error), and why."""
+
+    frame: Frame
+    error: str
 
 
 @dataclass(frozen=True)
@@ -70,30 +77,29 @@ def crop(image: np.ndarray, roi: Roi | None) -> np.ndarray:
     return image[y0:y1, x0:x1]
 
 
-def prepare(frame: Frame, spec: PreprocessSpec, roi: Roi | None) -> Prepared:
-    """Crop and preprocess (the one qcsight_core path); a corrupt frame comes back with `error`, never raises."""
+def prepare(frame: Frame, spec: PreprocessSpec, roi: Roi | None) -> Prepared | Unreadable:
+    """Crop and preprocess (the one qcsight_core path); a corrupt frame comes back Unreadable, never raises."""
     if frame.image is None:
-        return Prepared(frame, error=frame.error or "no image")
+        return Unreadable(frame, frame.error or "no image")
     try:
         region = crop(frame.image, roi)
         pixels = prepare_pixels(region, spec)
         stats = input_statistics(pixels, spec.color)
         batch = normalize(pixels, spec)[None]
     except (QcsightError, cv2.error, ValueError) as exc:
-        return Prepared(frame, error=str(exc))
+        return Unreadable(frame, str(exc))
     return Prepared(frame, spec, region, stats, batch)
 
 
 def judge(model: LoadedModel, image: np.ndarray, roi: Roi | None) -> Judgement:
     """Crop, preprocess, run and decide one image (raises QcsightError when it cannot)."""
     ready = prepare(Frame("-", image, "-"), model.bundle.manifest.input, roi)
-    if ready.error is not None:
+    if isinstance(ready, Unreadable):
         raise QcsightError(ready.error)
     return _run(model, ready)
 
 
 def _run(model: LoadedModel, ready: Prepared) -> Judgement:
-    assert ready.batch is not None and ready.stats is not None and ready.region is not None
     # decide_outputs: an anomaly bundle's verdict also carries its score map and the box on the judged region.
     (verdict,) = model.decider.decide_outputs(model.runner.infer(ready.batch), [ready.region.shape])
     return Judgement(verdict, ready.stats, ready.region)
@@ -148,7 +154,7 @@ class Pipeline:
         self.clock = clock
         self.roi = roi
         self.queue: BoundedQueue[Frame] = BoundedQueue(queue_size)
-        self._ready: BoundedQueue[Prepared] = BoundedQueue(1)
+        self._ready: BoundedQueue[Prepared | Unreadable] = BoundedQueue(1)
         self.counters = PipelineCounters()
         self._on_model_change = on_model_change
         self._read_timeout_s = read_timeout_s
@@ -168,13 +174,13 @@ class Pipeline:
         self.swap_if_ready()
         return self._judge(prepare(frame, self._active.bundle.manifest.input, self.roi))
 
-    def _judge(self, ready: Prepared) -> Judgement | None:
+    def _judge(self, ready: Prepared | Unreadable) -> Judgement | None:
         model = self._active
         spec = model.bundle.manifest.input
-        if ready.error is None and ready.spec != spec:
+        if isinstance(ready, Prepared) and ready.spec != spec:
             ready = prepare(ready.frame, spec, self.roi)  # prepared for the model that was just replaced
         frame = ready.frame
-        if ready.error is not None:
+        if isinstance(ready, Unreadable):
             self._failed(frame, ready.error)
             return None
         try:

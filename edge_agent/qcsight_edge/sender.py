@@ -16,38 +16,18 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
 
+from qcsight_core.checks import check_int, check_number
 from qcsight_core.errors import ConfigError
+from qcsight_edge.clock import Backoff, Clock, SystemClock
 from qcsight_edge.errors import NotConnectedError, PublishRejectedError
 from qcsight_edge.outbox import Outbox, OutboxMessage
 from qcsight_edge.publisher import Publisher
 from qcsight_edge.thumbnails import IOT_CORE_MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
-
-
-class WaitClock(Protocol):
-    """Monotonic time plus an interruptible wait; tests pass one that advances instantly."""
-
-    def monotonic(self) -> float:
-        """Seconds from an arbitrary origin; never goes back."""
-
-    def wait(self, event: threading.Event, timeout_s: float) -> bool:
-        """Block until ``event`` is set or ``timeout_s`` passed; returns whether it was set."""
-
-
-class SystemWaitClock:
-    """Real time."""
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def wait(self, event: threading.Event, timeout_s: float) -> bool:
-        return event.wait(max(timeout_s, 0.0))
 
 
 @dataclass(frozen=True)
@@ -70,37 +50,21 @@ class SenderSettings:
     max_payload_bytes: int = IOT_CORE_MAX_PAYLOAD
 
     def __post_init__(self) -> None:
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= 10_000:
-            raise ConfigError("sender.window", self.window, "an integer from 1 to 10000")
+        _exactly(int, "sender.window", self.window)
+        check_int("sender.window", self.window, 1, 10_000)
         for name, low in (("ack_timeout_s", 0.01), ("idle_poll_s", 0.001), ("backoff_min_s", 0.001)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= 3600:
-                raise ConfigError(f"sender.{name}", value, f"a number of seconds from {low} to 3600")
-        if (isinstance(self.backoff_max_s, bool) or not isinstance(self.backoff_max_s, (int, float))
-                or not self.backoff_min_s <= self.backoff_max_s <= 3600):
-            raise ConfigError("sender.backoff_max_s", self.backoff_max_s,
-                              f"a number of seconds from backoff_min_s ({self.backoff_min_s}) to 3600")
-        if (isinstance(self.max_payload_bytes, bool) or not isinstance(self.max_payload_bytes, int)
-                or not 1 <= self.max_payload_bytes <= 256 * 1024**2):
-            raise ConfigError("sender.max_payload_bytes", self.max_payload_bytes, "an integer from 1 to 268435456")
+            _exactly(float, f"sender.{name}", getattr(self, name))
+            check_number(f"sender.{name}", getattr(self, name), low, 3600)
+        _exactly(float, "sender.backoff_max_s", self.backoff_max_s)
+        check_number("sender.backoff_max_s", self.backoff_max_s, self.backoff_min_s, 3600)
+        _exactly(int, "sender.max_payload_bytes", self.max_payload_bytes)
+        check_int("sender.max_payload_bytes", self.max_payload_bytes, 1, 256 * 1024**2)
 
 
-class Backoff:
-    """Exponential backoff with jitter: each delay is drawn from [min, cap], and cap doubles up to max."""
-
-    def __init__(self, min_s: float, max_s: float, rng: random.Random) -> None:
-        self.min_s = min_s
-        self.max_s = max_s
-        self._rng = rng
-        self._cap = min_s
-
-    def next(self) -> float:
-        delay = self._rng.uniform(self.min_s, self._cap)
-        self._cap = min(self._cap * 2, self.max_s)
-        return delay
-
-    def reset(self) -> None:
-        self._cap = self.min_s
+def _exactly(kind: type, name: str, value: object) -> None:
+    """Settings built in code take numbers, not the text a configuration file may hold."""
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ConfigError(name, value, "an integer" if kind is int else "a number")
 
 
 @dataclass(frozen=True)
@@ -136,12 +100,12 @@ class OutboxSender:
     """
 
     def __init__(self, outbox: Outbox, publisher: Publisher, settings: SenderSettings | None = None, *,
-                 clock: WaitClock | None = None, rng: random.Random | None = None,
+                 clock: Clock | None = None, rng: random.Random | None = None,
                  name: str = "qcsight-outbox-sender") -> None:
         self.outbox = outbox
         self.publisher = publisher
         self.settings = settings or SenderSettings()
-        self._clock: WaitClock = clock or SystemWaitClock()
+        self._clock: Clock = clock or SystemClock()
         self._backoff = Backoff(self.settings.backoff_min_s, self.settings.backoff_max_s, rng or random.Random())
         self._name = name
         self._wake = threading.Event()

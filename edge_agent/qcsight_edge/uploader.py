@@ -22,7 +22,7 @@ from typing import Any
 
 from qcsight_core.errors import ConfigError
 from qcsight_core.messages import image_key
-from qcsight_edge.clock import iso_utc
+from qcsight_edge.clock import Backoff, iso_utc
 from qcsight_edge.config import AgentConfig
 from qcsight_edge.credentials import (
     FULL_URI_ENV,
@@ -34,7 +34,6 @@ from qcsight_edge.credentials import (
 )
 from qcsight_edge.errors import EdgeError, UploadError
 from qcsight_edge.s3 import FolderTarget, ImageTarget, S3Target
-from qcsight_edge.sender import Backoff
 from qcsight_edge.uploadqueue import LostImage, QueuedImage, UploadQueue
 
 log = logging.getLogger(__name__)

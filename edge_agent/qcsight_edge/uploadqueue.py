@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qcsight_core.checks import check_int
 from qcsight_core.errors import ConfigError
 from qcsight_edge import durable
-from qcsight_edge.errors import ImageNotQueuedError, UploadQueueError
+from qcsight_edge.errors import DatabaseOpenError, ImageNotQueuedError, UploadQueueError
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +129,10 @@ class UploadQueue:
 
     def __init__(self, path: Path | str, *, max_images: int = 10_000, max_bytes: int = 1024**3,
                  busy_timeout_s: float = 5.0) -> None:
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-            raise ConfigError("image_upload.max_images", max_images, "an integer of at least 1")
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise ConfigError("image_upload.max_bytes", max_bytes, "an integer of at least 1")
+        for name, value in (("max_images", max_images), ("max_bytes", max_bytes)):
+            if not isinstance(value, int):  # built in code: a number, not the text a configuration may hold
+                raise ConfigError(f"image_upload.{name}", value, "an integer of at least 1")
+            check_int(f"image_upload.{name}", value, 1)
         self.path = Path(path)
         self.max_images = max_images
         self.max_bytes = max_bytes
@@ -140,7 +141,7 @@ class UploadQueue:
         self._closed = False
         try:
             self._lock_fd = durable.lock_beside(self.path)
-        except durable.DatabaseOpenError as exc:
+        except DatabaseOpenError as exc:
             raise UploadQueueError(f"upload queue {self.path}: {exc}") from exc
         try:
             self._db = durable.connect(self.path, busy_timeout_s)
@@ -409,12 +410,7 @@ class UploadQueue:
             if self._closed:
                 return
             self._closed = True
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                log.warning("upload queue %s: checkpoint at close failed: %s", self.path, exc)
-            self._db.close()
-            os.close(self._lock_fd)
+            durable.close(self._db, self._lock_fd, f"upload queue {self.path}")
 
     def __enter__(self) -> UploadQueue:
         return self

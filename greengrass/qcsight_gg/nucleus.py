@@ -92,6 +92,11 @@ log = logging.getLogger(__name__)
 
 CLI_COMPONENT = "aws.greengrass.Cli"
 NUCLEUS_COMPONENTS = ("aws.greengrass.Nucleus", "aws.greengrass.NucleusLite")
+# Components a real nucleus provides itself (the Java nucleus as built-in plugins, Lite as its own
+# services): a dependency on one is met without a recipe in the store. The local nucleus does not serve
+# the Token Exchange Service: a component that needs its credentials (the agent's s3 image upload) gets
+# them here from its environment or a merge naming another credentials kind.
+BUILTIN_COMPONENTS = (*NUCLEUS_COMPONENTS, "aws.greengrass.TokenExchangeService")
 PHASES = ("bootstrap", "install", "startup", "run", "shutdown", "recover")
 UP = ("RUNNING", "FINISHED")
 _ARCH = {"x86_64": "amd64", "aarch64": "aarch64", "armv7l": "arm", "i686": "x86"}
@@ -210,7 +215,7 @@ class Package:
     @property
     def dependencies(self) -> dict[str, dict[str, Any]]:
         deps = self.recipe.get("ComponentDependencies") or {}
-        return {n: d for n, d in deps.items() if n not in NUCLEUS_COMPONENTS}
+        return {n: d for n, d in deps.items() if n not in BUILTIN_COMPONENTS}
 
     def default_configuration(self, flavor: str) -> dict[str, Any]:
         defaults = copy.deepcopy((self.recipe.get("ComponentConfiguration") or {}).get("DefaultConfiguration") or {})

@@ -20,6 +20,7 @@ from qcsight_core.bundle import Bundle, ModelFile, pack_bundle, write_bundle
 from qcsight_core.cli import main as qcsight_main
 from qcsight_core.signing import generate_ed25519
 from tests.batch.conftest import ImageSet, make_images
+from tests.helpers.wait import eventually
 
 ROW_FIELDS = ("source", "verdict", "class", "defect_score", "confidence", "scores", "model_version", "error")
 
@@ -242,10 +243,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(bundle: Bundle, tmp_pa
         handle.write(b'{"source": "' + str(images.root).encode() + b'/part0/img0001.jpg", "verdict": "go')
 
     assert workers, "the scorer should have started decode workers"
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in workers), "decode workers must exit when the scorer is killed"
+    eventually(lambda: not any(_alive(pid) for pid in workers), 10.0, 0.1,
+               "decode workers must exit when the scorer is killed")
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr

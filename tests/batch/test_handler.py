@@ -21,8 +21,8 @@ from qcsight_batch.errors import (
     UnsupportedContentTypeError,
 )
 from qcsight_batch.handler import (
-    LoadedModel,
     RequestPolicy,
+    ServedModel,
     input_fn,
     load_model,
     model_fn,
@@ -55,7 +55,7 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 @pytest.fixture
-def model(bundle: Bundle) -> LoadedModel:
+def model(bundle: Bundle) -> ServedModel:
     return load_model(str(bundle.path))
 
 
@@ -74,7 +74,7 @@ REQUESTS = {
 
 @pytest.mark.parametrize("accept", ["application/json", "application/jsonlines"])
 @pytest.mark.parametrize("content_type", sorted(REQUESTS))
-def test_each_content_type_and_accept(model: LoadedModel, content_type: str, accept: str) -> None:
+def test_each_content_type_and_accept(model: ServedModel, content_type: str, accept: str) -> None:
     make_body, expected = REQUESTS[content_type]
     data = input_fn(make_body(), content_type)
     prediction = predict_fn(data, model)
@@ -91,14 +91,14 @@ def test_each_content_type_and_accept(model: LoadedModel, content_type: str, acc
         assert result["class"] == ("spot" if result["verdict"] == "defect" else "good")
 
 
-def test_single_npy_images_grey_and_colour(model: LoadedModel) -> None:
+def test_single_npy_images_grey_and_colour(model: ServedModel) -> None:
     grey = cv2.cvtColor(_pixels(BRIGHT), cv2.COLOR_BGR2GRAY)
     assert [r["verdict"] for r in predict_fn(input_fn(_npy(grey), "application/x-npy"), model)] == ["defect"]
     colour = _pixels(DARK)
     assert [r["verdict"] for r in predict_fn(input_fn(_npy(colour), "application/x-npy"), model)] == ["good"]
 
 
-def test_content_type_parameters_and_case_are_ignored(model: LoadedModel) -> None:
+def test_content_type_parameters_and_case_are_ignored(model: ServedModel) -> None:
     body, response_type = transform(model, _encoded(BRIGHT, ".jpg"), "Image/JPEG; q=0.9", "*/*")
     assert response_type == "application/json" and json.loads(body)[0]["verdict"] == "defect"
 
@@ -117,14 +117,14 @@ def test_content_type_parameters_and_case_are_ignored(model: LoadedModel) -> Non
     ],
 )
 def test_bad_requests_carry_their_status(
-    model: LoadedModel, body: bytes, content_type: str, error: type[RequestError], status: int, message: str
+    model: ServedModel, body: bytes, content_type: str, error: type[RequestError], status: int, message: str
 ) -> None:
     with pytest.raises(error, match=message) as info:
         transform(model, body, content_type, "application/json")
     assert info.value.status == status
 
 
-def test_truncated_jpeg_is_a_bad_request(model: LoadedModel) -> None:
+def test_truncated_jpeg_is_a_bad_request(model: ServedModel) -> None:
     data = _encoded(BRIGHT, ".jpg")
     with pytest.raises(RequestError, match="truncated JPEG") as info:
         transform(model, data[: len(data) // 2], "image/jpeg", None)
@@ -170,7 +170,7 @@ def _json_list(*images: bytes) -> bytes:
     lambda: bombs.png_header_claims(40000, 40000),  # OpenCV's own limit raised cv2.error: a 500
     lambda: bombs.png_bomb(12000, 12000),  # 18 KB, under OpenCV's limit: decoded to 144 MB
 ])
-def test_a_pixel_bomb_is_a_bad_request(model: LoadedModel, bomb: Callable[[], bytes]) -> None:
+def test_a_pixel_bomb_is_a_bad_request(model: ServedModel, bomb: Callable[[], bytes]) -> None:
     with pytest.raises(RequestError, match="pixel budget") as info:
         transform(model, bomb(), "image/png", None)
     assert info.value.status == 400
@@ -198,7 +198,7 @@ def test_items_per_request_are_capped(bundle: Bundle) -> None:
     assert info.value.status == 413
 
 
-def test_items_are_decoded_one_at_a_time(model: LoadedModel) -> None:
+def test_items_are_decoded_one_at_a_time(model: ServedModel) -> None:
     image = bombs.encoded(".png", 2000, 1500, DARK)  # 9 MB decoded
     tracemalloc.start()
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qcsight_batch.errors import SourceError
+from qcsight_batch.errors import InputError
 from qcsight_batch.sources import (
     DirSource,
     GlobSource,
@@ -76,18 +76,18 @@ def test_manifest_resolves_local_and_relative_refs(images: ImageSet, tmp_path: P
 def test_manifest_line_without_source_ref_is_named(tmp_path: Path) -> None:
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"source-ref": "a.jpg"}\n{"image": "b.jpg"}\n')
-    with pytest.raises(SourceError, match="line 2: no 'source-ref'"):
+    with pytest.raises(InputError, match="line 2: no 'source-ref'"):
         list(ManifestSource(str(manifest)).iter_keys())
 
 
 def test_open_source_refuses_what_it_cannot_read(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match="no such folder"):
+    with pytest.raises(InputError, match="no such folder"):
         open_source(str(tmp_path / "missing"))
     single = tmp_path / "one.jpg"
     single.write_bytes(b"x")
-    with pytest.raises(SourceError, match="manifest"):
+    with pytest.raises(InputError, match="manifest"):
         open_source(str(single))
-    with pytest.raises(SourceError, match="cannot read file"):
+    with pytest.raises(InputError, match="cannot read file"):
         DirSource(str(tmp_path)).read(str(tmp_path / "gone.jpg"))
 
 
@@ -118,7 +118,7 @@ def test_s3_prefix_pages_lazily_through_the_paginator(images: ImageSet, aws_endp
     assert sorted([first, *rest]) == sorted(uploaded)
     assert len(calls) == -(-(len(uploaded) + 1) // 5)  # one request per page of 5 (the folder marker counts)
     assert paged.read(first) == Path(uploaded[first]).read_bytes()
-    with pytest.raises(SourceError, match="cannot read from S3"):
+    with pytest.raises(InputError, match="cannot read from S3"):
         paged.read("s3://line-7/2024/06/missing.jpg")
 
 
@@ -149,5 +149,5 @@ def test_bundle_from_s3_tarball_and_prefix_is_cached(bundle, tmp_path: Path, aws
 
     folder = fetch_bundle("s3://models/line-7/unpacked/", cache)
     assert load_bundle(folder).manifest.files == bundle.manifest.files
-    with pytest.raises(SourceError, match="no such S3 object or prefix"):
+    with pytest.raises(InputError, match="no such S3 object or prefix"):
         fetch_bundle("s3://models/line-8/", cache)

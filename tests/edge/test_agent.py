@@ -26,21 +26,14 @@ from qcsight_edge.agent import Agent, FileConfigWatcher, build_parts
 from qcsight_edge.capture import DONE_DIR, FAILED_DIR
 from qcsight_edge.clock import ManualClock
 from qcsight_edge.config import AgentConfig, load_config
-from qcsight_edge.outputs import CallbackLineSignal
+from qcsight_edge.line_signal import CallbackLineSignal
 from tests.edge.agent_helpers import agent_config, by_schema, outbox_messages, status_events, write_atomically
 from tests.edge.broker import Pki, free_port
 from tests.helpers.images import write_image
 from tests.helpers.models import make_tiny_bundle
+from tests.helpers.wait import eventually
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 class RunningAgent:
@@ -64,7 +57,7 @@ class RunningAgent:
             stats = self.parts.source.stats()
             return bool(stats["done"] + stats["failed"] >= count)
 
-        wait_until(done)
+        eventually(done)
         assert self.agent.outputs is not None and self.agent.outputs.flush(10.0)  # alerts are built off-thread
 
     def stored(self) -> list[dict[str, Any]]:
@@ -256,7 +249,7 @@ def test_sigterm_stops_the_real_agent_process_with_exit_0_and_the_outbox_persist
             except Exception:
                 return False  # the database is not created yet
 
-        wait_until(alerts_stored, timeout_s=30.0)
+        eventually(alerts_stored, 30.0)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     finally:
@@ -290,12 +283,9 @@ def test_an_unreachable_broker_never_holds_up_the_line(tmp_path: Path, pki: Pki)
     write_image(inbox / "early.png", value=240, size=(40, 40))
     started = time.monotonic()
     agent.start()
-    judged_at = None
-    while judged_at is None and time.monotonic() - started < 10:
-        if (inbox / DONE_DIR / "early.png").exists():
-            judged_at = time.monotonic() - started
-        time.sleep(0.01)
-    assert judged_at is not None and judged_at < 2.5  # judged while the transport was still trying to connect
+    eventually(lambda: (inbox / DONE_DIR / "early.png").exists(), 10.0, message="the part was never judged")
+    judged_at = time.monotonic() - started
+    assert judged_at < 2.5  # judged while the transport was still trying to connect
     assert time.monotonic() - started < 2.5 and agent.sender is not None and not agent.sender.stats().connected
     assert agent.outputs is not None and agent.outputs.flush(5.0)
     stop_began = time.monotonic()

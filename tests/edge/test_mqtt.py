@@ -6,7 +6,6 @@ import logging
 import socket
 import ssl
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from qcsight_core.errors import ConfigError
 from qcsight_edge.errors import NotConnectedError, PublishError, PublishRejectedError
 from qcsight_edge.mqtt import Mqtt5Publisher, Mqtt311Publisher, MqttSettings, make_publisher
 from tests.edge.broker import Broker, MqttSubscriber, Pki, device_message
+from tests.helpers.wait import eventually
 
 PROTOCOLS = ["mqtt5", "mqtt311"]
 
@@ -59,13 +59,14 @@ def test_missing_or_wrong_certificate_file_is_named(tmp_path: Path) -> None:
         Mqtt311Publisher(_settings(tmp_path, key=tmp_path / "key.txt"))
 
 
-def test_settings_from_mapping_refuses_unknown_and_missing_keys(tmp_path: Path) -> None:
-    base = {"endpoint": "h", "port": 8883, "thing_name": "t", "cert": "c", "key": "k", "ca": "a"}
-    assert MqttSettings.from_mapping(base).cert == Path("c")
-    with pytest.raises(ConfigError, match=r"mqtt\.prot"):
-        MqttSettings.from_mapping({**base, "prot": "mqtt5"})
-    with pytest.raises(ConfigError, match=r"mqtt\.port.*required"):
-        MqttSettings.from_mapping({k: v for k, v in base.items() if k != "port"})
+def test_settings_without_a_broker_are_refused_when_connecting(tmp_path: Path) -> None:
+    """The transport and line-signal sections are MqttSettings with kind none allowed; connecting needs them all."""
+    with pytest.raises(ConfigError, match=r"mqtt\.endpoint.*required"):
+        Mqtt5Publisher(_settings(tmp_path, endpoint=""))
+    with pytest.raises(ConfigError, match=r"mqtt\.ca.*PEM"):
+        Mqtt5Publisher(_settings(tmp_path, ca=None))
+    with pytest.raises(ConfigError, match=r"thing_name"):
+        Mqtt5Publisher(_settings(tmp_path, thing_name=""))
 
 
 # ---------------------------------------------------------------- against the broker
@@ -112,9 +113,9 @@ def test_mqtt5_policy_refusal_fails_the_future(mqtt_settings: Callable[..., Mqtt
             foreign.result(5)
         assert info.value.topic == "qcsight/thing-b/metrics"
         publisher.publish(topics.metrics_topic("thing-a"), b'{"own":1}').result(5)
+        # The own message is the marker: published after the refused one on the same connection, it arrives
+        # after anything the refused one could have delivered, so no fixed wait is needed to see nothing else.
         got = cloud.wait_count(1, 5)
-        time.sleep(0.2)
-        got = cloud.messages()
     finally:
         publisher.close(5)
     assert [m.topic for m in got] == ["qcsight/thing-a/metrics"]
@@ -128,9 +129,7 @@ def test_mqtt311_policy_refusal_is_a_silent_drop(mqtt_settings: Callable[..., Mq
     try:
         publisher.publish(topics.metrics_topic("thing-b"), b'{"from":"a"}').result(5)  # acked...
         publisher.publish(topics.metrics_topic("thing-a"), b'{"own":1}').result(5)
-        cloud.wait_count(1, 5)
-        time.sleep(0.2)
-        got = cloud.messages()
+        got = cloud.wait_count(1, 5)  # the marker, published after the forbidden one (see above)
     finally:
         publisher.close(5)
     assert [m.topic for m in got] == ["qcsight/thing-a/metrics"]  # ...but never delivered
@@ -183,18 +182,12 @@ def test_reconnects_after_broker_restart(protocol: str, broker: Broker, mqtt_set
     publisher = _connect(mqtt_settings, protocol=protocol)
     try:
         broker.stop()
-        deadline = time.monotonic() + 5
-        while publisher.connected and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not publisher.connected
+        eventually(lambda: not publisher.connected, 5.0, message="still connected after the broker stopped")
         offline = publisher.publish(topics.status_topic("thing-a"), b"{}")
         with pytest.raises(NotConnectedError):
             offline.result(1)  # fails at once instead of waiting in the SDK's memory
         broker.start()
-        deadline = time.monotonic() + 8
-        while not publisher.connected and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert publisher.connected, f"no reconnect: {publisher.last_error}"
+        eventually(lambda: publisher.connected, 8.0, message=lambda: f"no reconnect: {publisher.last_error}")
         publisher.publish(topics.status_topic("thing-a"), b'{"back":1}').result(5)
         assert cloud.wait_for(lambda ms: any(m.payload == b'{"back":1}' for m in ms), 8)
     finally:

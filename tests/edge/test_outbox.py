@@ -18,6 +18,7 @@ from qcsight_core.errors import ConfigError, MessageError
 from qcsight_edge.errors import OutboxError
 from qcsight_edge.outbox import Outbox
 from tests.edge.broker import encoded
+from tests.helpers.wait import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -222,11 +223,9 @@ def test_kill_9_loses_no_enqueued_message_and_seq_never_repeats(tmp_path: Path) 
         child = subprocess.Popen([sys.executable, "-c", _CHILD, str(db), str(journal)], cwd=REPO,
                                  env={**os.environ, "PYTHONPATH": str(REPO / "edge_agent")})
         try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                if journal.exists() and len(journal.read_text().splitlines()) >= len(promised) + 100:
-                    break
-                time.sleep(0.01)
+            want = len(promised) + 100
+            eventually(lambda: journal.exists() and len(journal.read_text().splitlines()) >= want,  # noqa: B023
+                       20, message="the child did not journal 100 more messages")
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait(5)

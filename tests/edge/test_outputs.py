@@ -14,10 +14,11 @@ from qcsight_core import messages
 from qcsight_core.drift import input_statistics
 from qcsight_core.errors import ConfigError
 from qcsight_core.verdict import Verdict
-from qcsight_edge.agent import Agent, NoLineSignal, build_parts
+from qcsight_edge.agent import Agent, build_parts
 from qcsight_edge.capture import DONE_DIR, FAILED_DIR, Frame
 from qcsight_edge.clock import ManualClock
 from qcsight_edge.config import AgentConfig, AlertConfig, LineSignalConfig, ModelConfig
+from qcsight_edge.line_signal import NoLineSignal
 from qcsight_edge.models import load_model
 from qcsight_edge.outbox import Outbox
 from qcsight_edge.outputs import MessageSink, VerdictOutputs

@@ -20,6 +20,7 @@ from qcsight_edge.models import LoadedModel, ModelManager, Rejected, load_model
 from qcsight_edge.pipeline import FrameQueue, Judgement, Pipeline
 from tests.edge.agent_helpers import write_video
 from tests.helpers.models import make_tiny_bundle
+from tests.helpers.wait import eventually
 
 
 class Collect:
@@ -105,13 +106,9 @@ def test_when_inference_falls_behind_the_oldest_frames_are_dropped(tmp_path: Pat
     pipeline.start()
     assert cv2.getNumThreads() == 1  # the stage threads are the parallelism, not OpenCV's pool
     assert sink.holding.wait(10.0)
-    deadline = time.monotonic() + 10.0
-    while not source.exhausted and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually(lambda: source.exhausted, 10.0, message="the camera did not give every frame")
     sink.hold.set()
-    while not pipeline.finished and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pipeline.finished
+    eventually(lambda: pipeline.finished, 10.0, message="the pipeline did not finish")
     judged = [round(float(frame.image.mean()) / 5) * 5 for frame, _, _ in sink.items if frame.image is not None]
     # The early frames already past the queue (in the model, prepared, being prepared), then the
     # two newest the queue kept: everything between was dropped, oldest first.

@@ -11,11 +11,12 @@ import cv2
 import numpy as np
 import pytest
 
-from qcsight_edge.agent import Agent, AgentParts, NoLineSignal, build_parts
+from qcsight_edge.agent import Agent, AgentParts, build_parts
 from qcsight_edge.capture import OpenCvCamera
 from qcsight_edge.clock import ManualClock
 from qcsight_edge.config import AgentConfig
 from qcsight_edge.imagestore import ImageStore
+from qcsight_edge.line_signal import NoLineSignal
 from qcsight_edge.outbox import Outbox
 from qcsight_edge.redact import printable, redact_uri
 from tests.edge.agent_helpers import agent_config, outbox_messages, write_video

@@ -15,15 +15,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from qcsight_core import messages, topics
+from qcsight_edge.clock import Backoff
 from qcsight_edge.errors import NotConnectedError, PublishRejectedError
 from qcsight_edge.mqtt import MqttSettings, make_publisher
 from qcsight_edge.outbox import Outbox
-from qcsight_edge.sender import Backoff, OutboxSender, SenderSettings
+from qcsight_edge.sender import OutboxSender, SenderSettings
 from tests.edge.broker import Broker, MqttSubscriber, Received, device_message, encoded
 from tests.helpers.wait import eventually
 
@@ -150,8 +150,8 @@ def publisher_process(argv: list[str]) -> int:
     """
     db, settings_json, journal, options = argv[0], argv[1], argv[2], json.loads(argv[3])
     count, pause_s = int(options["produce"]), float(options.get("pause_s", 0.002))
-    settings = MqttSettings.from_mapping({**json.loads(settings_json), "min_reconnect_delay_s": 0.05,
-                                          "max_reconnect_delay_s": 0.5, "iot_core_limits": False})
+    settings = MqttSettings(**{**json.loads(settings_json), "min_reconnect_delay_s": 0.05,
+                               "max_reconnect_delay_s": 0.5, "iot_core_limits": False})
     outbox = Outbox(db)
     publisher = make_publisher(settings)
     publisher.connect(10)
@@ -199,9 +199,7 @@ def test_kill_9_while_draining_a_backlog_loses_nothing_and_never_reuses_a_seq(
         cloud.wait_count(30, 15)
         broker.stop()  # an outage: the device keeps enqueuing, the backlog grows
         grown = _lines(journal) + 100
-        deadline = time.monotonic() + 15
-        while _lines(journal) < grown and time.monotonic() < deadline:
-            time.sleep(0.005)
+        eventually(lambda: _lines(journal) >= grown, 15, 0.005, "the backlog did not grow during the outage")
         received_at_restart = len(cloud.messages())
         broker.start()
         # Kill it while it drains the backlog: rows in flight, PUBACKs on the way, enqueues going on.
@@ -287,6 +285,9 @@ class InstantClock:
         with self.lock:
             return self.now
 
+    def time(self) -> float:
+        return 1_700_000_000.0 + self.monotonic()
+
     def wait(self, event: threading.Event, timeout_s: float) -> bool:
         with self.lock:
             self.waits.append(timeout_s)
@@ -300,13 +301,6 @@ def _fill(outbox: Outbox, n: int) -> None:
         outbox.enqueue("qcsight/t/status", json.dumps({"id": f"m{i}"}).encode(), f"m{i}", "status")
 
 
-def _until(predicate: Callable[[], Any], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
-
-
 def test_window_bounds_in_flight_and_only_successes_are_acked(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "o.db")
     _fill(outbox, 20)
@@ -314,7 +308,7 @@ def test_window_bounds_in_flight_and_only_successes_are_acked(tmp_path: Path) ->
     sender = OutboxSender(outbox, transport, SenderSettings(window=4, backoff_min_s=0.01, backoff_max_s=0.02))
     sender.start()
     try:
-        _until(lambda: len(transport.open_futures()) == 4)
+        eventually(lambda: len(transport.open_futures()) == 4)
         time.sleep(0.05)
         assert len(transport.open_futures()) == 4  # never more than the window
         first = transport.open_futures()
@@ -322,7 +316,7 @@ def test_window_bounds_in_flight_and_only_successes_are_acked(tmp_path: Path) ->
         first[1][1].set_exception(PublishRejectedError("qcsight/t/status", "PUBACK NOT_AUTHORIZED"))
         first[2][1].set_exception(NotConnectedError("dropped"))
         first[3][1].set_result(None)
-        _until(lambda: sender.stats().sent == 2 and sender.stats().failed == 2)
+        eventually(lambda: sender.stats().sent == 2 and sender.stats().failed == 2)
         assert sender.stats().last_error is not None
         with sqlite3.connect(tmp_path / "o.db") as db:  # what is committed on disk, read beside the sender
             stored = {row[0] for row in db.execute("SELECT message_id FROM messages")}
@@ -343,11 +337,11 @@ def test_unacknowledged_publish_times_out_and_is_retried(tmp_path: Path) -> None
                           rng=random.Random(1))
     sender.start()
     try:
-        _until(lambda: len(transport.futures) >= 2)  # the same row sent again after 3 s without PUBACK
+        eventually(lambda: len(transport.futures) >= 2, 5.0)  # the same row sent again after 3 s without PUBACK
         assert [i for i, _ in transport.futures[:2]] == ["m0", "m0"]
-        _until(lambda: sender.stats().timed_out >= 1)
+        eventually(lambda: sender.stats().timed_out >= 1)
         assert "no PUBACK" in (sender.stats().last_error or "")
-        _until(lambda: transport.settle_all() and outbox.depth == 0)
+        eventually(lambda: transport.settle_all() and outbox.depth == 0)
     finally:
         sender.stop(1)
     outbox.close()
@@ -362,9 +356,9 @@ def test_backoff_while_offline_grows_with_jitter_and_is_capped(tmp_path: Path) -
     sender = OutboxSender(outbox, transport, SenderSettings(backoff_min_s=0.1, backoff_max_s=2.0), clock=clock,
                           rng=random.Random(7))
     sender.start()
-    _until(lambda: len(clock.waits) >= 30)
+    eventually(lambda: len(clock.waits) >= 30)
     transport.connected = True
-    _until(lambda: transport.settle_all() and outbox.depth == 0)
+    eventually(lambda: transport.settle_all() and outbox.depth == 0)
     assert sender.stop(1)
     waits = clock.waits[:30]
     assert all(0.1 <= w <= 2.0 for w in waits)
@@ -382,10 +376,10 @@ def test_a_transport_that_raises_does_not_kill_the_thread(tmp_path: Path) -> Non
     transport.raise_on_publish = True
     sender = OutboxSender(outbox, transport, SenderSettings(backoff_min_s=0.01, backoff_max_s=0.02))
     sender.start()
-    _until(lambda: sender.stats().failed >= 3)
+    eventually(lambda: sender.stats().failed >= 3)
     assert sender.running and "transport bug" in (sender.stats().last_error or "")
     transport.raise_on_publish = False
-    _until(lambda: transport.settle_all() and outbox.depth == 0)
+    eventually(lambda: transport.settle_all() and outbox.depth == 0)
     assert sender.stop(2)
     assert outbox.stats().sent == 2
     outbox.close()

@@ -46,6 +46,24 @@ def test_the_templates_are_valid_for_both_nuclei() -> None:
         assert all(set(m["Lifecycle"]) <= set(recipes.PHASES) for m in data["Manifests"])
 
 
+def test_the_agent_depends_on_the_token_exchange_service_and_offers_image_upload() -> None:
+    """The s3 image upload takes its credentials from the TES, which only a dependency puts in the environment."""
+    data = template(AGENT)
+    tes = data["ComponentDependencies"]["aws.greengrass.TokenExchangeService"]
+    assert tes["DependencyType"] == "HARD"
+    assert Requirement.parse(tes["VersionRequirement"]).allows(Version.parse("2.1.0"))
+    defaults = data["ComponentConfiguration"]["DefaultConfiguration"]
+    assert defaults["image_upload"]["kind"] == "none"
+    # Both manifests (Lite's and the classic one) share the recipe's dependencies and defaults; the
+    # defaults pass the agent's own rules as each nucleus serves them (typed, and Lite's strings), and
+    # so does the merge a deployment sends to turn the upload on.
+    build.agent_config_check(defaults)
+    merged = {**defaults, "image_upload": {**defaults["image_upload"], "kind": "s3", "bucket": "my-qcsight-images",
+                                           "region": "eu-west-1"}}
+    build.agent_config_check(merged)
+    assert problems_of(data, template(MODEL)) == []
+
+
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def change(data: dict[str, Any]) -> None:
         node: Any = data
