@@ -1189,7 +1189,8 @@ def deploy_to_running(root: Path, deployment: LocalDeployment, timeout_s: float 
     """
     from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
 
-    from qcsight_edge.greengrass_ipc import GreengrassError, connect_ipc
+    from qcsight_edge.errors import GreengrassError
+    from qcsight_edge.greengrass_ipc import connect_ipc
 
     try:
         token = json.loads((root / "cli" / "token").read_text())
