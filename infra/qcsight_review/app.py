@@ -367,7 +367,7 @@ async def review_action(request: Request, user: User) -> Response:
         raise HttpError(404, str(exc)) from exc
     except ReviewConflictError as exc:
         raise HttpError(409, f"{exc}") from exc
-    filters = filters_of({k: first(form, k) for k in _FILTERS})
+    filters = default_filters(services, {k: first(form, k) for k in _FILTERS})
     alert = services.store.get_alert(alert_id)
     if action != UNDO:
         alert = next_alert(services, filters, alert)
