@@ -354,7 +354,8 @@ async def review_action(request: Request, user: User) -> Response:
     form = await read_form(request)
     check_csrf(request, form)
     alert_id = request.path_params["alert_id"]
-    action, label = first(form, "action"), first(form, "label") or None
+    # "new_label", not "label": the form also carries the inbox filters, and "label" is the class filter.
+    action, label = first(form, "action"), first(form, "new_label") or None
     if action not in ACTIONS:
         raise HttpError(400, f"action {action!r}: one of {', '.join(ACTIONS)}")
     if action == FALSE_ALARM:

@@ -64,6 +64,7 @@ def seed_line(store: Store, root: Path, count: int = 30, now: datetime | None = 
     anomaly["verdict"]["scores"] = {"anomaly": 1.4}
     anomaly_image = (images / "scratch" / "scratch_000001.png").resolve()
     anomaly["thumbnail"] = picture(anomaly_image)
+    anomaly["image_ref"] = anomaly_image.as_uri()
     anomaly["overlay"] = picture(anomaly_image, "png")
     anomaly["box"] = {"x0": 0.25, "y0": 0.25, "x1": 0.75, "y1": 0.5, "peak": 2.1}
     messages.append(anomaly)

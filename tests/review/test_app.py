@@ -131,7 +131,7 @@ def test_reviews_are_appended_with_the_label_before_and_the_audit_log_shows_them
     query = {"line": LINE, "reviewed": "no"}
 
     def act(action: str, label: str = "", count: int | None = None) -> str:
-        form = {**query, "action": action, "label": label, "csrf_token": token}
+        form = {**query, "action": action, "new_label": label, "csrf_token": token}
         if count is not None:
             form["expected_count"] = str(count)
         response = client.post(f"/alerts/{alert_id}/review", data=form)
@@ -140,7 +140,8 @@ def test_reviews_are_appended_with_the_label_before_and_the_audit_log_shows_them
 
     after_confirm = act(CONFIRM, count=0)
     assert f'data-alert="{alert_id}"' not in after_confirm, "the answer is the next alert's panel"
-    act(RELABEL, "spot", count=1)
+    relabelled = act(RELABEL, "spot", count=1)
+    assert "label=spot" not in relabelled, "the new label is not taken for the class filter of the next alert"
     assert client.post(f"/alerts/{alert_id}/review", data={"action": CONFIRM, "expected_count": "1",
                                                             "csrf_token": token}).status_code == 409
     act(UNDO)

@@ -19,7 +19,7 @@
     const p = panel();
     const body = new URLSearchParams(p.dataset.query);
     body.set("action", action);
-    if (label) { body.set("label", label); }
+    if (label) { body.set("new_label", label); }
     if (action !== "undo") { body.set("expected_count", p.dataset.count); }
     const response = await fetch("/alerts/" + encodeURIComponent(alertId) + "/review", {
       method: "POST", body: body, credentials: "same-origin",
