@@ -94,13 +94,21 @@ class S3Images:
         return Located(url=str(url), uri=image_ref)
 
 
+def s3_client(**kwargs: Any) -> Any:
+    """An S3 client that presigns with SigV4: the images bucket is KMS-encrypted, and S3 refuses a SigV2 URL
+    to a KMS-encrypted object (botocore's default signer for presigned URLs on the global endpoint is SigV2)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(signature_version="s3v4", s3={"addressing_style": "virtual"},
+                                            retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5,
+                                            read_timeout=10), **kwargs)
+
+
 def open_images(spec: str | None) -> ImageSource:
     """``s3://BUCKET`` (boto3 default session), a folder path, or None (thumbnails only)."""
     if not spec:
         return NoImages()
     if spec.startswith("s3://"):
-        import boto3
-
-        bucket = urlsplit(spec).netloc
-        return S3Images(boto3.client("s3"), bucket)
+        return S3Images(s3_client(), urlsplit(spec).netloc)
     return FolderImages(spec)
