@@ -171,6 +171,11 @@ def signed_in(handler: Handler, *, role: str | None = None) -> Callable[[Request
     return endpoint
 
 
+def _secure(request: Request) -> bool:
+    """Secure cookies behind the load balancer, and whenever the request came over HTTPS."""
+    return bool(request.app.state.services.settings.secure_cookies or request.url.scheme == "https")
+
+
 def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
     services: Services = request.app.state.services
     token = expected_csrf(request)
@@ -181,8 +186,7 @@ def render(request: Request, name: str, status: int = 200, **context: Any) -> HT
     html = template.render(csrf=token, settings=services.settings, request=request, **context)
     response = HTMLResponse(html, status_code=status)
     if new_cookie:
-        response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict",
-                            secure=services.settings.secure_cookies, path="/")
+        response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict", secure=_secure(request), path="/")
     return response
 
 
@@ -582,7 +586,7 @@ async def login(request: Request) -> Response:
     value, _ = services.sessions.issue(user)
     response = RedirectResponse(_safe_next(first(form, "next")), status_code=303)
     response.set_cookie(SESSION_COOKIE, value, max_age=services.settings.session_hours * 3600, httponly=True,
-                        samesite="strict", secure=services.settings.secure_cookies, path="/")
+                        samesite="strict", secure=_secure(request), path="/")
     log.info("%s signed in from %s", user.name, _client(request))
     return response
 
