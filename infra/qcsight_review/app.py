@@ -13,6 +13,8 @@ import binascii
 import io
 import logging
 import secrets
+import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -89,6 +91,7 @@ class Services:
     verifier: AlbOidcVerifier | None
     limiter: LoginLimiter
     templates: Environment
+    lines: KnownLines
 
 
 # ---------------------------------------------------------------- identity and CSRF
@@ -240,8 +243,27 @@ def query_of(services: Services, filters: Mapping[str, str], *, limit: int, curs
                       **extra)
 
 
+class KnownLines:
+    """The lines devices reported, re-read at most every ``ttl_s``: on DynamoDB listing devices is a Scan, which
+    every inbox page would otherwise pay."""
+
+    def __init__(self, store: Store, ttl_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.ttl_s, self.clock = store, ttl_s, clock
+        self._lines: list[str] = []
+        self._read_at: float | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> list[str]:
+        with self._lock:
+            now = self.clock()
+            if self._read_at is None or now - self._read_at >= self.ttl_s or not self._lines:
+                self._lines = sorted({device.line for device in self.store.devices()})
+                self._read_at = now
+            return list(self._lines)
+
+
 def known_lines(services: Services) -> list[str]:
-    return sorted({device.line for device in services.store.devices()})
+    return services.lines.get()
 
 
 def default_filters(services: Services, params: Mapping[str, str]) -> dict[str, str]:
@@ -687,7 +709,8 @@ def create_app(settings: ReviewSettings, store: Store, images: ImageSource, user
     if sessions is not None and users is None:
         raise ConfigError("review.users", None, "a users file for local auth")
     services = Services(settings, store, images, users if sessions is not None else None, sessions,
-                        verifier if settings.auth == ALB_OIDC else None, limiter or LoginLimiter(), templates())
+                        verifier if settings.auth == ALB_OIDC else None, limiter or LoginLimiter(), templates(),
+                        KnownLines(store))
     app = Starlette(routes=routes())
     app.state.services = services
     return SecurityHeaders(app, content_security_policy(images), hsts=settings.secure_cookies)
