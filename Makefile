@@ -22,11 +22,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Mosquitto is the local stand-in for IoT Core in the broker tests.
+# Mosquitto is the local stand-in for IoT Core in the broker tests; Debian's chromium and its chromedriver
+# run the review app's browser tests (tests/review/test_browser.py).
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto; \
 	  else echo "mosquitto is not installed: sudo apt-get install mosquitto (broker tests will be skipped)"; fi; }
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	  else echo "chromium is not installed: sudo apt-get install chromium chromium-driver (browser tests will be skipped)"; fi; }
 
 # Node from Debian runs the pinned CDK CLI (infra/package-lock.json) for the infra tests' `cdk synth`.
 infra-deps: infra/node_modules/.package-lock.json
@@ -43,7 +47,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy edge_agent/qcsight_core edge_agent/qcsight_edge batch/qcsight_batch infra/qcsight_aws \
 	  training/qcsight_data training/qcsight_train/launch greengrass/qcsight_gg \
-	  infra/qcsight_cloud
+	  infra/qcsight_cloud infra/qcsight_review
 	cd infra && MYPYPATH=../edge_agent:../batch:../training:. ../$(VENV)/bin/mypy app.py stacks figures.py
 
 contracts: venv

@@ -50,6 +50,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "cloud": Command("qcsight_cloud.cli", "cloud", "ingest fleet messages, show the fleet, run the retraining policy",
                      ("boto3",)),
+    "review": Command("qcsight_review.cli", "review", "the operators' review web app; users; label export",
+                      ("starlette", "jinja2", "uvicorn", "bcrypt", "itsdangerous")),
 }
 
 

@@ -67,8 +67,15 @@ def alert_row(alert: Alert) -> Row:
         "score": float(alert.score), "confidence": float(alert.confidence), "scores": dumps(dict(alert.scores)),
         "image_ref": alert.image_ref,
         "thumbnail": None if alert.thumbnail is None else dumps(dict(alert.thumbnail)),
+        **anomaly_fields(alert),
         **review_fields(alert.review),
     }
+
+
+def anomaly_fields(alert: Alert) -> Row:
+    """An anomaly alert's box and overlay (JSON text; None for a classifier's alert)."""
+    return {"box": None if alert.box is None else dumps(dict(alert.box)),
+            "overlay": None if alert.overlay is None else dumps(dict(alert.overlay))}
 
 
 def review_fields(state: ReviewState) -> Row:
@@ -92,9 +99,10 @@ def summary_from(row: Mapping[str, Any]) -> AlertSummary:
 
 def alert_from(row: Mapping[str, Any]) -> Alert:
     summary = summary_from(row)
-    thumbnail = row.get("thumbnail")
+    thumbnail, box, overlay = row.get("thumbnail"), row.get("box"), row.get("overlay")
     return Alert(**{name: getattr(summary, name) for name in summary.__dataclass_fields__},
-                 thumbnail=None if thumbnail is None else json.loads(thumbnail))
+                 thumbnail=None if thumbnail is None else json.loads(thumbnail),
+                 box=None if box is None else json.loads(box), overlay=None if overlay is None else json.loads(overlay))
 
 
 # ---------------------------------------------------------------- metrics windows and status events

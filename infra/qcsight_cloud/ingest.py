@@ -126,7 +126,7 @@ def to_record(kind: str, message: Mapping[str, Any], line: str, received: str) -
             model_version=model["version"], status=verdict["status"], label=verdict["label"],
             score=float(verdict["score"]), confidence=float(verdict["confidence"]),
             scores={k: float(v) for k, v in verdict["scores"].items()}, image_ref=message.get("image_ref"),
-            thumbnail=message.get("thumbnail"),
+            thumbnail=message.get("thumbnail"), box=message.get("box"), overlay=message.get("overlay"),
         )
     if kind == "metrics":
         window, counts = message["window"], message["counts"]

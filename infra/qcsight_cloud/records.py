@@ -70,9 +70,15 @@ class AlertSummary:
 
 @dataclass(frozen=True)
 class Alert(AlertSummary):
-    """An alert with its thumbnail (format, width, height, base64 data) when the device sent one."""
+    """An alert with its thumbnail (format, width, height, base64 data) when the device sent one.
+
+    An anomaly bundle's alert also carries ``box`` (the hottest region, x0/y0/x1/y1 as 0..1 of the
+    judged image, and its peak) and ``overlay`` (a thumbnail with the score map blended in).
+    """
 
     thumbnail: Mapping[str, Any] | None = None
+    box: Mapping[str, float] | None = None
+    overlay: Mapping[str, Any] | None = None
 
     def summary(self) -> AlertSummary:
         return AlertSummary(self.origin, self.alert_id, self.frame_id, self.model_name, self.model_version,

@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     id INTEGER PRIMARY KEY, {_ORIGIN},
     alert_id TEXT NOT NULL, frame_id TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL,
     status TEXT NOT NULL, label TEXT NOT NULL, score REAL NOT NULL, confidence REAL NOT NULL, scores TEXT NOT NULL,
-    image_ref TEXT, thumbnail TEXT,
+    image_ref TEXT, thumbnail TEXT, box TEXT, overlay TEXT,
     review_verdict TEXT, review_label TEXT, review_count INTEGER NOT NULL DEFAULT 0,
     reviewed INTEGER GENERATED ALWAYS AS (review_verdict IS NOT NULL) VIRTUAL
 );
@@ -143,10 +143,18 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.executescript(SCHEMA)
+            self._add_anomaly_columns()
             self._check_version()
         except sqlite3.Error as exc:
             raise StoreError(f"store {self.path}: cannot open: {exc}") from exc
         self._lock = threading.RLock()
+
+    def _add_anomaly_columns(self) -> None:
+        """A file made before alerts carried box and overlay gains the two columns (nullable: old rows stay)."""
+        present = {row["name"] for row in self._db.execute("PRAGMA table_info(alerts)")}
+        for column in ("box", "overlay"):
+            if column not in present:
+                self._db.execute(f"ALTER TABLE alerts ADD COLUMN {column} TEXT")
 
     def _check_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()

@@ -58,6 +58,19 @@ def test_messages_are_stored_once_and_keep_their_device_current(store: Store, ns
     assert store.get_alert("missing") is None
 
 
+def test_an_anomaly_alert_keeps_its_box_and_overlay(store: Store, ns: str) -> None:
+    thing = f"{ns}-cam"
+    message = builders.alert(thing, 1, at(1))
+    message["box"] = {"x0": 0.1, "y0": 0.2, "x1": 0.5, "y1": 0.6, "peak": 1.7}
+    message["overlay"] = {"format": "png", "width": 64, "height": 48, "data": "AAEC"}
+    plain = builders.alert(thing, 2, at(2))
+    assert ingest(store, message, plain) == [STORED, STORED]
+    stored = store.get_alert(message["message_id"])
+    assert stored is not None and stored.box == message["box"] and stored.overlay == message["overlay"]
+    classifier = store.get_alert(plain["message_id"])
+    assert classifier is not None and classifier.box is None and classifier.overlay is None
+
+
 def test_sequence_gaps_are_counted_and_reordering_tolerated(store: Store, ns: str) -> None:
     thing = f"{ns}-cam"
     ingest(store, builders.status(thing, 1, at(1)), builders.status(thing, 2, at(2)),

@@ -118,3 +118,19 @@ def test_two_writers_on_one_device_never_lose_a_count(dynamo_store: Store) -> No
     device = dynamo_store.device("race-cam")
     assert device is not None
     assert (device.received, device.min_seq, device.max_seq, device.state) == (2, 1, 2, "paused")
+
+
+def test_a_store_file_from_before_box_and_overlay_gains_the_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    SqliteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE alerts DROP COLUMN box")
+    db.execute("ALTER TABLE alerts DROP COLUMN overlay")
+    db.close()
+    store = SqliteStore(path)
+    message = builders.alert("cam-1", 1, T0)
+    message["box"] = {"x0": 0.1, "y0": 0.1, "x1": 0.2, "y1": 0.2}
+    Ingestor(store, lambda thing: "line-1").ingest_batch([builders.incoming(message)])
+    stored = store.get_alert(message["message_id"])
+    assert stored is not None and stored.box == message["box"] and stored.overlay is None
+    store.close()
