@@ -48,7 +48,8 @@ def duration(text: str) -> timedelta:
 
 def get_args_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="The cloud side of the loop: ingestion, fleet view, retraining policy.",
+        prog=prog, description="The cloud side of the loop: ingestion, fleet view, retraining policy, model gate, registry, "
+                    "and the whole loop locally (serve).",
         epilog="Locally: 'ingest' subscribes to the loopback broker and writes the SQLite store; 'fleet', 'policy' "
                "and 'decisions' read it. In AWS the same code runs as Lambda functions behind IoT rules "
                "(qcsight_cloud.lambda_ingest.handler) on DynamoDB.",
@@ -99,6 +100,12 @@ def get_args_parser(prog: str) -> argparse.ArgumentParser:
     decisions.add_argument("--since", type=duration, help="only decisions this recent, e.g. 7d")
     decisions.add_argument("--limit", type=int, default=20, help="at most this many, newest first (default 20)")
     decisions.add_argument("--json", action="store_true", help="print JSON")
+
+    # ---- the loop's subcommands (gate, models, serve): qcsight_cloud.loop_cli
+    from qcsight_cloud import loop_cli
+
+    loop_cli.add_parsers(sub, common)
+    # ---- end of the loop's subcommands
     return parser
 
 
@@ -259,6 +266,11 @@ def main(argv: Sequence[str], prog: str = "qcsight cloud") -> int:
         return args
     configure_logging(args.verbose)
     actions = {"ingest": run_ingest, "fleet": run_fleet, "policy": run_policy, "decisions": run_decisions}
+    # ---- the loop's subcommands: qcsight_cloud.loop_cli
+    from qcsight_cloud import loop_cli
+
+    actions.update({"gate": loop_cli.run_gate, "models": loop_cli.run_models, "serve": loop_cli.run_serve})
+    # ---- end of the loop's subcommands
     return actions[args.action](args)
 
 
