@@ -48,8 +48,8 @@ def duration(text: str) -> timedelta:
 
 def get_args_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="The cloud side of the loop: ingestion, fleet view, retraining policy, model gate, registry, "
-                    "and the whole loop locally (serve).",
+        prog=prog, description="The cloud side of the loop: ingestion, fleet view, retraining policy, model gate, "
+        "registry, and the whole loop locally (serve).",
         epilog="Locally: 'ingest' subscribes to the loopback broker and writes the SQLite store; 'fleet', 'policy' "
                "and 'decisions' read it. In AWS the same code runs as Lambda functions behind IoT rules "
                "(qcsight_cloud.lambda_ingest.handler) on DynamoDB.",

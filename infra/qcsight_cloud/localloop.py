@@ -161,7 +161,7 @@ class PipelineSettings:
     work: Path
     train_args: tuple[str, ...] = ()
     evaluate_args: tuple[str, ...] = ()
-    margins: GateMargins = GateMargins()
+    margins: GateMargins = field(default_factory=GateMargins)
     good_class: str = "good"
     image_roots: Mapping[str, Path] = field(default_factory=dict)
     command: tuple[str, ...] = ("qcsight",)
@@ -240,9 +240,10 @@ class LocalPipeline:
                 self._finish(run, "failed", None, {"gate": list(decision.reasons)})
                 return None
             model = self.registry.register(bundle, work / "eval-candidate" / "metrics.json", decision.to_dict(),
-                                           scope=run.scope, run_id=run.run_id, production_evaluation=production_report,
-                                           version=version)
-            print(f"[pipeline] registered model version {model.version} ({PENDING}) in {self.registry.root}", flush=True)
+                                           scope=run.scope, run_id=run.run_id,
+                                           production_evaluation=production_report, version=version)
+            print(f"[pipeline] registered model version {model.version} ({PENDING}) in {self.registry.root}",
+                  flush=True)
             if s.auto_approve:
                 self.registry.decide(model.version, APPROVED, "qcsight-serve --auto-approve",
                                      "auto-approved: passed the gate")
@@ -267,7 +268,7 @@ class LocalPipeline:
 class LoopSettings:
     policy_every_s: float = 30.0
     tick_s: float = 2.0
-    policy: PolicySettings = PolicySettings()
+    policy: PolicySettings = field(default_factory=PolicySettings)
 
 
 class Loop:
@@ -307,10 +308,10 @@ class Loop:
                         self.pipeline.run(run)
                     except PipelineError as exc:
                         print(f"[pipeline] run {run.run_id[:8]} failed: {exc}", flush=True)
-        for model, decision in self.rollout.step():
-            if decision.action != "wait":
-                print(f"[rollout] model {model.version} on {model.scope}: {decision.action.upper()} — "
-                      + "; ".join(decision.reasons), flush=True)
+        for model, soak in self.rollout.step():
+            if soak.action != "wait":
+                print(f"[rollout] model {model.version} on {model.scope}: {soak.action.upper()} — "
+                      + "; ".join(soak.reasons), flush=True)
 
     def run_forever(self) -> None:
         self.resume()

@@ -1,4 +1,5 @@
-"""The gate's table: a candidate passes only when it is not worse than production; the CLI writes what the pipeline reads."""
+"""The gate's table: a candidate passes only when it is not worse than production; the CLI writes what the
+pipeline reads."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ CASES = [
      "FAIL: class 'spot' (production recall 0.9000) is missing"),
     ("candidate has no defect recall", report(defect_recall=None), report(), False,
      "FAIL: the candidate's report has no defect recall"),
-    ("production has no defect recall", report(), report(defect_recall=None), True, "ok: production's report has no defect recall"),
+    ("production has no defect recall", report(), report(defect_recall=None), True,
+     "ok: production's report has no defect recall"),
 ]
 
 

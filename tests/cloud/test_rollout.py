@@ -97,7 +97,8 @@ FLEET = GroupStats(windows=10, frames=1000, defect=20, errors=0, latency_p95_ms=
 SOAK_CASES = [
     # (name, canary, fleet, elapsed_s, action, a reason that must be there)
     ("clean after the soak", CANARY_OK, FLEET, 400, PROMOTE, "5 canary windows (500 frames)"),
-    ("clean but too early", CANARY_OK, FLEET, 200, WAIT, "5 canary windows (500 frames) under the new model over 200 s"),
+    ("clean but too early", CANARY_OK, FLEET, 200, WAIT,
+     "5 canary windows (500 frames) under the new model over 200 s"),
     ("too few windows yet", GroupStats(2, 500, 10, 0, 8.0), FLEET, 400, WAIT, "2 canary windows"),
     ("too few frames yet", GroupStats(5, 100, 2, 0, 8.0), FLEET, 400, WAIT, "5 canary windows (100 frames)"),
     ("a silent canary past the limit", GroupStats(), FLEET, 1900, ROLLBACK, "no evidence from the canary after 1900 s"),
