@@ -92,6 +92,9 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
     serve.add_argument("--good-class", default="good", help="the class a false alarm becomes (default good)")
     serve.add_argument("--images", action="append", metavar="THING=DIR", help="a device's image folder (full "
                        "images of alerted parts; else the alert thumbnails are trained on)")
+    serve.add_argument("--gate", default="{}", help="GateMargins as JSON, e.g. '{\"macro_f1\": 0.02}' (defaults: "
+                       f"macro_f1 {GateMargins.macro_f1}, defect_recall {GateMargins.defect_recall}, class_recall "
+                       f"{GateMargins.class_recall})")
     serve.add_argument("--auto-approve", action="store_true", help="approve versions that pass the gate at once")
     serve.add_argument("--layout", type=Path, required=True, help="the component layout the nuclei install from")
     serve.add_argument("--nucleus", action="append", metavar="THING=ROOT", required=True,
@@ -158,6 +161,10 @@ def run_serve(args: argparse.Namespace) -> int:
         soak = SoakSettings(**json.loads(args.soak))
     except (ValueError, TypeError) as exc:
         raise ConfigError("--soak", args.soak, f"a JSON object of SoakSettings fields ({exc})") from None
+    try:
+        margins = GateMargins(**json.loads(args.gate))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("--gate", args.gate, f"a JSON object of GateMargins fields ({exc})") from None
     canary = {line: tuple(t for t in things if t in (args.canary or [])) for line, things in fleet.lines.items()}
     command = (sys.executable, "-m", "qcsight_core.cli")
     stop = threading.Event()
@@ -178,7 +185,8 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"[ingest] subscribed to {args.endpoint}:{args.port}; storing into {args.store}", flush=True)
         pipeline = LocalPipeline(PipelineSettings(args.base_data, args.holdout, args.work,
                                                   tuple(shlex.split(args.train_args)), good_class=args.good_class,
-                                                  image_roots=_pairs(args.images, "--images"), command=command,
+                                                  margins=margins, image_roots=_pairs(args.images, "--images"),
+                                                  command=command,
                                                   auto_approve=args.auto_approve), store, registry, stop)
         deployer = NucleusDeployer(args.layout, _pairs(args.nucleus, "--nucleus"), command)
         rollout = Rollout(registry, store, deployer, RolloutSettings(canary, soak), fleet.lines)
