@@ -169,11 +169,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--reviews", type=int, default=24, help="reviewed alerts the policy waits for")
     parser.add_argument("--train-args", default="--epochs 3 --freeze-epochs 1 --batch-size 32 --workers 0",
                         help="extra `qcsight train` arguments for the retraining")
+    parser.add_argument("--review-from", choices=("drift", "start"), default="drift",
+                        help="the operator reviews alerts from the drift on (default) or from the start")
     parser.add_argument("--gate", default="{}", help="the gate's margins (JSON of GateMargins fields)")
     parser.add_argument("--soak-s", type=float, default=12.0)
     parser.add_argument("--before-drift-s", type=float, default=12.0)
     parser.add_argument("--timeout-s", type=float, default=900.0)
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C or a TERM (also when started in the background, where SIGINT arrives ignored) stops the line,
+        # the cloud, the nuclei and the broker through the finally below.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         policy.write_text(yaml.safe_dump({
             "drift_windows": 2, "drift_min_frames": max(4, int(args.fps * args.window_s * 0.5)), "drift_psi": 0.25,
             "rate_min_frames": 100_000, "false_alarm_min_reviews": 100_000, "new_reviews_to_fire": 100_000,
-            "min_new_reviews": args.reviews, "cooldown_hours": 0.0, "weekly_cap": 5}))
+            "min_new_reviews": args.reviews, "cooldown_hours": 1.0, "weekly_cap": 5}))
         soak = {"soak_s": args.soak_s, "min_windows": 2, "min_frames": max(4, int(args.fps * args.window_s)),
                 # Under drift the fleet's old model is the suspect, not the yardstick: only a gross rise of the
                 # canary's defect rate over it counts as a regression here.
@@ -260,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         store = SqliteStore(store_path)
 
         line = Line(out / "pool", inboxes, args.fps)
+        line_start = timestamps.iso(timestamps.now())
         line.thread.start()
         wait_for("the first metrics windows in the store", lambda: len(store.windows(
             since=timestamps.parse("2000-01-01T00:00:00.000Z"), line=LINE)) >= 2, 120)
@@ -281,10 +289,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         say(f"first drifted window stored at {first_drifted} (PSI > 0.25); the policy fires on drift but holds "
             f"for reviewed images (`qcsight cloud decisions --store sqlite:{store_path}`)")
         reviewed: set[str] = set()
-        wait_for(f"{args.reviews} reviewed alerts", lambda: review_alerts(store, line, drift_at, reviewed, "good")
+        review_since = drift_at if args.review_from == "drift" else line_start
+        wait_for(f"{args.reviews} reviewed alerts", lambda: review_alerts(store, line, review_since, reviewed, "good")
                  >= args.reviews, 300, poll_s=1.0)
-        say(f"operator-1 reviewed {len(reviewed)} alerts since the drift (add_review: confirm / relabel / false "
-            "alarm); the policy can fire now")
+        say(f"operator-1 reviewed {len(reviewed)} alerts since the {args.review_from} (add_review: confirm / relabel "
+            "/ false alarm); the policy can fire now")
 
         def pending() -> str | None:
             return next((v.version for v in registry.versions() if v.status == PENDING), None)
