@@ -40,7 +40,7 @@ from qcsight_cloud.errors import CloudError
 from qcsight_cloud.fleet import Fleet
 from qcsight_cloud.gate import GateMargins, gate_files
 from qcsight_cloud.policy import PolicySettings
-from qcsight_cloud.records import Review, Run
+from qcsight_cloud.records import GOOD, Review, Run
 from qcsight_cloud.registry import APPROVED, PENDING, Registry
 from qcsight_cloud.rollout import Rollout
 from qcsight_cloud.store import Store, latest_per_alert
@@ -62,7 +62,7 @@ def review_label(review: Review, good_class: str) -> str | None:
     """The class an operator's current verdict gives the image (None: no verdict, e.g. all undone)."""
     if review.verdict is None:
         return None
-    if review.verdict == "good":
+    if review.verdict == GOOD:  # a false alarm: the part is good (or the class the app passed for good)
         return review.label or good_class
     return review.label or review.predicted_label
 

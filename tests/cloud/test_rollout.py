@@ -203,3 +203,22 @@ def test_a_failed_canary_deployment_rolls_back_at_once(tmp_path: Path) -> None:
     assert registry.get("2").deployment == ROLLED_BACK
     assert "the canary deployment failed: cam-1: FAILED_ROLLBACK_COMPLETE" in registry.get("2").events[-1]["reason"]
     assert deployer.deployed == [(("cam-1",), "1.0.0")]
+
+
+def test_models_cli_lists_approves_and_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qcsight_cloud.cli import main
+
+    registry = Registry(tmp_path / "reg")
+    registry.adopt(bundle(tmp_path, "1"), evaluation(tmp_path, "e1"), scope="line-1", by="lead")
+    registry.register(bundle(tmp_path, "2"), evaluation(tmp_path, "e2"), {"passed": True, "candidate": {
+        "macro_f1": 0.93}}, scope="line-1")
+    root = str(registry.root)
+    assert main(["models", "--registry", root, "approve", "2", "--by", "lead", "--reason", "looks right"]) == 0
+    assert "model version 2: Approved" in capsys.readouterr().out
+    assert main(["models", "--registry", root, "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(v["version"], v["status"], v["deployment"]) for v in listed] == [("1", APPROVED, PROMOTED),
+                                                                              ("2", APPROVED, None)]
+    assert listed[1]["metrics"]["macro_f1"] == 0.93
+    with pytest.raises(RegistryError, match="already Approved"):
+        main(["models", "--registry", root, "reject", "2"])
