@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.edge.broker: the loopback Mosquitto and its PKI, as the broker tests use
 
 from qcsight_cloud import timestamps  # noqa: E402
-from qcsight_cloud.registry import PENDING, PROMOTED, ROLLED_BACK, Registry  # noqa: E402
+from qcsight_cloud.registry import PENDING, PROMOTED, ROLLED_BACK, Registry, component_version  # noqa: E402
 from qcsight_cloud.sqlite_store import SqliteStore  # noqa: E402
 from qcsight_edge.capture import file_frame_id  # noqa: E402
 from tests.edge.broker import CLOUD, Broker, Pki, find_mosquitto  # noqa: E402
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     processes: list[subprocess.Popen[bytes]] = []
+    handles: list[Any] = []
     broker = None
     line = None
     try:
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # -------------------------------------------------------------- the first model, on the nuclei
         layout = out / "layout"
         write_dev_agent(layout)
-        qc("gg", "build", "--bundle", str(args.bundle), "--out", str(layout), "--no-agent", "--model-version", "1.0.0")
+        qc("gg", "build", "--bundle", str(args.bundle), "--out", str(layout), "--no-agent", "--model-version",
+           component_version(1))
         qc("evaluate", "--bundle", str(args.bundle), "--data", str(hold), "--output", str(out / "eval-v1"),
            "--split", "all")
         registry = Registry(out / "registry")
@@ -229,11 +231,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 "poll_s": 0.1, "retain_s": 600},
                      "metrics": {"window_s": args.window_s, "heartbeat_s": 5}}
             log = (logs / f"nucleus-{thing}.log").open("wb")
+            handles.append(log)
             processes.append(subprocess.Popen(
                 [*QC, "gg", "run-local", "--layout", str(layout), "--root", str(roots[thing]), "--thing-name", thing,
-                 "--agent-version", AGENT_VERSION, "--model-version", "1.0.0", "--merge", json.dumps(merge),
-                 "--endpoint", broker.host, "--port", str(broker.port), "--cert", str(ident.cert), "--key",
-                 str(ident.key), "--ca", str(pki.ca)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                 "--agent-version", AGENT_VERSION, "--model-version", component_version(1), "--merge",
+                 json.dumps(merge), "--endpoint", broker.host, "--port", str(broker.port), "--cert", str(ident.cert),
+                 "--key", str(ident.key), "--ca", str(pki.ca)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         for thing in THINGS:
             wait_for(f"the nucleus of {thing}", lambda t=thing: (roots[t] / "cli" / "token").is_file()
                      and "SUCCEEDED" in (logs / f"nucleus-{t}.log").read_text(errors="replace"), 180)
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # canary's defect rate over it counts as a regression here.
                 "rate_alpha": 1e-6, "max_latency_ratio": 3.0, "max_wait_s": 300}
         serve_log = logs / "serve.log"
+        handles.append(serve_log.open("wb"))
         processes.append(subprocess.Popen(
             [*QC, "cloud", "serve", "--store", f"sqlite:{store_path}", "--fleet", str(fleet), "--registry",
              str(registry.root), "--policy-settings", str(policy), "--policy-every", "3", "--base-data",
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              *[x for t in THINGS for x in ("--images", f"{t}={roots[t] / 'work' / AGENT / 'state'}")],
              "--soak", json.dumps(soak), "--gate", args.gate, "--endpoint", broker.host, "--port", str(broker.port),
              "--cert", str(cloud.cert), "--key", str(cloud.key), "--ca", str(pki.ca)],
-            stdout=serve_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True))
+            stdout=handles[-1], stderr=subprocess.STDOUT, start_new_session=True))
         say(f"qcsight cloud serve: ingestion, policy every 3 s, pipeline, registry, rollout; log {serve_log}")
         store = SqliteStore(store_path)
 
@@ -340,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 os.killpg(process.pid, signal.SIGKILL)
         if broker is not None:
             broker.kill()
+        for handle in handles:
+            handle.close()
 
 
 if __name__ == "__main__":

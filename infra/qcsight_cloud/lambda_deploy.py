@@ -7,7 +7,7 @@ Two kinds of event, one handler (``handler(event, context)``):
 
    * reads the model package (``DescribeModelPackage`` when the event lacks its inference
      specification) and downloads its ``ModelDataUrl`` (the bundle's model.tar.gz);
-   * builds the ``com.qcsight.Model`` component with qcsight_gg (version ``<ModelPackageVersion>.0.0``),
+   * builds the ``com.qcsight.Model`` component with qcsight_gg (version ``1.<ModelPackageVersion>.0``),
      uploads its artifacts under ``QCSIGHT_ARTIFACT_BASE`` and calls ``CreateComponentVersion``
      (qcsight_gg.publish: the same validated requests as ``qcsight gg publish``);
    * requests a Neo compilation (``CreateCompilationJob``, the training launcher's request builder)
@@ -21,7 +21,7 @@ Two kinds of event, one handler (``handler(event, context)``):
    "canaryStartedAt": ..., "neo": {...}}``: the input of the soak event below (an EventBridge
    Scheduler schedule or a Step Functions wait loop passes it back every few minutes).
 
-2. **Soak** (``{"qcsight": "soak", "componentVersion": "3.0.0", "previousVersion": "2.0.0",
+2. **Soak** (``{"qcsight": "soak", "componentVersion": "1.3.0", "previousVersion": "1.2.0",
    "canaryStartedAt": "2026-...Z", "line": "line-1"}``): the canary's metrics windows (the store,
    ``QCSIGHT_STORE``) against the line's other devices, judged by ``rollout.soak_decision``; ``wait``
    changes nothing, ``promote`` deploys the version to the fleet group, ``rollback`` deploys the
@@ -55,6 +55,7 @@ from typing import Any
 
 from qcsight_cloud import timestamps
 from qcsight_cloud.errors import CloudError
+from qcsight_cloud.registry import component_version
 from qcsight_cloud.rollout import PROMOTE, ROLLBACK, ROLLOUT_SCOPE, WAIT, GroupStats, SoakSettings, soak_decision
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def on_approved(detail: Mapping[str, Any], settings: DeploySettings, clients: Cl
         containers = clients.sagemaker.describe_model_package(ModelPackageName=arn)["InferenceSpecification"][
             "Containers"]
     model_url = str(containers[0]["ModelDataUrl"])
-    component_version = f"{version}.0.0"
+    component = component_version(version)
     artifact_base = settings.need("artifact_base")
     canary = settings.need("canary_group_arn")
     with tempfile.TemporaryDirectory(prefix="qcsight-deploy-") as tmp:
@@ -206,11 +207,11 @@ def on_approved(detail: Mapping[str, Any], settings: DeploySettings, clients: Cl
             archive.extractall(bundle, filter="data")
         layout = work / "layout"
         built = build_model(bundle, layout, source or find_source(), artifact_base=artifact_base,
-                            version=component_version)
+                            version=component)
         arns = publish(plan([load_recipe(built.recipe)], layout), clients.s3, clients.greengrass)
         neo = _neo(clients, settings, model_url, bundle, str(detail.get("ModelPackageGroupName") or "qcsight"))
-    deployed = _deployment(clients, canary, component_version)
-    return {"phase": "canary", "modelPackageArn": arn, "componentVersion": component_version,
+    deployed = _deployment(clients, canary, component)
+    return {"phase": "canary", "modelPackageArn": arn, "componentVersion": component,
             "componentArns": arns, "previousVersion": deployed["previous"], "deploymentId": deployed["deploymentId"],
             "canaryStartedAt": timestamps.iso(timestamps.now()), "neo": neo}
 
@@ -226,7 +227,7 @@ def on_soak(event: Mapping[str, Any], settings: DeploySettings, clients: Clients
     except KeyError as exc:
         raise DeployEventError(f"soak event lacks {exc.args[0]!r}: {json.dumps(dict(event))[:300]}") from None
     since = timestamps.parse(started)
-    bundle_version = version.split(".")[0]  # the registry's package version N is the bundle's version N
+    bundle_version = version.split(".")[1]  # component 1.N.0 ships model package version N (bundle version N)
     canary_things = settings.canary_things
     if not canary_things:
         raise DeployEventError("QCSIGHT_CANARY_THINGS is not set; the soak needs the canary's things")

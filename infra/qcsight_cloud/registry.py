@@ -8,9 +8,9 @@ The local stand-in for a SageMaker model package group. Layout::
     <root>/versions/<N>/production_evaluation.json  production's on the same set (absent for a first model)
     <root>/versions/<N>/gate.json                   the gate's decision
 
-Versions are 1, 2, ... (the component version is N.0.0). A version enters ``PendingManualApproval``
-and moves once to ``Approved`` or ``Rejected`` (SageMaker's ModelApprovalStatus values); deployment
-events (``canary``, ``promoted``, ``rolled_back``) follow an approval. The state of everything is
+Versions are 1, 2, ... (the component version is 1.N.0: ``component_version``). A version enters
+``PendingManualApproval`` and moves once to ``Approved`` or ``Rejected`` (SageMaker's ModelApprovalStatus
+values); deployment events (``canary``, ``promoted``, ``rolled_back``) follow an approval. The state of everything is
 derived from the history, so a crash leaves at worst a version folder without its ``registered``
 event (never listed) and a restart sees exactly what was recorded.
 """
@@ -35,6 +35,14 @@ APPROVAL_STATES = (PENDING, APPROVED, REJECTED)
 # Deployment events after approval, in the order a rollout records them.
 CANARY, PROMOTED, ROLLED_BACK = "canary", "promoted", "rolled_back"
 HISTORY = "history.jsonl"
+# The model component's major version is the bundle contract the agent reads: com.qcsight.EdgeAgent depends on
+# com.qcsight.Model ">=1.0.0 <2.0.0" (greengrass/recipes), so registry version N ships as component 1.N.0.
+MODEL_CONTRACT_MAJOR = 1
+
+
+def component_version(version: str | int) -> str:
+    """The com.qcsight.Model component version of registry (or model package) version N: 1.N.0."""
+    return f"{MODEL_CONTRACT_MAJOR}.{int(version)}.0"
 
 
 class RegistryError(CloudError):
@@ -66,7 +74,7 @@ class ModelVersion:
 
     @property
     def component_version(self) -> str:
-        return f"{int(self.version)}.0.0"
+        return component_version(self.version)
 
 
 class Registry:

@@ -86,12 +86,12 @@ def test_approval_publishes_the_component_requests_neo_where_it_can_and_deploys_
         s3.add_response("get_object", {"Body": StreamingBody(io.BytesIO(data), len(data))},
                         {"Bucket": "models", "Key": "line-1/3/model.tar.gz"})
         for name in ("bundle.zip", "offer_model.sh"):
-            s3.add_response("put_object", {}, {"Bucket": "artifacts", "Key": f"qcsight/{MODEL}/3.0.0/{name}",
+            s3.add_response("put_object", {}, {"Bucket": "artifacts", "Key": f"qcsight/{MODEL}/1.3.0/{name}",
                                                "Body": ANY, "ChecksumAlgorithm": "SHA256", "ChecksumSHA256": ANY,
                                                "ContentType": ANY})
         gg.add_response("create_component_version", {
-            "arn": f"arn:aws:greengrass:us-east-1:123456789012:components:{MODEL}:versions:3.0.0",
-            "componentName": MODEL, "componentVersion": "3.0.0",
+            "arn": f"arn:aws:greengrass:us-east-1:123456789012:components:{MODEL}:versions:1.3.0",
+            "componentName": MODEL, "componentVersion": "1.3.0",
             "creationTimestamp": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
             "status": {"componentState": "DEPLOYABLE", "message": "NONE", "errors": {}}},
             {"inlineRecipe": ANY, "clientToken": ANY})
@@ -103,12 +103,12 @@ def test_approval_publishes_the_component_requests_neo_where_it_can_and_deploys_
                                 '[1, 3, 32, 32]}', "Framework": "PYTORCH", "FrameworkVersion": "1.8"},
                 "OutputConfig": {"S3OutputLocation": "s3://models/neo/", "TargetDevice": "jetson_nano"},
                 "StoppingCondition": ANY})
-        expect_deployment(gg, CANARY, "2.0.0", "3.0.0")
+        expect_deployment(gg, CANARY, "1.2.0", "1.3.0")
         result = on_approved(approved_event()["detail"], settings, clients, source=find_source())
         for stub in (s3, gg, sm):
             stub.assert_no_pending_responses()
-    assert result["phase"] == "canary" and result["componentVersion"] == "3.0.0"
-    assert result["previousVersion"] == "2.0.0" and result["deploymentId"] == "d-3.0.0"
+    assert result["phase"] == "canary" and result["componentVersion"] == "1.3.0"
+    assert result["previousVersion"] == "1.2.0" and result["deploymentId"] == "d-1.3.0"
     assert result["neo"]["requested"] is neo
     if torch_version == "2.14.1":
         assert "Neo will load it with PyTorch 1.8" in result["neo"]["reason"]
@@ -129,8 +129,8 @@ def test_other_states_and_bad_events(monkeypatch: pytest.MonkeyPatch) -> None:
         DeploySettings().need("artifact_base")
 
 
-@pytest.mark.parametrize("canary_defects, phase, target, version", [(2, "promote", FLEET, "3.0.0"),
-                                                                     (40, "rollback", CANARY, "2.0.0")])
+@pytest.mark.parametrize("canary_defects, phase, target, version", [(2, "promote", FLEET, "1.3.0"),
+                                                                     (40, "rollback", CANARY, "1.2.0")])
 def test_the_soak_promotes_to_the_fleet_group_or_rolls_the_canary_group_back(
         tmp_path: Path, canary_defects: int, phase: str, target: str, version: str) -> None:
     from qcsight_cloud.ingest import Ingestor
@@ -143,13 +143,13 @@ def test_the_soak_promotes_to_the_fleet_group_or_rolls_the_canary_group_back(
     clients = Clients(client("s3"), client("greengrassv2"), client("sagemaker"))
     settings = DeploySettings(canary_group_arn=CANARY, fleet_group_arn=FLEET, canary_things=("cam-1",),
                               soak=SoakSettings(soak_s=120, min_windows=3, min_frames=300))
-    event = {"qcsight": "soak", "componentVersion": "3.0.0", "previousVersion": "2.0.0",
+    event = {"qcsight": "soak", "componentVersion": "1.3.0", "previousVersion": "1.2.0",
              "canaryStartedAt": "2026-03-02T08:00:00.000Z", "line": "line-1"}
     if phase == "promote":  # one clean window so far: wait (a regression would not wait)
         early = on_soak(event, settings, clients, store, ("cam-1", "cam-2"), now=T0 + datetime.timedelta(minutes=1))
         assert early["phase"] == "wait" and "1 canary windows" in early["reasons"][0]
     with Stubber(clients.greengrass) as gg:
-        expect_deployment(gg, target, "2.0.0" if phase == "promote" else "3.0.0", version)
+        expect_deployment(gg, target, "1.2.0" if phase == "promote" else "1.3.0", version)
         result = on_soak(event, settings, clients, store, ("cam-1", "cam-2"), now=T0 + datetime.timedelta(minutes=5))
         gg.assert_no_pending_responses()
     assert result["phase"] == phase and result["deploymentId"] == f"d-{version}"

@@ -163,7 +163,7 @@ def test_canary_promotes_when_clean_and_rolls_back_on_a_regression(tmp_path: Pat
     assert rollout.step(T0) == []  # pending approval: nothing moves
     registry.decide(model.version, APPROVED, "op")
     rollout.step(T0)
-    assert deployer.published == ["2.0.0"] and deployer.deployed == [(("cam-1",), "2.0.0")]
+    assert deployer.published == ["1.2.0"] and deployer.deployed == [(("cam-1",), "1.2.0")]
     assert registry.get("2").deployment == CANARY
     started = registry.get("2").events[-1]["at"]
     # the canary under version 2 and the fleet under version 1, after the canary started
@@ -180,11 +180,11 @@ def test_canary_promotes_when_clean_and_rolls_back_on_a_regression(tmp_path: Pat
     assert registry.get("2").deployment == outcome
     if outcome == PROMOTED:
         assert decided[1].action == PROMOTE
-        assert deployer.deployed[-1] == (("cam-2", "cam-3"), "2.0.0")
+        assert deployer.deployed[-1] == (("cam-2", "cam-3"), "1.2.0")
         assert registry.production("line-1").version == "2"  # type: ignore[union-attr]
     else:
         assert decided[1].action == ROLLBACK
-        assert deployer.deployed[-1] == (("cam-1",), "1.0.0")  # the previous version back on the canary
+        assert deployer.deployed[-1] == (("cam-1",), "1.1.0")  # the previous version back on the canary
         assert registry.production("line-1").version == "1"  # type: ignore[union-attr]
         assert "significantly above the fleet's" in registry.get("2").events[-1]["reason"]
     (recorded,) = store.decisions("rollout:line-1")
@@ -198,11 +198,11 @@ def test_a_failed_canary_deployment_rolls_back_at_once(tmp_path: Path) -> None:
     registry.register(bundle(tmp_path, "2"), evaluation(tmp_path, "e2"), {"passed": True}, scope="line-1")
     registry.decide("2", APPROVED, "op")
     store = SqliteStore(tmp_path / "s.sqlite")
-    deployer = RecordingDeployer(refuse="2.0.0")
+    deployer = RecordingDeployer(refuse="1.2.0")
     Rollout(registry, store, deployer, RolloutSettings({}, SOAK), LINE).step(T0)
     assert registry.get("2").deployment == ROLLED_BACK
     assert "the canary deployment failed: cam-1: FAILED_ROLLBACK_COMPLETE" in registry.get("2").events[-1]["reason"]
-    assert deployer.deployed == [(("cam-1",), "1.0.0")]
+    assert deployer.deployed == [(("cam-1",), "1.1.0")]
 
 
 def test_models_cli_lists_approves_and_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
