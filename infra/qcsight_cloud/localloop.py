@@ -307,7 +307,11 @@ class Loop:
                     try:
                         self.pipeline.run(run)
                     except PipelineError as exc:
-                        print(f"[pipeline] run {run.run_id[:8]} failed: {exc}", flush=True)
+                        if self.stop.is_set():
+                            print(f"[pipeline] run {run.run_id[:8]} interrupted ({exc}); it starts again when serve "
+                                  "does", flush=True)
+                        else:
+                            print(f"[pipeline] run {run.run_id[:8]} failed: {exc}", flush=True)
         for model, soak in self.rollout.step():
             if soak.action != "wait":
                 print(f"[rollout] model {model.version} on {model.scope}: {soak.action.upper()} — "
