@@ -312,7 +312,13 @@ class Loop:
                                   "does", flush=True)
                         else:
                             print(f"[pipeline] run {run.run_id[:8]} failed: {exc}", flush=True)
-        for model, soak in self.rollout.step():
+        try:
+            stepped = self.rollout.step()
+        except CloudError as exc:  # a deployment tool failed: said, and tried again on the next tick
+            log.error("rollout: %s", exc)
+            print(f"[rollout] error: {exc}; trying again", flush=True)
+            stepped = []
+        for model, soak in stepped:
             if soak.action != "wait":
                 print(f"[rollout] model {model.version} on {model.scope}: {soak.action.upper()} — "
                       + "; ".join(soak.reasons), flush=True)

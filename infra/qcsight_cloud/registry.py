@@ -213,9 +213,12 @@ class Registry:
                 "candidate": {"macro_f1": summary.macro_f1, "defect_recall": summary.defect_recall,
                               "false_reject_rate": summary.false_reject_rate, "images": summary.images},
                 "production": None}
+        from qcsight_core.bundle import read_manifest
+        from qcsight_core.errors import QcsightError
+
         try:
-            named = str(json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))["version"])
-        except (OSError, ValueError, KeyError):
+            named = read_manifest(bundle).version
+        except (OSError, QcsightError):
             named = ""
         model = self.register(bundle, evaluation, gate, scope=scope, version=named if named.isdigit() else None)
         self.decide(model.version, APPROVED, by, "adopted as production")

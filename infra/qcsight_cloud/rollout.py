@@ -340,9 +340,10 @@ class Rollout:
 
 def _bundle_version(model: ModelVersion) -> str:
     """The version the bundle's manifest carries: what the devices report in their windows."""
-    from qcsight_core.bundle import MANIFEST_NAME
+    from qcsight_core.bundle import read_manifest
+    from qcsight_core.errors import QcsightError
 
     try:
-        return str(json.loads((model.bundle / MANIFEST_NAME).read_text(encoding="utf-8"))["version"])
-    except (OSError, ValueError, KeyError) as exc:
+        return read_manifest(model.bundle).version
+    except (OSError, QcsightError) as exc:
         raise DeployError(f"{model.bundle}: cannot read the bundle's version ({exc})") from None

@@ -35,13 +35,12 @@ from qcsight_cloud.rollout import (
 from qcsight_cloud.sqlite_store import SqliteStore
 from tests.cloud.builders import T0, incoming, metrics
 from tests.cloud.test_gate import report
+from tests.helpers.models import make_tiny_bundle
 
 
 def bundle(tmp_path: Path, version: str) -> Path:
     folder = tmp_path / f"bundle-{version}"
-    folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({"name": "tile", "version": version}))
-    (folder / "model.onnx").write_bytes(b"onnx" + version.encode())
+    make_tiny_bundle(folder, version=version)  # a real bundle: the rollout reads its manifest's version
     return folder
 
 
@@ -62,7 +61,7 @@ def test_registry_states_are_final_and_the_history_only_grows(tmp_path: Path) ->
     passed = {"passed": True, "reasons": ["ok"], "candidate": {"macro_f1": 0.9}}
     second = registry.register(bundle(tmp_path, "2"), evaluation(tmp_path, "e2"), passed, scope="line-1", run_id="r2")
     assert (second.version, second.status, second.deployment) == ("2", PENDING, None)
-    assert (second.bundle / "model.onnx").read_bytes() == b"onnx2"
+    assert (second.bundle / "model.onnx").read_bytes() == (tmp_path / "bundle-2" / "model.onnx").read_bytes()
     assert json.loads((second.path / "gate.json").read_text())["passed"] is True
     refused = registry.register(bundle(tmp_path, "3"), evaluation(tmp_path, "e3"), {"passed": False}, scope="line-1")
     with pytest.raises(RegistryError, match="failed the gate"):
