@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the operator reviews alerts from the drift on (default) or from the start")
     parser.add_argument("--gate", default="{}", help="the gate's margins (JSON of GateMargins fields)")
     parser.add_argument("--soak-s", type=float, default=12.0)
+    parser.add_argument("--soak", default="{}", help="more SoakSettings fields as JSON (override the demo's)")
     parser.add_argument("--before-drift-s", type=float, default=12.0)
     parser.add_argument("--timeout-s", type=float, default=900.0)
     args = parser.parse_args(argv)
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         soak = {"soak_s": args.soak_s, "min_windows": 2, "min_frames": max(4, int(args.fps * args.window_s)),
                 # Under drift the fleet's old model is the suspect, not the yardstick: only a gross rise of the
                 # canary's defect rate over it counts as a regression here.
-                "rate_alpha": 1e-6, "max_latency_ratio": 3.0, "max_wait_s": 300}
+                "rate_alpha": 1e-6, "max_latency_ratio": 3.0, "max_wait_s": 300, **json.loads(args.soak)}
         serve_log = logs / "serve.log"
         handles.append(serve_log.open("wb"))
         processes.append(subprocess.Popen(
