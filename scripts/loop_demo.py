@@ -166,8 +166,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--holdout-parts", type=int, default=20,
                         help="held-out parts per class (each also darkened: the set covers both conditions)")
     parser.add_argument("--classes", default="good,scratch,crack,spot,dent,missing", help="the model's classes")
-    parser.add_argument("--fps", type=float, default=4.0, help="parts per second per device")
-    parser.add_argument("--window-s", type=float, default=4.0, help="the agents' metrics window")
+    parser.add_argument("--fps", type=float, default=8.0, help="parts per second per device")
+    # PSI over a window of n frames in 10 bins carries sampling noise of about 9/n: at 16 frames the
+    # drift check fired before any drift (PSI 1.4-5.9 on unchanged parts); 80 frames keep it near 0.1.
+    parser.add_argument("--window-s", type=float, default=10.0, help="the agents' metrics window")
     parser.add_argument("--reviews", type=int, default=24, help="reviewed alerts the policy waits for")
     parser.add_argument("--train-args", default="--epochs 3 --freeze-epochs 1 --batch-size 32 --workers 0",
                         help="extra `qcsight train` arguments for the retraining")
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gate", default="{}", help="the gate's margins (JSON of GateMargins fields)")
     parser.add_argument("--soak-s", type=float, default=12.0)
     parser.add_argument("--soak", default="{}", help="more SoakSettings fields as JSON (override the demo's)")
-    parser.add_argument("--before-drift-s", type=float, default=12.0)
+    parser.add_argument("--before-drift-s", type=float, default=22.0)
     parser.add_argument("--timeout-s", type=float, default=900.0)
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         store_path = out / "cloud.sqlite"
         policy = out / "policy.yaml"
         policy.write_text(yaml.safe_dump({
-            "drift_windows": 2, "drift_min_frames": max(4, int(args.fps * args.window_s * 0.5)), "drift_psi": 0.25,
+            "drift_windows": 2, "drift_min_frames": max(4, int(args.fps * args.window_s * 0.75)), "drift_psi": 0.25,
             "rate_min_frames": 100_000, "false_alarm_min_reviews": 100_000, "new_reviews_to_fire": 100_000,
             "min_new_reviews": args.reviews, "cooldown_hours": 1.0, "weekly_cap": 5}))
         soak = {"soak_s": args.soak_s, "min_windows": 2, "min_frames": max(4, int(args.fps * args.window_s)),

@@ -38,6 +38,7 @@ def test_a_drift_ends_with_a_retrained_model_promoted_to_every_device(tmp_path: 
                          "--img-size", "32", "--parts", "8", "--holdout-parts", "4", "--classes", "good,scratch,spot",
                          "--reviews", "6",
                          "--review-from", "start", "--before-drift-s", "3", "--soak-s", "6", "--timeout-s", "600",
+                         "--fps", "4", "--window-s", "4",  # short windows: this test needs a drift, not a clean one
                          "--gate", json.dumps({"macro_f1": 1, "defect_recall": 1, "class_recall": 1}),
                          # A 1-epoch mobilenet against a linear brightness model: it differs wildly in defect rate
                          # and latency (the soak rolled it back when it was held to the demo's bounds).
