@@ -29,9 +29,10 @@ Two kinds of event, one handler (``handler(event, context)``):
    (scope ``rollout:<line>``) and returned as ``{"phase": "wait"|"promote"|"rollback", "reasons": [...]}``.
 
 Environment:
-    QCSIGHT_ARTIFACT_BASE      s3://bucket/prefix for component artifacts (required for Approved)
-    QCSIGHT_CANARY_GROUP_ARN   the canary thing group (required)
-    QCSIGHT_FLEET_GROUP_ARN    the line's thing group (required for promotion)
+    QCSIGHT_ARTIFACT_BASE      s3://bucket/prefix for component artifacts (required for Approved); else
+                               s3://$QCSIGHT_MODELS_BUCKET/$QCSIGHT_COMPONENT_ARTIFACT_PREFIX (default "components")
+    QCSIGHT_CANARY_THING_GROUP_ARN   the canary thing group (required)
+    QCSIGHT_FLEET_THING_GROUP_ARN    the line's thing group (required for promotion)
     QCSIGHT_STORE              dynamodb:<prefix> (soak)
     QCSIGHT_FLEET              fleet file or inline JSON (soak: the line's things)
     QCSIGHT_CANARY_THINGS      comma-separated canary things (soak)
@@ -94,15 +95,21 @@ class DeploySettings:
                 soak = SoakSettings(**values)
             except (ValueError, TypeError) as exc:
                 raise DeployEventError(f"QCSIGHT_SOAK: {exc}") from None
-        return cls(env.get("QCSIGHT_ARTIFACT_BASE", ""), env.get("QCSIGHT_CANARY_GROUP_ARN", ""),
-                   env.get("QCSIGHT_FLEET_GROUP_ARN", ""), env.get("QCSIGHT_NEO_TARGET", ""),
+        artifact_base = env.get("QCSIGHT_ARTIFACT_BASE", "")
+        if not artifact_base and env.get("QCSIGHT_MODELS_BUCKET"):  # the CDK app's names (infra/stacks/names.py)
+            prefix = env.get("QCSIGHT_COMPONENT_ARTIFACT_PREFIX") or "components"
+            artifact_base = f"s3://{env['QCSIGHT_MODELS_BUCKET']}/{prefix.strip('/')}"
+        return cls(artifact_base, env.get("QCSIGHT_CANARY_THING_GROUP_ARN", ""),
+                   env.get("QCSIGHT_FLEET_THING_GROUP_ARN", ""), env.get("QCSIGHT_NEO_TARGET", ""),
                    env.get("QCSIGHT_NEO_ROLE_ARN", ""), env.get("QCSIGHT_NEO_OUTPUT", ""),
                    tuple(t for t in env.get("QCSIGHT_CANARY_THINGS", "").split(",") if t), soak)
 
     def need(self, name: str) -> str:
         value = str(getattr(self, name))
         if not value:
-            raise DeployEventError(f"QCSIGHT_{name.upper()} is not set; the function needs it for this event")
+            variable = {"canary_group_arn": "QCSIGHT_CANARY_THING_GROUP_ARN",
+                        "fleet_group_arn": "QCSIGHT_FLEET_THING_GROUP_ARN"}.get(name, f"QCSIGHT_{name.upper()}")
+            raise DeployEventError(f"{variable} is not set; the function needs it for this event")
         return value
 
 
