@@ -30,7 +30,7 @@ Two kinds of event, one handler (``handler(event, context)``):
 
 Environment:
     QCSIGHT_ARTIFACT_BASE      s3://bucket/prefix for component artifacts (required for Approved); else
-                               s3://$QCSIGHT_MODELS_BUCKET/$QCSIGHT_COMPONENT_ARTIFACT_PREFIX (default "components")
+                               s3://$QCSIGHT_COMPONENT_BUCKET/$QCSIGHT_COMPONENT_ARTIFACT_PREFIX (default "components")
     QCSIGHT_CANARY_THING_GROUP_ARN   the canary thing group (required)
     QCSIGHT_FLEET_THING_GROUP_ARN    the line's thing group (required for promotion)
     QCSIGHT_STORE              dynamodb:<prefix> (soak)
@@ -96,9 +96,9 @@ class DeploySettings:
             except (ValueError, TypeError) as exc:
                 raise DeployEventError(f"QCSIGHT_SOAK: {exc}") from None
         artifact_base = env.get("QCSIGHT_ARTIFACT_BASE", "")
-        if not artifact_base and env.get("QCSIGHT_MODELS_BUCKET"):  # the CDK app's names (infra/stacks/names.py)
+        if not artifact_base and env.get("QCSIGHT_COMPONENT_BUCKET"):  # the CDK app's names (infra/stacks/names.py)
             prefix = env.get("QCSIGHT_COMPONENT_ARTIFACT_PREFIX") or "components"
-            artifact_base = f"s3://{env['QCSIGHT_MODELS_BUCKET']}/{prefix.strip('/')}"
+            artifact_base = f"s3://{env['QCSIGHT_COMPONENT_BUCKET']}/{prefix.strip('/')}"
         return cls(artifact_base, env.get("QCSIGHT_CANARY_THING_GROUP_ARN", ""),
                    env.get("QCSIGHT_FLEET_THING_GROUP_ARN", ""), env.get("QCSIGHT_NEO_TARGET", ""),
                    env.get("QCSIGHT_NEO_ROLE_ARN", ""), env.get("QCSIGHT_NEO_OUTPUT", ""),

@@ -130,7 +130,7 @@ def test_other_states_and_bad_events(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DeployEventError, match="QCSIGHT_CANARY_THING_GROUP_ARN is not set"):
         DeploySettings().need("canary_group_arn")
     # the CDK app's variables (infra/stacks/names.py)
-    settings = DeploySettings.from_env({"QCSIGHT_MODELS_BUCKET": "models", "QCSIGHT_CANARY_THING_GROUP_ARN": CANARY,
+    settings = DeploySettings.from_env({"QCSIGHT_COMPONENT_BUCKET": "models", "QCSIGHT_CANARY_THING_GROUP_ARN": CANARY,
                                         "QCSIGHT_FLEET_THING_GROUP_ARN": FLEET, "QCSIGHT_CANARY_THINGS": "cam-1,cam-2"})
     assert (settings.artifact_base, settings.canary_group_arn, settings.fleet_group_arn, settings.canary_things) == (
         "s3://models/components", CANARY, FLEET, ("cam-1", "cam-2"))
