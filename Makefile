@@ -70,7 +70,7 @@ test-device: $(EDGE_VENV)/.installed system-deps
 	@! $(EDGE_VENV)/bin/python -c 'import torch' 2>/dev/null || { echo "torch is installed in $(EDGE_VENV)"; exit 1; }
 	$(EDGE_VENV)/bin/python -m pytest tests/core tests/edge -m 'not torch and not cloud' -p no:cacheprovider
 
-demo: venv
+demo: venv system-deps
 	bash scripts/demo.sh $(DEMO_DIR)
 
 clean:

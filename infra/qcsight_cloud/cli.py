@@ -48,7 +48,8 @@ def duration(text: str) -> timedelta:
 
 def get_args_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="The cloud side of the loop: ingestion, fleet view, retraining policy.",
+        prog=prog, description="The cloud side of the loop: ingestion, fleet view, retraining policy, model gate, "
+        "registry, and the whole loop locally (serve).",
         epilog="Locally: 'ingest' subscribes to the loopback broker and writes the SQLite store; 'fleet', 'policy' "
                "and 'decisions' read it. In AWS the same code runs as Lambda functions behind IoT rules "
                "(qcsight_cloud.lambda_ingest.handler) on DynamoDB.",
@@ -102,6 +103,11 @@ def get_args_parser(prog: str) -> argparse.ArgumentParser:
 
     # ---- SageMaker: the retraining pipeline and the real-time endpoint (qcsight_cloud.aws_cli)
     aws_cli.add_parsers(sub)
+    # ---- the loop's subcommands (gate, models, serve): qcsight_cloud.loop_cli
+    from qcsight_cloud import loop_cli
+
+    loop_cli.add_parsers(sub, common)
+    # ---- end of the loop's subcommands
     return parser
 
 
@@ -263,6 +269,11 @@ def main(argv: Sequence[str], prog: str = "qcsight cloud") -> int:
     configure_logging(args.verbose)
     actions = {"ingest": run_ingest, "fleet": run_fleet, "policy": run_policy, "decisions": run_decisions}
     actions.update(aws_cli.ACTIONS)  # pipeline, endpoint
+    # ---- the loop's subcommands: qcsight_cloud.loop_cli
+    from qcsight_cloud import loop_cli
+
+    actions.update({"gate": loop_cli.run_gate, "models": loop_cli.run_models, "serve": loop_cli.run_serve})
+    # ---- end of the loop's subcommands
     return actions[args.action](args)
 
 

@@ -1,0 +1,165 @@
+"""Approval → Greengrass in AWS: every request the deploy Lambda sends, checked by botocore's Stubber.
+
+Greengrass v2 has no moto backend, and the Lambda's S3 traffic is two calls, so all three services
+go through the Stubber: each request is validated against the service model, each response is
+one the model allows.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.response import StreamingBody
+from botocore.stub import ANY, Stubber
+
+from qcsight_cloud.lambda_deploy import (
+    DETAIL_TYPE,
+    Clients,
+    DeployEventError,
+    DeploySettings,
+    handler,
+    on_approved,
+    on_soak,
+)
+from qcsight_cloud.rollout import SoakSettings
+from qcsight_cloud.sqlite_store import SqliteStore
+from qcsight_core.bundle import ModelFile, pack_bundle, read_manifest, write_bundle
+from qcsight_gg.build import find_source
+from tests.cloud.builders import T0, incoming, metrics
+from tests.helpers.models import make_tiny_bundle
+
+AGENT, MODEL = "com.qcsight.EdgeAgent", "com.qcsight.Model"
+CANARY = "arn:aws:iot:us-east-1:123456789012:thinggroup/line-1-canary"
+FLEET = "arn:aws:iot:us-east-1:123456789012:thinggroup/line-1"
+PACKAGE = "arn:aws:sagemaker:us-east-1:123456789012:model-package/qcsight-line-1/3"
+
+
+def client(service: str) -> Any:
+    return boto3.client(service, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x",
+                        endpoint_url=f"https://{service}.invalid")
+
+
+def tarball(tmp_path: Path, torch_version: str | None) -> bytes:
+    folder = tmp_path / "bundle"
+    make_tiny_bundle(folder, version="3")
+    if torch_version is not None:  # a TorchScript artefact for Neo, as `qcsight train --torchscript` adds
+        (folder / "model.pth").write_bytes(b"torchscript")
+        manifest = read_manifest(folder)
+        models = (*manifest.models, ModelFile("model.pth", "torchscript", runtime="neo",
+                                              details={"torch_version": torch_version}))
+        write_bundle(folder, manifest.__class__(**{**manifest.__dict__, "models": models}))
+    return pack_bundle(folder, tmp_path / "model.tar.gz").read_bytes()
+
+
+def approved_event() -> dict[str, Any]:
+    return {"version": "0", "source": "aws.sagemaker", "detail-type": DETAIL_TYPE, "detail": {
+        "ModelPackageGroupName": "qcsight-line-1", "ModelPackageVersion": 3, "ModelPackageArn": PACKAGE,
+        "ModelApprovalStatus": "Approved",
+        "InferenceSpecification": {"Containers": [{"Image": "x", "ModelDataUrl": "s3://models/line-1/3/model.tar.gz"}]}}}
+
+
+def expect_deployment(stub: Stubber, target: str, previous: str, new: str) -> None:
+    stub.add_response("list_deployments", {"deployments": [{"deploymentId": "d-0", "targetArn": target}]},
+                      {"targetArn": target, "historyFilter": "LATEST_ONLY"})
+    stub.add_response("get_deployment", {"deploymentId": "d-0", "components": {
+        AGENT: {"componentVersion": "0.1.0"}, MODEL: {"componentVersion": previous}}}, {"deploymentId": "d-0"})
+    stub.add_response("create_deployment", {"deploymentId": f"d-{new}"}, {
+        "targetArn": target, "deploymentName": f"qcsight-model-{new}",
+        "components": {AGENT: {"componentVersion": "0.1.0"}, MODEL: {"componentVersion": new}},
+        "iotJobConfiguration": ANY, "deploymentPolicies": ANY, "clientToken": ANY})
+
+
+@pytest.mark.parametrize("torch_version, neo", [("1.8.1", True), ("2.14.1", False), (None, False)])
+def test_approval_publishes_the_component_requests_neo_where_it_can_and_deploys_to_the_canary(
+        tmp_path: Path, torch_version: str | None, neo: bool) -> None:
+    clients = Clients(client("s3"), client("greengrassv2"), client("sagemaker"))
+    settings = DeploySettings(artifact_base="s3://artifacts/qcsight", canary_group_arn=CANARY, neo_target="jetson_nano",
+                              neo_role_arn="arn:aws:iam::123456789012:role/neo", neo_output="s3://models/neo/")
+    data = tarball(tmp_path, torch_version)
+    with Stubber(clients.s3) as s3, Stubber(clients.greengrass) as gg, Stubber(clients.sagemaker) as sm:
+        s3.add_response("get_object", {"Body": StreamingBody(io.BytesIO(data), len(data))},
+                        {"Bucket": "models", "Key": "line-1/3/model.tar.gz"})
+        for name in ("bundle.zip", "offer_model.sh"):
+            s3.add_response("put_object", {}, {"Bucket": "artifacts", "Key": f"qcsight/{MODEL}/1.3.0/{name}",
+                                               "Body": ANY, "ChecksumAlgorithm": "SHA256", "ChecksumSHA256": ANY,
+                                               "ContentType": ANY})
+        gg.add_response("create_component_version", {
+            "arn": f"arn:aws:greengrass:us-east-1:123456789012:components:{MODEL}:versions:1.3.0",
+            "componentName": MODEL, "componentVersion": "1.3.0",
+            "creationTimestamp": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+            "status": {"componentState": "DEPLOYABLE", "message": "NONE", "errors": {}}},
+            {"inlineRecipe": ANY, "clientToken": ANY})
+        if neo:
+            sm.add_response("create_compilation_job", {"CompilationJobArn": "arn:aws:sagemaker:us-east-1:"
+                                                       "123456789012:compilation-job/x"}, {
+                "CompilationJobName": ANY, "RoleArn": "arn:aws:iam::123456789012:role/neo",
+                "InputConfig": {"S3Uri": "s3://models/line-1/3/model.tar.gz", "DataInputConfig": '{"input0": '
+                                '[1, 3, 32, 32]}', "Framework": "PYTORCH", "FrameworkVersion": "1.8"},
+                "OutputConfig": {"S3OutputLocation": "s3://models/neo/", "TargetDevice": "jetson_nano"},
+                "StoppingCondition": ANY})
+        expect_deployment(gg, CANARY, "1.2.0", "1.3.0")
+        result = on_approved(approved_event()["detail"], settings, clients, source=find_source())
+        for stub in (s3, gg, sm):
+            stub.assert_no_pending_responses()
+    assert result["phase"] == "canary" and result["componentVersion"] == "1.3.0"
+    assert result["previousVersion"] == "1.2.0" and result["deploymentId"] == "d-1.3.0"
+    assert result["neo"]["requested"] is neo
+    if torch_version == "2.14.1":
+        assert "Neo will load it with PyTorch 1.8" in result["neo"]["reason"]
+    if torch_version is None:
+        assert "no TorchScript artefact" in result["neo"]["reason"]
+
+
+def test_other_states_and_bad_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    event = approved_event()
+    event["detail"]["ModelApprovalStatus"] = "Rejected"
+    assert handler(event) == {"phase": "ignored", "reason": "ModelApprovalStatus is Rejected"}
+    with pytest.raises(DeployEventError, match="unexpected event: detail-type 'Scheduled Event'"):
+        handler({"detail-type": "Scheduled Event"})
+    monkeypatch.setenv("QCSIGHT_SOAK", '{"soak_seconds": 5}')
+    with pytest.raises(DeployEventError, match=r"QCSIGHT_SOAK: unknown fields \['soak_seconds'\]"):
+        handler(approved_event())
+    with pytest.raises(DeployEventError, match="QCSIGHT_ARTIFACT_BASE is not set"):
+        DeploySettings().need("artifact_base")
+    with pytest.raises(DeployEventError, match="QCSIGHT_CANARY_THING_GROUP_ARN is not set"):
+        DeploySettings().need("canary_group_arn")
+    # the CDK app's variables (infra/stacks/names.py)
+    settings = DeploySettings.from_env({"QCSIGHT_COMPONENT_BUCKET": "models", "QCSIGHT_CANARY_THING_GROUP_ARN": CANARY,
+                                        "QCSIGHT_FLEET_THING_GROUP_ARN": FLEET, "QCSIGHT_CANARY_THINGS": "cam-1,cam-2"})
+    assert (settings.artifact_base, settings.canary_group_arn, settings.fleet_group_arn, settings.canary_things) == (
+        "s3://models/components", CANARY, FLEET, ("cam-1", "cam-2"))
+
+
+@pytest.mark.parametrize("canary_defects, phase, target, version", [(2, "promote", FLEET, "1.3.0"),
+                                                                     (40, "rollback", CANARY, "1.2.0")])
+def test_the_soak_promotes_to_the_fleet_group_or_rolls_the_canary_group_back(
+        tmp_path: Path, canary_defects: int, phase: str, target: str, version: str) -> None:
+    from qcsight_cloud.ingest import Ingestor
+
+    store = SqliteStore(tmp_path / "s.sqlite")
+    ingestor = Ingestor(store, lambda thing: "line-1")
+    for thing, model, defects in (("cam-1", "3", canary_defects), ("cam-2", "2", 2)):
+        ingestor.ingest_batch([incoming(metrics(thing, i + 1, T0 + datetime.timedelta(minutes=i + 1), defects=defects,
+                                                model=model)) for i in range(4)])
+    clients = Clients(client("s3"), client("greengrassv2"), client("sagemaker"))
+    settings = DeploySettings(canary_group_arn=CANARY, fleet_group_arn=FLEET, canary_things=("cam-1",),
+                              soak=SoakSettings(soak_s=120, min_windows=3, min_frames=300))
+    event = {"qcsight": "soak", "componentVersion": "1.3.0", "previousVersion": "1.2.0",
+             "canaryStartedAt": "2026-03-02T08:00:00.000Z", "line": "line-1"}
+    if phase == "promote":  # one clean window so far: wait (a regression would not wait)
+        early = on_soak(event, settings, clients, store, ("cam-1", "cam-2"), now=T0 + datetime.timedelta(minutes=1))
+        assert early["phase"] == "wait" and "1 canary windows" in early["reasons"][0]
+    with Stubber(clients.greengrass) as gg:
+        expect_deployment(gg, target, "1.2.0" if phase == "promote" else "1.3.0", version)
+        result = on_soak(event, settings, clients, store, ("cam-1", "cam-2"), now=T0 + datetime.timedelta(minutes=5))
+        gg.assert_no_pending_responses()
+    assert result["phase"] == phase and result["deploymentId"] == f"d-{version}"
+    (decision,) = store.decisions("rollout:line-1")
+    assert decision.action == phase
+    assert json.loads(json.dumps(result))  # the next invocation's input is plain JSON
