@@ -14,7 +14,8 @@ Steps::
 - ``Evaluate``: a processing job on the training image and source tarball running ``qcsight
   evaluate`` on the fixed held-out set (``HoldoutData``) for the candidate and for the production
   model (``ProductionModel``), writing ``candidate/metrics.json`` and ``production/metrics.json``.
-- ``Gate``: ``qcsight cloud gate --candidate ... --production ... --out decision.json``
+- ``Gate``: ``qcsight cloud gate --candidate ... [--production ...] --out decision.json`` (no
+  production report for a first model)
   (qcsight_cloud.gate: ``{"passed": bool, "reasons": [...]}``), read back as the property file
   ``GateDecision``.
 - ``GatePassed``: ``passed`` is true -> ``Register``: a model package in the group, status
@@ -54,12 +55,14 @@ PROCESSING = "/opt/ml/processing"
 # Each processing command is one ContainerArguments item (at most 256 characters): the paths live in
 # the step's environment. The source tarball is the one the training job unpacks (`qcsight train
 # launch` stages it), so evaluation runs the code that trained the candidate.
-_INSTALL = (f"set -e;mkdir -p /opt/ml/code;cd /opt/ml/code;tar -xzf $CODE/{SOURCE_TARBALL};"
+_INSTALL = (f"set -e;cd $(mktemp -d);tar -xzf $CODE/{SOURCE_TARBALL};"
             "pip install -q -r requirements.txt .;")
-EVALUATE_COMMAND = _INSTALL + ("for m in candidate production;do qcsight evaluate --bundle $IN/$m/model.tar.gz "
-                               "--data $IN/holdout --output $OUT/$m;done")
-GATE_COMMAND = _INSTALL + ("qcsight cloud gate --candidate $IN/candidate/metrics.json --production "
-                           "$IN/production/metrics.json --out $OUT/decision.json")
+# A first model has no production bundle to compare with: its evaluation is skipped and the gate is
+# called without --production (it then passes the candidate, saying why).
+EVALUATE_COMMAND = _INSTALL + ("for m in candidate production;do B=$IN/$m/model.tar.gz;[ -f $B ]||continue;"
+                               "qcsight evaluate --bundle $B --data $IN/holdout --output $OUT/$m;done")
+GATE_COMMAND = _INSTALL + ("P=$IN/production/metrics.json;[ -f $P ]||P=;qcsight cloud gate --candidate "
+                           "$IN/candidate/metrics.json ${P:+--production $P} --out $OUT/decision.json")
 # The bundle is served by the scoring container (`qcsight batch serve`): the content types it takes.
 CONTENT_TYPES = ["application/x-image", "image/jpeg", "image/png"]
 RESPONSE_TYPES = ["application/json", "application/jsonlines"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def test_train_evaluate_gate_register_are_wired_as_the_issue_says() -> None:
     assert sources["holdout"] == {"Get": "Parameters.HoldoutData"}
     assert "qcsight evaluate" in evaluate["Arguments"]["AppSpecification"]["ContainerArguments"][0]
     command = gate["Arguments"]["AppSpecification"]["ContainerArguments"][0]
-    assert "qcsight cloud gate --candidate $IN/candidate/metrics.json --production $IN/production/metrics.json " \
+    assert "qcsight cloud gate --candidate $IN/candidate/metrics.json ${P:+--production $P} " \
            "--out $OUT/decision.json" in command
     assert gate["PropertyFiles"] == [{"PropertyFileName": "GateDecision", "OutputName": "gate",
                                       "FilePath": "decision.json"}]
@@ -167,3 +168,34 @@ def test_the_requests_are_valid_for_the_service_in_full() -> None:
     assert_valid("CreatePipeline", {**request, "ClientRequestToken": "t" * 32})
     assert_valid("UpdatePipeline", request)
     assert_valid("StartPipelineExecution", pipeline.start_request("qcsight-retrain", {"Line": "l"}, "t" * 32, "d"))
+
+
+@pytest.mark.parametrize("first_model", [False, True])
+def test_the_processing_commands_run_in_a_shell_and_leave_production_out_for_a_first_model(
+        tmp_path: Path, first_model: bool) -> None:
+    """Run Evaluate's and Gate's commands with sh, `tar`, `pip` and `qcsight` recording their arguments."""
+    bin_dir, inputs, out, code = tmp_path / "bin", tmp_path / "in", tmp_path / "out", tmp_path / "code"
+    for folder in (bin_dir, out, code):
+        folder.mkdir()
+    calls = tmp_path / "calls"
+    for name in ("tar", "pip", "qcsight"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\n')
+        (bin_dir / name).chmod(0o755)
+    (inputs / "candidate").mkdir(parents=True)
+    (inputs / "candidate" / "model.tar.gz").write_bytes(b"x")
+    (inputs / "candidate" / "metrics.json").write_text("{}")
+    if not first_model:
+        (inputs / "production").mkdir()
+        (inputs / "production" / "model.tar.gz").write_bytes(b"x")
+        (inputs / "production" / "metrics.json").write_text("{}")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "IN": str(inputs), "OUT": str(out), "CODE": str(code)}
+    for command in (pipeline.EVALUATE_COMMAND, pipeline.GATE_COMMAND):
+        assert len(command) <= 256, "one ContainerArguments item"
+        subprocess.run(["sh", "-c", command], env=env, check=True, timeout=30)
+    recorded = [line for line in calls.read_text().splitlines() if line.startswith("qcsight ")]
+    evaluated = [line.split("--bundle ")[1].split()[0] for line in recorded if "evaluate" in line]
+    gate = [line for line in recorded if "cloud gate" in line]
+    models = ["candidate"] if first_model else ["candidate", "production"]
+    assert evaluated == [f"{inputs}/{model}/model.tar.gz" for model in models]
+    assert len(gate) == 1
+    assert ("--production" in gate[0]) is (not first_model)
