@@ -173,6 +173,7 @@ class TrainingPlan:
 class CompilationPlan:
     aws: AwsSpec
     spec: neo.CompilationSpec
+    onnx: neo.OnnxSource | None = None  # the bundle's model.neo.onnx, packed and uploaded to spec.model_s3
 
 
 # --------------------------------------------------------------------------- command line
@@ -302,9 +303,12 @@ def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
                            "jetson_xavier, rasp4b, x86_win64")
     comp.add_argument("--neo-platform", metavar="OS:ARCH[:ACCEL]",
                       help="compile for a platform instead, e.g. LINUX:ARM64:NVIDIA")
-    comp.add_argument("--model-s3", metavar="S3_URI", help="model.tar.gz holding the TorchScript model.pth")
+    comp.add_argument("--model-s3", metavar="S3_URI",
+                      help="model.tar.gz holding a TorchScript model.pth (PyTorch path); without it, --bundle's "
+                           "model.neo.onnx is compiled (ONNX 1.7: IR 7, opset 12), uploaded under --output-s3")
     comp.add_argument("--bundle", type=Path,
-                      help="the qcsight bundle (dir or .tar.gz) the model came from: input size, traced torch")
+                      help="the qcsight bundle (dir or .tar.gz): its ONNX for Neo, input size, traced torch; with "
+                           "--wait, the compiled model is added to a bundle directory (neo/<target>/)")
     comp.add_argument("--neo-framework-version", metavar="X.Y",
                       help="PyTorch version Neo loads the model with (default: the highest Neo accepts)")
     return parser
@@ -496,6 +500,8 @@ def _compilation_plan(args: argparse.Namespace) -> CompilationPlan:
         raise ConfigError("--tune", True, "not with --neo-target: compile a model after its tuning job picked it")
     target = neo.parse_device(args.neo_target) if args.neo_target else neo.parse_platform(args.neo_platform)
     role = _role(args.role)
+    if args.model_s3 is None and args.bundle is not None:
+        return _onnx_compilation_plan(args, target, role)
     if args.model_s3 is None:
         raise ConfigError("--model-s3", None, "required with --neo-target: the s3://.../model.tar.gz to compile")
     framework_version = neo.resolve_framework_version(target, args.neo_framework_version)
@@ -523,6 +529,27 @@ def _compilation_plan(args: argparse.Namespace) -> CompilationPlan:
         max_runtime_s=args.max_run or DEFAULT_COMPILE_MAX_RUN_S,
     )
     return CompilationPlan(aws=_aws(args, role, spec.max_runtime_s + 600), spec=spec)
+
+
+def _onnx_compilation_plan(args: argparse.Namespace, target: neo.NeoTarget, role: str) -> CompilationPlan:
+    """--bundle without --model-s3: compile the bundle's model.neo.onnx (policy and request in qcsight_train.neo)."""
+    neo.check_onnx_target(target)
+    if args.neo_framework_version is not None:
+        raise ConfigError("--neo-framework-version", args.neo_framework_version,
+                          "only with --model-s3 (PyTorch): Neo takes no framework version for ONNX")
+    if not args.bundle.exists():
+        raise ConfigError("--bundle", str(args.bundle), "an existing bundle directory or .tar.gz")
+    manifest = _bundle_manifest(args.bundle)
+    entry = neo.neo_onnx_entry(manifest, str(args.bundle))
+    output = _s3_location("--output-s3", args.output_s3)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    job_name = neo.compilation_job_name(_base_name(args.job_name, "qcsight-neo"), target, stamp)
+    spec = neo.CompilationSpec(job_name=job_name, role_arn=role, model_s3=output.join(job_name, "model.tar.gz"),
+                               output_s3=output.uri, target=target, framework_version="",
+                               input_shape=neo.input_shape(manifest, None),
+                               max_runtime_s=args.max_run or DEFAULT_COMPILE_MAX_RUN_S, framework="ONNX")
+    return CompilationPlan(aws=_aws(args, role, spec.max_runtime_s + 600), spec=spec,
+                           onnx=neo.OnnxSource(args.bundle, entry))
 
 
 # --------------------------------------------------------------------------- source tarball
@@ -887,12 +914,19 @@ def submit_training(plan: TrainingPlan) -> dict[str, Any]:
 def submit_compilation(plan: CompilationPlan) -> dict[str, Any]:
     """Create the Neo compilation job; in a dry run return the request instead."""
     aws, spec = plan.aws, plan.spec
-    request = neo.build_compilation_request(spec)
-    log.warning("Neo loads the model with PyTorch %s: model.pth in %s must be traced with torch <= %s "
-                "(qcsight trains with torch 2.14)", spec.framework_version, spec.model_s3, spec.framework_version)
+    if plan.onnx is not None:
+        request = neo.build_onnx_compilation_request(spec, plan.onnx.input_name)
+    else:
+        request = neo.build_compilation_request(spec)
+        log.warning("Neo loads the model with PyTorch %s: model.pth in %s must be traced with torch <= %s "
+                    "(qcsight trains with torch 2.14)", spec.framework_version, spec.model_s3, spec.framework_version)
     if aws.dry_run:
-        return {"dry_run": True, "operation": "CreateCompilationJob", "request": request}
-    client = _boto_session(aws.region, need_credentials=True).client("sagemaker")
+        uploads = [{"what": "model", "s3": spec.model_s3, "file": plan.onnx.entry.file}] if plan.onnx else []
+        return {"dry_run": True, "operation": "CreateCompilationJob", "request": request, "uploads": uploads}
+    session = _boto_session(aws.region, need_credentials=True)
+    if plan.onnx is not None:
+        _upload_neo_onnx(session, plan.onnx, spec.model_s3)
+    client = session.client("sagemaker")
     with aws_errors("CreateCompilationJob"):
         arn = client.create_compilation_job(**request)["CompilationJobArn"]
     log.info("CreateCompilationJob: created %s", spec.job_name)
@@ -900,7 +934,40 @@ def submit_compilation(plan: CompilationPlan) -> dict[str, Any]:
               "output_s3": spec.output_s3, "console": console_url(aws.region, "compilation-jobs", spec.job_name)}
     describe = _describer(client.describe_compilation_job, CompilationJobName=spec.job_name)
     result["status"] = _final_status(describe, _COMPILATION_STATUS, aws) if aws.wait else "created"
+    if plan.onnx is not None and result["status"] == "COMPLETED" and plan.onnx.bundle.is_dir():
+        result["attached"] = _attach_compiled(session, describe(), plan)
     return result
+
+
+def _upload_neo_onnx(session: Any, source: neo.OnnxSource, model_s3: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="qcsight-neo-") as tmp:
+        bundle_dir = source.bundle if source.bundle.is_dir() else load_bundle(source.bundle, extract_to=tmp).path
+        tarball = neo.pack_neo_onnx(bundle_dir, source.entry, Path(tmp) / "upload" / "model.tar.gz")
+        bucket, key = model_s3[len("s3://"):].split("/", 1)
+        with aws_errors(f"upload of {source.entry.file} to {model_s3}"):
+            session.client("s3").upload_file(str(tarball), bucket, key)
+    log.info("uploaded %s to %s", source.entry.file, model_s3)
+
+
+def _attach_compiled(session: Any, description: Mapping[str, Any], plan: CompilationPlan) -> str | None:
+    """Download the compiled model and add it to the bundle directory (neo/<target>/, a runtimes entry)."""
+    artefacts = str(description.get("ModelArtifacts", {}).get("S3ModelArtifacts", ""))
+    bucket, _, prefix = artefacts[len("s3://"):].partition("/")
+    s3 = session.client("s3")
+    with aws_errors(f"listing {artefacts}"):
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    key = neo.find_compiled([(o["Key"], o["LastModified"].timestamp()) for o in listed],
+                            prefix if prefix.endswith(".tar.gz") else "", plan.spec.target)
+    if key is None or plan.onnx is None:
+        log.warning("no compiled model found under %s; the bundle is left as it was", artefacts)
+        return None
+    with tempfile.TemporaryDirectory(prefix="qcsight-neo-") as tmp:
+        local = Path(tmp) / Path(key).name
+        with aws_errors(f"download of s3://{bucket}/{key}"):
+            s3.download_file(bucket, key, str(local))
+        neo.attach_compiled(plan.onnx.bundle, plan.spec.target, local, plan.spec.job_name)
+    log.info("added the compiled model for %s to %s", plan.spec.target.label, plan.onnx.bundle)
+    return f"s3://{bucket}/{key}"
 
 
 # --------------------------------------------------------------------------- waiting
