@@ -43,6 +43,8 @@ COMMANDS: dict[str, Command] = {
     "batch": Command("qcsight_batch.cli", "batch", "score bulk imagery with a bundle; submit Batch Transform jobs"),
     "agent": Command("qcsight_edge.cli", "edge", "run the edge agent: camera -> verdict -> MQTT", ("awscrt", "awsiot")),
     "bundle": Command("qcsight_core.bundle_cli", None, "inspect, verify, pack and unpack model bundles"),
+    "runs": Command("qcsight_train.runs_cli", "tracking", "list and compare tracked training runs (MLflow)",
+                    ("mlflow",)),
 }
 
 
