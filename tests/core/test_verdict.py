@@ -46,7 +46,8 @@ def test_scores_by_class_and_softmax() -> None:
 
 def test_a_model_without_a_good_class_always_names_a_defect(tmp_path: Path) -> None:
     """Defect-type sets (sorting defects already found): every verdict is a defect named by its top class."""
-    bundle = make_tiny_bundle(tmp_path / "b", classes=("crack", "pit", "scale"), defect_classes=("crack", "pit", "scale"),
+    types = ("crack", "pit", "scale")
+    bundle = make_tiny_bundle(tmp_path / "b", classes=types, defect_classes=types,
                               decision=DecisionPolicy(defect_threshold=0.0, uncertain_threshold=0.0))
     manifest = bundle.manifest
     assert manifest.defect_types_only and manifest.good_classes == ()
