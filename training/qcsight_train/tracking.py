@@ -104,6 +104,8 @@ class Tracker:
             return None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        if self._client is None:
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:_MAX_PARAM]) for k, v in sorted(params.items())]
@@ -111,6 +113,8 @@ class Tracker:
             self._call("log_batch", self.run_id, params=items[start:start + 100])
 
     def log_epochs(self, history: Iterable[Mapping[str, Any]], prefix: str = "") -> None:
+        if self._client is None:
+            return
         from mlflow.entities import Metric
 
         metrics = []
@@ -124,6 +128,8 @@ class Tracker:
             self._call("log_batch", self.run_id, metrics=metrics[start:start + 1000])
 
     def log_metrics(self, values: Mapping[str, float | None]) -> None:
+        if self._client is None:
+            return
         from mlflow.entities import Metric
 
         metrics = [Metric(k, float(v), 0, 0) for k, v in values.items() if isinstance(v, (int, float))]
