@@ -169,7 +169,6 @@ def resolve_input_size(cfg: TrainConfig, splits: Splits) -> tuple[TrainConfig, d
     choice = sizing.recommend(sizes, base)
     resize = choice.resize if cfg.resize == "stretch" else cfg.resize  # an explicit rule is kept
     note = f"img_size auto -> {choice.size_text}, resize {resize}: " + "; ".join(choice.reasons)
-    log.info("%s", note)
     adapted = (*cfg.adapted, note)
     return dataclasses.replace(cfg, img_size=choice.size_text, resize=resize, adapted=adapted), \
         sizing.to_dict(sizes, choice)
