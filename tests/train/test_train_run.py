@@ -159,7 +159,7 @@ def test_sagemaker_environment_is_honoured(dataset: Path, tmp_path: Path) -> Non
     utils = pytest.importorskip("sagemaker.train.container_drivers.common.utils")
     validation = make_dataset(tmp_path / "validation", count=9, seed=7)
     hps = {"epochs": 2, "img-size": 64, "batch-size": 8, "arch": "mobilenet_v3_small", "weights": "none",
-           "int8": False, "torchscript": False, "workers": 0, "test_fraction": 0.2, "name": "line7"}
+           "int8": False, "torchscript": False, "neo_onnx": False, "workers": 0, "test_fraction": 0.2, "name": "line7"}
     model_dir, data_dir, checkpoints = tmp_path / "model", tmp_path / "output" / "data", tmp_path / "checkpoints"
     model_dir.mkdir()
     data_dir.mkdir(parents=True)
