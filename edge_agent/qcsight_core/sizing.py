@@ -20,7 +20,6 @@ The rule (`recommend`), with its reasons recorded beside the result:
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -263,5 +262,4 @@ def to_dict(sizes: ImageSizes, recommendation: Recommendation) -> dict[str, Any]
             "aspect_ratio": percentiles(sizes.aspect_ratios()), "height": recommendation.height,
             "width": recommendation.width, "resize": recommendation.resize, "defect_px": recommendation.defect_px,
             "reasons": list(recommendation.reasons), "rule_min_defect_px": MIN_DEFECT_PX,
-            "median_shorter_side": float(np.median([min(h, w) for h, w in sizes.shapes])) if sizes.shapes else None,
-            "log_aspect_spread": float(np.std(np.log(sizes.aspect_ratios()))) if sizes.shapes else math.nan}
+            "median_shorter_side": float(np.median([min(h, w) for h, w in sizes.shapes])) if sizes.shapes else None}
