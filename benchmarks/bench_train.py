@@ -191,7 +191,7 @@ def epochs_to_final(history: Sequence[dict[str, Any]]) -> tuple[int, float]:
 
 def evaluate_on(output: Path, test_dir: Path) -> None:
     """Score the run's bundle on a held-out folder with `qcsight evaluate` (the device path)."""
-    command = [*(["nice", "-n", "10"]), _python(), "-m", "qcsight_train.evaluate_cli", "--bundle",
+    command = ["nice", "-n", "10", _python(), "-m", "qcsight_core.cli", "evaluate", "--bundle",
                str(output / "bundle"), "--data", str(test_dir), "--output", str(output / HELD_OUT)]
     print("$", shlex.join(command), flush=True)
     subprocess.run(command, check=True, env=_env(1), stdout=subprocess.DEVNULL)
