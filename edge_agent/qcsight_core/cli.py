@@ -50,6 +50,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "cloud": Command("qcsight_cloud.cli", "cloud", "ingest fleet messages, show the fleet, run the retraining policy",
                      ("boto3",)),
+    "runs": Command("qcsight_train.runs_cli", "tracking", "list and compare tracked training runs (MLflow)",
+                    ("mlflow",)),
 }
 
 

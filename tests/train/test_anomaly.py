@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from qcsight_core.bundle import load_bundle
-from qcsight_core.dataset import Sample
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import PreprocessSpec, preprocess_batch
 from qcsight_core.runner import OnnxRunner
 from qcsight_core.verdict import Decider
+from qcsight_data.dataset import Sample
 from qcsight_train.errors import ExportError, ParityError
 from tests.train.synth_data import make_anomaly_dataset
 

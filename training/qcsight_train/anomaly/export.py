@@ -52,16 +52,16 @@ from qcsight_train.anomaly.threshold import RULES, AnomalyThreshold, choose_thre
 from qcsight_train.errors import ExportError, ParityError
 from qcsight_train.evaluate import Unreadable, decode_batches
 from qcsight_train.export import (
-    _EXPORTER_LOGGERS,
     BRIGHTNESS_EDGES,
     CONFIG_FILE,
+    EXPORTER_LOGGERS,
     INPUT_NAME,
     INT8_FILE,
     ONNX_FILE,
     TARBALL_NAME,
-    _check_output_dir,
-    _move_into_place,
-    _quiet_loggers,
+    check_output_dir,
+    move_into_place,
+    quiet_loggers,
 )
 from qcsight_train.metrics import json_safe
 
@@ -228,7 +228,7 @@ def export_anomaly_bundle(
     output_dir = Path(output_dir)
     if not any(not defect for _, defect in validation):
         raise ExportError("validation holds no good image: the threshold is chosen on held-out good images")
-    _check_output_dir(output_dir)
+    check_output_dir(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
@@ -247,7 +247,7 @@ def export_anomaly_bundle(
         total = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
         if total > options.max_bundle_mb * _MB:
             raise ExportError(f"the bundle is {total / _MB:.1f} MiB, over the bound of {options.max_bundle_mb:g} MiB")
-        _move_into_place(staging, output_dir)
+        move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -511,7 +511,7 @@ def export_graph(model: MemoryBankModel, path: Path, input_shape: tuple[int, int
 
     example = torch.zeros(2, *input_shape)
     try:
-        with _quiet_loggers(_EXPORTER_LOGGERS):
+        with quiet_loggers(EXPORTER_LOGGERS):
             torch.onnx.export(model, (example,), os.fspath(path), dynamo=True, external_data=False,
                               input_names=[INPUT_NAME], output_names=[anomaly.SCORE_OUTPUT, anomaly.MAP_OUTPUT],
                               opset_version=opset, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
