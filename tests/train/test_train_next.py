@@ -16,8 +16,8 @@ from qcsight_core.errors import ConfigError
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import preprocess_batch
 from qcsight_core.runner import OnnxRunner
-from qcsight_data.synth import generate
 from qcsight_core.verdict import DEFECT, Decider
+from qcsight_data.synth import generate
 from tests.train.synth_data import FAST_EXPORT, MOBILENET
 
 torch = pytest.importorskip("torch")
