@@ -77,10 +77,11 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 NEO_ONNX_FILE = "model.neo.onnx"
+NEO_ONNX_FORMAT = "onnx-neo"  # its runtimes entry (qcsight_train.launch.neo looks for it)
 # SageMaker Neo's newest ONNX is 1.7 (edge and cloud targets): IR version 7, operator sets up to 12.
 NEO_ONNX_IR = 7
 NEO_ONNX_OPSET = 12
-_NEO_PARITY_IMAGES = 32
+NEO_PARITY_IMAGES = 32
 CONFIG_FILE = "config.json"
 TARBALL_NAME = "model.tar.gz"
 INPUT_NAME = "input"
@@ -541,7 +542,7 @@ class _Export:
             path.unlink(missing_ok=True)
             self._warn(f"{NEO_ONNX_FILE} not written: {exc}")
             return None, {"written": False, "reason": str(exc)}
-        paths = list(scored.paths[:_NEO_PARITY_IMAGES])
+        paths = list(scored.paths[:NEO_PARITY_IMAGES])
         import onnxruntime as ort
 
         session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
@@ -559,7 +560,7 @@ class _Export:
             return None, {**record, "written": False, "reason": "parity with model.onnx failed"}
         log.info("%s: IR %d opset %d, parity with model.onnx on %d images: max |Δprob| %.3g", NEO_ONNX_FILE,
                  details["ir_version"], details["opset"], len(paths), max_diff)
-        entry = ModelFile(NEO_ONNX_FILE, format="onnx-neo", precision="fp32", runtime="sagemaker-neo",
+        entry = ModelFile(NEO_ONNX_FILE, format=NEO_ONNX_FORMAT, precision="fp32", runtime="sagemaker-neo",
                           details={**details, "max_abs_diff_vs_fp32": max_diff, "parity_images": len(paths)})
         return entry, record
 
@@ -630,8 +631,11 @@ def export_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, int,
             "batch_axis": batch_dim.dim_param}
 
 
-def export_neo_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, int, int]) -> dict[str, Any]:
+def export_neo_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, int, int],
+                    output_names: Sequence[str] = (OUTPUT_NAME,)) -> dict[str, Any]:
     """The ONNX file SageMaker Neo accepts: IR 7, opset 12, a fixed 1xCxHxW input (Neo compiles one shape).
+
+    output_names: the graph's outputs (a classifier's probabilities; an anomaly graph's score and map).
 
     torch's dynamo exporter emits opset 18 and up only, so this uses the TorchScript-based
     exporter, which writes opset 12 and IR 7 natively (measured: efficientnet_lite0 and
@@ -650,7 +654,7 @@ def export_neo_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, 
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             torch.onnx.export(model, (example,), os.fspath(path), dynamo=False, opset_version=NEO_ONNX_OPSET,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], do_constant_folding=True)
+                              input_names=[INPUT_NAME], output_names=list(output_names), do_constant_folding=True)
     except Exception as exc:  # the exporter raises many unrelated types
         raise ExportError(f"torch.onnx.export (TorchScript exporter, opset {NEO_ONNX_OPSET}) failed: {exc}") from exc
     proto = onnx.load(os.fspath(path))
@@ -666,7 +670,8 @@ def export_neo_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, 
         raise ExportError(f"the exporter wrote opset {opset}; Neo accepts up to {NEO_ONNX_OPSET}")
     shape = [1, *input_shape]
     return {"ir_version": int(proto.ir_version), "opset": int(opset), "onnx_version": "1.7",
-            "input_name": INPUT_NAME, "output_name": OUTPUT_NAME, "input_shape": shape,
+            "input_name": INPUT_NAME, "output_name": output_names[0], "outputs": list(output_names),
+            "input_shape": shape,
             "data_input_config": {INPUT_NAME: shape}, "framework": "ONNX",
             "exporter": f"torch.onnx TorchScript-based (torch {torch.__version__.split('+')[0]})"}
 

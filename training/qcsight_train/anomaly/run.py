@@ -76,6 +76,7 @@ def run(cfg: TrainConfig, sm: SageMakerEnv) -> dict[str, Any]:
         version=cfg.version or run_id, run_id=run_id, data_fingerprint=splits.fingerprint,
         validation=[(s.path, splits.is_defect(s)) for s in splits.val],
         calibration_paths=calibration_paths(splits.train, cfg.calibration_images), int8=cfg.int8,
+        neo_onnx=cfg.neo_onnx,
         describe=described, config=cfg.to_dict(), options=options)
     export_seconds = time.perf_counter() - start
     held_out, split_name = (splits.test, "test") if splits.test else (splits.val, "val")
@@ -95,6 +96,7 @@ def run(cfg: TrainConfig, sm: SageMakerEnv) -> dict[str, Any]:
         "bank": bank, "bundle_mib": bundle_bytes / 2**20, "bundle_bound_mib": cfg.max_bundle_mb,
         "models": [m.file for m in manifest.models if m.format == "onnx"],
         "threshold": manifest.metrics["threshold"], "int8": manifest.metrics["int8"],
+        "neo_onnx": manifest.metrics.get("neo_onnx", {}),
         "evaluation": {"split": split_name, "images": metrics["images"], **metrics["image"],
                        "pixel_auroc": metrics["pixel"]["pixel_auroc"], "pro": metrics["pixel"]["pro"],
                        **{k: metrics["at_threshold"][k] for k in ("defect_recall", "precision", "f1",

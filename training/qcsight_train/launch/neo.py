@@ -207,8 +207,12 @@ def neo_onnx_entry(manifest: Manifest, source: str) -> ModelFile:
                                   f"{opset}, and Neo's ONNX 1.7 reads IR <= {NEO_ONNX_MAX_IR}, opset <= "
                                   f"{NEO_ONNX_MAX_OPSET}")
             return entry
+    record = manifest.metrics.get("neo_onnx")
+    why = ""
+    if isinstance(record, Mapping) and record.get("reason"):
+        why = f"; this bundle's export recorded why it has none: {record['reason']}"
     raise ConfigError("--bundle", source, "a bundle with model.neo.onnx (exported by qcsight train with --neo-onnx, "
-                      "the default): model.onnx is opset 18, newer than Neo's ONNX 1.7 (opset <= 12) accepts")
+                      "the default): model.onnx is opset 18, newer than Neo's ONNX 1.7 (opset <= 12) accepts" + why)
 
 
 def check_onnx_target(target: NeoTarget) -> None:
