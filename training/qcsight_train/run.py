@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -137,7 +137,7 @@ def run(cfg: TrainConfig, sm: SageMakerEnv, info: DistInfo | None = None) -> dic
             for note in cfg.adapted:
                 log.info("adapted default: %s", note)
             _log_splits(splits, defects)
-            tracker = _start_tracking(cfg, sm, paths, run_id, splits)
+            tracker = start_tracking(cfg, sm, paths, run_id, splits)
         barrier(info)
         start = time.perf_counter()
         phases = train_phases(cfg, splits, info, paths, sizing)
@@ -220,8 +220,18 @@ def input_size(cfg: TrainConfig) -> tuple[int, int]:
     return size
 
 
-def _start_tracking(cfg: TrainConfig, sm: SageMakerEnv, paths: RunPaths, run_id: str,
-                    splits: Splits) -> tracking.Tracker:
+class SplitCounts(Protocol):
+    """What tracking reads of a run's split (a classifier's Splits, an anomaly run's AnomalySplits)."""
+
+    train: tuple[Sample, ...]
+    val: tuple[Sample, ...]
+    test: tuple[Sample, ...]
+    fingerprint: str
+
+
+def start_tracking(cfg: TrainConfig, sm: SageMakerEnv, paths: RunPaths, run_id: str,
+                   splits: SplitCounts) -> tracking.Tracker:
+    """An MLflow run with the resolved settings as parameters (a no-op Tracker without mlflow or with `none`)."""
     default_dir = paths.reports / tracking.DEFAULT_DIR if sm.active else Path.cwd() / tracking.DEFAULT_DIR
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     tracker = tracking.start(uri, default_dir, cfg.experiment, run_id,
@@ -374,13 +384,19 @@ def _track_outputs(tracker: tracking.Tracker, cfg: TrainConfig, summary: dict[st
               ("accuracy", "macro_f1", "roc_auc", "defect_recall", "false_reject_rate")}
     tracker.log_metrics({**values, "train_seconds": summary["train_seconds"],
                          "best_val_macro_f1": summary["best_val_macro_f1"]})
-    for name in ("config.yaml", "history.json", "summary.json"):
+    track_bundle(tracker, cfg, summary, bundle, paths, ("config.yaml", "history.json", "summary.json"))
+
+
+def track_bundle(tracker: tracking.Tracker, cfg: TrainConfig, summary: dict[str, Any], bundle: Bundle,
+                 paths: RunPaths, reports: Sequence[str]) -> None:
+    """The run's reports, evaluation and bundle as artefacts, the bundle registered; summary.json says where."""
+    for name in reports:
         tracker.log_artifacts(paths.reports / name)
     tracker.log_artifacts(paths.reports / EVALUATION_DIR, EVALUATION_DIR)
     tracker.log_artifacts(bundle.path, "bundle")
     version = tracker.register(cfg.name, "bundle", f"qcsight bundle {bundle.manifest.version} ({cfg.arch})")
     tracker.set_tags({"qcsight.bundle_version": bundle.manifest.version,
-                      "qcsight.registered_version": version or ""})
+                      "qcsight.registered_version": version or "", "qcsight.task": cfg.task})
     summary["tracking"] = {"run_id": tracker.run_id, "uri": tracker.target.uri if tracker.target else "",
                            "registered_model": cfg.name, "registered_version": version}
     _write_json(paths.reports / "summary.json", summary)

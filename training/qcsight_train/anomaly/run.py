@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from qcsight_core.bundle import load_bundle
 from qcsight_core.errors import ConfigError
+from qcsight_train import tracking
 from qcsight_train.anomaly import features
 from qcsight_train.anomaly.coreset import OVERSAMPLE, SELECTION_DIM
 from qcsight_train.anomaly.data import AnomalySplits, dataset_root, load_anomaly_data, mask_path
@@ -34,6 +36,8 @@ from qcsight_train.run import (
     input_size,
     resolve_input_size,
     run_id_for,
+    start_tracking,
+    track_bundle,
 )
 from qcsight_train.sm_env import SageMakerEnv
 
@@ -59,6 +63,19 @@ def run(cfg: TrainConfig, sm: SageMakerEnv) -> dict[str, Any]:
     for note in cfg.adapted:
         log.info("adapted default: %s", note)
     cfg.save(paths.reports / "config.yaml")
+    tracker = start_tracking(cfg, sm, paths, run_id, splits)
+    try:
+        summary = _fit_export_evaluate(cfg, splits, paths, run_id, sizing)
+        _track(tracker, cfg, summary, paths)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return summary
+
+
+def _fit_export_evaluate(cfg: TrainConfig, splits: AnomalySplits, paths: RunPaths, run_id: str,
+                         sizing: dict[str, Any]) -> dict[str, Any]:
     height, width = input_size(cfg)
     spec = features.preprocess_spec(cfg.arch, height, width, cfg.resize)
     embedding = features.create_embedding(cfg.arch, cfg.weights, cfg.feature_dim, cfg.seed)
@@ -107,6 +124,19 @@ def run(cfg: TrainConfig, sm: SageMakerEnv) -> dict[str, Any]:
     }
     _write_json(paths.reports / "summary.json", summary)
     return summary
+
+
+def _track(tracker: tracking.Tracker, cfg: TrainConfig, summary: dict[str, Any], paths: RunPaths) -> None:
+    """The anomaly run's figures, reports and bundle in MLflow, as a classifier run's are."""
+    if not tracker.active:
+        return
+    figures = summary["evaluation"]
+    split = figures["split"]
+    tracker.log_metrics({**{f"{split}_{k}": figures.get(k) for k in
+                            ("auroc", "pixel_auroc", "pro", "defect_recall", "f1", "false_reject_rate")},
+                         "train_seconds": summary["train_seconds"], "bank_size": summary["bank"].get("size"),
+                         "bundle_mib": summary["bundle_mib"]})
+    track_bundle(tracker, cfg, summary, load_bundle(summary["paths"]["bundle"]), paths, ("config.yaml",))
 
 
 def describe(cfg: TrainConfig, splits: AnomalySplits) -> dict[str, Any]:
