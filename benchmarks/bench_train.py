@@ -10,15 +10,29 @@ Runs (--runs, comma-separated):
   mt-ddp      the same under `torchrun --nproc_per_node=2` (half the batch per process: same global batch)
   mt-resume   the same as mt, SIGKILLed in the middle of an epoch, then started again with the same command
   elpv        elpv solar cells (good = probability 0, defect = 1), one process
+  mt-readme   magnetic tile on the split its README states: a near-duplicate group is held out when
+              sha1(('g' + group).encode()) mod 5 == 0 (1,087 train / 257 test). `qcsight train` gets the
+              1,087 as --data (it cuts its own validation from them) and the bundle is then scored on the
+              257 with `qcsight evaluate`, which training never sees
+  elpv-split  elpv the same way: a cell is held out when sha1(('g' + file name).encode()) mod 5 == 0
+
+With --default-recipe the runs pass no recipe flags at all: the command a new user types. With
+--code DIR they run another checkout's packages (for "before" figures: `git archive COMMIT | tar -x -C DIR`).
+Every run reports, per epoch, its wall time and validation figures (never the test split's), and
+"epochs to final": the first epoch whose validation macro-F1 is within 0.01 of the run's last.
 
 Example:
   nice -n 10 .venv/bin/python benchmarks/bench_train.py \\
       --magnetic-tile /work/shared/data/magnetic_tile --elpv /tmp/elpv --workdir /tmp/qctrain --json out.json
+  nice -n 10 .venv/bin/python benchmarks/bench_train.py --runs mt-readme,elpv-split --default-recipe \\
+      --magnetic-tile /work/shared/data/magnetic_tile --elpv /tmp/elpv --workdir /tmp/qc-after --json after.json
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import os
 import resource
@@ -33,7 +47,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = ("mt", "mt-ddp", "mt-resume", "elpv")
+RUNS = ("mt", "mt-ddp", "mt-resume", "elpv", "mt-readme", "elpv-split")
+# Within this of the last epoch's validation macro-F1 counts as having reached it (one image of ~200).
+REACHED = 0.01
+HELD_OUT = "evaluation-heldout"  # the README split's test, scored after training
 
 
 @dataclass(frozen=True)
@@ -45,9 +62,41 @@ class Recipe:
     batch_size: int
     extra: tuple[str, ...] = ()
 
+    default: bool = False  # --default-recipe: no recipe flags at all
+
     def flags(self, batch_size: int | None = None) -> list[str]:
+        if self.default:
+            return [*self.extra] if batch_size in (None, self.batch_size) else ["--batch-size", str(batch_size)]
         return ["--epochs", str(self.epochs), "--img-size", str(self.img_size),
                 "--batch-size", str(batch_size or self.batch_size), *self.extra]
+
+
+def held_out(key: str) -> bool:
+    """The magnetic-tile README's rule: a group (or, for elpv, a file) is held out when its hash mod 5 is 0."""
+    return int(hashlib.sha1(("g" + key).encode()).hexdigest(), 16) % 5 == 0
+
+
+def readme_split(source: Path, groups_csv: Path | None, target: Path) -> tuple[Path, Path]:
+    """target/train and target/test as folders of symlinks (class per folder), split by held_out.
+
+    With a groups CSV (file,class,group) whole groups move together and the masks folder is linked
+    into train (qcsight train --img-size auto reads defect sizes from it); without one each file is its own group.
+    """
+    rows: list[tuple[str, str]] = []
+    if groups_csv is not None:
+        with groups_csv.open(encoding="utf-8") as handle:
+            rows = [(r["file"], r["group"]) for r in csv.DictReader(handle)]
+    else:
+        rows = [(f"{c.name}/{f.name}", f.name) for c in sorted(source.iterdir()) if c.is_dir() and c.name != "masks"
+                for f in sorted(c.iterdir()) if f.is_file()]
+    for rel, group in rows:
+        link = target / ("test" if held_out(group) else "train") / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(source / rel)
+    if (source / "masks").is_dir() and not (target / "train" / "masks").exists():
+        (target / "train" / "masks").symlink_to(source / "masks")
+    return target / "train", target / "test"
 
 
 def _python() -> str:
@@ -68,8 +117,13 @@ def train_command(data: str, output: Path, recipe: Recipe, *, groups: str | None
     return command
 
 
+CODE: Path | None = None  # --code: another checkout's packages
+
+
 def _env(processes: int) -> dict[str, str]:
     env = dict(os.environ)
+    if CODE is not None:
+        env["PYTHONPATH"] = os.pathsep.join(str(CODE / d) for d in ("edge_agent", "batch", "training", "."))
     env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     if processes > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // processes))
@@ -126,18 +180,41 @@ class KillPoint:
         return time.monotonic() - self._seen_at[0] >= self.delay_s
 
 
-def figures(output: Path) -> dict[str, Any]:
+def epochs_to_final(history: Sequence[dict[str, Any]]) -> tuple[int, float]:
+    """The first epoch whose validation macro-F1 is within REACHED of the last epoch's, and the wall time to it."""
+    final = history[-1]["val_macro_f1"]
+    for i, record in enumerate(history):
+        if record["val_macro_f1"] >= final - REACHED:
+            return int(record["epoch"]), round(sum(h["seconds"] for h in history[: i + 1]), 1)
+    return int(history[-1]["epoch"]), round(sum(h["seconds"] for h in history), 1)  # pragma: no cover
+
+
+def evaluate_on(output: Path, test_dir: Path) -> None:
+    """Score the run's bundle on a held-out folder with `qcsight evaluate` (the device path)."""
+    command = ["nice", "-n", "10", _python(), "-m", "qcsight_core.cli", "evaluate", "--bundle",
+               str(output / "bundle"), "--data", str(test_dir), "--output", str(output / HELD_OUT)]
+    print("$", shlex.join(command), flush=True)
+    subprocess.run(command, check=True, env=_env(1), stdout=subprocess.DEVNULL)
+
+
+def figures(output: Path, evaluation: str = "evaluation") -> dict[str, Any]:
     summary = json.loads((output / "summary.json").read_text())
-    metrics = json.loads((output / "evaluation" / "metrics.json").read_text())
+    metrics = json.loads((output / evaluation / "metrics.json").read_text())
     history = json.loads((output / "history.json").read_text())
     at = metrics["at_bundle_threshold"]
+    reached_epoch, reached_seconds = epochs_to_final(history)
     return {
-        "split": summary["evaluation"]["split"], "images": metrics["images"],
+        "split": summary["evaluation"]["split"] if evaluation == "evaluation" else "held-out test",
+        "images": metrics["images"],
         "test_accuracy": round(metrics["classification"]["accuracy"], 4),
         "test_macro_f1": round(metrics["classification"]["macro_f1"], 4),
         "test_per_class_f1": {k: round(v["f1"], 3) for k, v in metrics["classification"]["per_class"].items()},
         "named_accuracy": round(metrics["named"]["accuracy"], 4),
         "defect_recall_at_threshold": at.get("defect_recall"),
+        "defect_recall_ci95": at.get("defect_recall_ci95"), "defect_images": at.get("defect_images"),
+        "final_val_macro_f1": round(history[-1]["val_macro_f1"], 4), "epochs_to_final": reached_epoch,
+        "seconds_to_final": reached_seconds, "img_size": summary.get("img_size"),
+        "adapted": summary.get("adapted", []),
         "false_reject_rate_at_threshold": at.get("false_reject_rate"),
         "uncertain_rate": at.get("uncertain_rate"),
         "good_to_review_rate": at.get("good_to_review_rate"),
@@ -148,13 +225,23 @@ def figures(output: Path) -> dict[str, Any]:
         "train_seconds": round(summary["train_seconds"], 1), "export_seconds": round(summary["export_seconds"], 1),
         "images_per_s_full_epochs": round(summary["images_per_s"], 1),
         "epoch_lines": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()
-                         if k in ("epoch", "val_macro_f1", "val_loss", "train_loss", "images_per_s")} for h in history],
+                         if k in ("epoch", "val_macro_f1", "val_acc", "val_loss", "train_loss", "images_per_s",
+                                  "seconds")} for h in history],
     }
 
 
 def bench(name: str, args: argparse.Namespace, recipe: Recipe) -> dict[str, Any]:
     out = args.workdir / name
     log_path = args.workdir / f"{name}.log"
+    if name in ("mt-readme", "elpv-split"):
+        source = args.magnetic_tile if name == "mt-readme" else args.elpv
+        groups = (args.groups or source / "near_dup_groups.csv") if name == "mt-readme" else None
+        train, test = readme_split(source, groups, args.workdir / f"{name}-data")
+        command = train_command(str(train), out, recipe, groups=str(groups) if groups else None, processes=1,
+                                extra=list(args.extra))
+        result = {"run": name, **run_training(command, log_path, 1)}
+        evaluate_on(out, test)
+        return {**result, **figures(out, HELD_OUT)}
     mt = str(args.magnetic_tile) if args.magnetic_tile else ""
     groups = str(args.groups or (args.magnetic_tile / "near_dup_groups.csv")) if args.magnetic_tile else None
     extra = list(args.extra)
@@ -178,15 +265,16 @@ def bench(name: str, args: argparse.Namespace, recipe: Recipe) -> dict[str, Any]
 
 def _markdown(results: Sequence[dict[str, Any]]) -> str:
     rows = ["| run | procs | test acc | test macro-F1 | ROC AUC | defect recall @thr | good rejected @thr | "
-            "good to review | thr | epochs (resumed from) | train s | CPU s (whole command) | img/s | "
-            "load before→after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "good to review | thr | epochs (resumed from) | epochs to final val F1 | train s | CPU s (whole command) | "
+            "img/s | load before→after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(
             f"| {r['run']} | {r['world_size']} | {r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} | "
             f"{_num(r['roc_auc'])} | {_num(r['defect_recall_at_threshold'])} | "
             f"{_num(r['false_reject_rate_at_threshold'])} | "
             f"{_num(r['good_to_review_rate'])} | {r['defect_threshold']:.3f} | {r['epochs']} ({r['resumed_from']}) | "
+            f"{r['epochs_to_final']} ({r['final_val_macro_f1']:.3f}) | "
             f"{r['train_seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['images_per_s_full_epochs']:.1f} | "
             f"{r['load_before'][0]:.1f}→{r['load_after'][0]:.1f} |")
     return "\n".join(rows)
@@ -212,7 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="further `qcsight train` flags for every run (last on the line)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--default-recipe", action="store_true",
+                        help="pass no --epochs/--img-size/--batch-size: the defaults a new user gets")
+    parser.add_argument("--code", type=Path, help="run another checkout's packages (edge_agent, batch, training)")
     args = parser.parse_args(argv)
+    global CODE
+    CODE = args.code
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
@@ -225,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for name in runs:
         epochs = args.elpv_epochs if name == "elpv" and args.elpv_epochs else args.epochs
-        result = bench(name, args, Recipe(epochs, args.img_size, args.batch_size))
+        result = bench(name, args, Recipe(epochs, args.img_size, args.batch_size, default=args.default_recipe))
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "epoch_lines"}, indent=1), flush=True)
         if args.json:

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from qcsight_core.errors import BundleSchemaError, PreprocessError
-from qcsight_core.preprocess import PreprocessSpec
+from qcsight_core.preprocess import PreprocessSpec, letterbox_box
 
 SCORE_OUTPUT = "score"
 MAP_OUTPUT = "score_map"
@@ -103,9 +103,7 @@ def placement(spec: PreprocessSpec, image_shape: Sequence[int]) -> Placement:
         new_h, new_w = max(spec.height, round(h * scale)), max(spec.width, round(w * scale))
         top, left = (new_h - spec.height) // 2, (new_w - spec.width) // 2
         return Placement(-left, -top, w / new_w, h / new_h, (0, 0, spec.width, spec.height))
-    scale = min(spec.height / h, spec.width / w)
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    top, left = (spec.height - new_h) // 2, (spec.width - new_w) // 2
+    new_h, new_w, top, left = letterbox_box(h, w, spec.height, spec.width)  # the very function _resize uses
     return Placement(left, top, w / new_w, h / new_h, (left, top, left + new_w, top + new_h))
 
 

@@ -161,6 +161,11 @@ class Manifest:
     def good_classes(self) -> tuple[str, ...]:
         return tuple(c for c in self.classes if c not in self.defect_classes)
 
+    @property
+    def defect_types_only(self) -> bool:
+        """Every class is a defect type (a model that sorts defects already found): every verdict is a defect."""
+        return not self.good_classes
+
     def model(self, precision: str = "fp32") -> ModelFile | None:
         for entry in self.models:
             if entry.format == "onnx" and entry.precision == precision:
@@ -249,8 +254,8 @@ def _check_manifest(m: Manifest) -> None:
     unknown = [c for c in m.defect_classes if c not in m.classes]
     if unknown:
         raise BundleSchemaError(f"manifest: defect_classes {unknown} are not among classes {list(m.classes)}")
-    if not m.defect_classes or not m.good_classes:
-        raise BundleSchemaError("manifest: needs at least one defect class and one good class")
+    if not m.defect_classes:
+        raise BundleSchemaError("manifest: needs at least one defect class")
     stray = [c for c in m.decision.class_thresholds if c not in m.defect_classes]
     if stray:
         raise BundleSchemaError(

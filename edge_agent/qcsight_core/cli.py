@@ -52,6 +52,8 @@ COMMANDS: dict[str, Command] = {
                      ("boto3",)),
     "review": Command("qcsight_review.cli", "review", "the operators' review web app; users; label export",
                       ("starlette", "jinja2", "uvicorn", "bcrypt", "itsdangerous")),
+    "runs": Command("qcsight_train.runs_cli", "tracking", "list and compare tracked training runs (MLflow)",
+                    ("mlflow",)),
 }
 
 

@@ -144,13 +144,34 @@ def _resize(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
         top, left = (new_h - spec.height) // 2, (new_w - spec.width) // 2
         return resized[top : top + spec.height, left : left + spec.width]
-    scale = min(spec.height / h, spec.width / w)
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
+    new_h, new_w, top, left = letterbox_box(h, w, spec.height, spec.width)
+    resized = image if (new_h, new_w) == (h, w) else cv2.resize(image, (new_w, new_h), interpolation=interp)
     canvas = np.full((spec.height, spec.width, *resized.shape[2:]), spec.pad_value, dtype=np.uint8)
-    top, left = (spec.height - new_h) // 2, (spec.width - new_w) // 2
     canvas[top : top + new_h, left : left + new_w] = resized
     return canvas
+
+
+def letterbox_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """Where letterbox puts an h x w image in a height x width input: (new_h, new_w, top, left).
+
+    One scale for both axes, the largest that fits (min(height/h, width/w)); sides rounded to
+    whole pixels (at least 1); the image centred, an odd padding's extra pixel at the bottom/right.
+    """
+    scale = min(height / h, width / w)
+    new_h, new_w = min(height, max(1, round(h * scale))), min(width, max(1, round(w * scale)))
+    return new_h, new_w, (height - new_h) // 2, (width - new_w) // 2
+
+
+def scale_factors(h: int, w: int, spec: PreprocessSpec) -> tuple[float, float]:
+    """How many model pixels one image pixel becomes, vertically and horizontally, under spec's resize rule."""
+    if spec.resize == "stretch":
+        return spec.height / h, spec.width / w
+    if spec.resize == "shorter_side_crop":
+        scale = max(spec.height, spec.width) / spec.crop_fraction / min(h, w)
+        new_h, new_w = max(spec.height, round(h * scale)), max(spec.width, round(w * scale))
+        return new_h / h, new_w / w
+    new_h, new_w, _, _ = letterbox_box(h, w, spec.height, spec.width)
+    return new_h / h, new_w / w
 
 
 def prepare_pixels(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

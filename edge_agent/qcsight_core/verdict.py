@@ -25,7 +25,9 @@ class Verdict:
     Attributes:
         status: good, defect or uncertain.
         label: the class named: the top defect class for defect/uncertain, the top good class otherwise.
-        score: the defect score, the summed probability of all defect classes.
+            A model without a good class (every class a defect type) always names its top class as a
+            defect (uncertain only below that class's class_threshold).
+        score: the defect score, the summed probability of all defect classes (1 without a good class).
         confidence: the probability of label.
         probabilities: every class's probability, in manifest order.
         box: anomaly bundles, when the score map was localised: the hottest region.
@@ -59,8 +61,8 @@ class Decider:
         self.policy: DecisionPolicy = manifest.decision
         self.anomaly = manifest.task == "anomaly"
         self.spec = manifest.input
-        self._defect_idx = np.array([manifest.classes.index(c) for c in manifest.defect_classes])
-        self._good_idx = np.array([manifest.classes.index(c) for c in manifest.good_classes])
+        self._defect_idx = np.array([manifest.classes.index(c) for c in manifest.defect_classes], dtype=np.int64)
+        self._good_idx = np.array([manifest.classes.index(c) for c in manifest.good_classes], dtype=np.int64)
 
     def defect_scores(self, probs: np.ndarray) -> np.ndarray:
         """The defect score of each row of an NxC probability matrix (anomaly: of the Nx1 scores)."""
@@ -89,12 +91,14 @@ class Decider:
         probs = np.asarray(probs, dtype=np.float64)
         scores = self.defect_scores(probs)
         top_defect = self._defect_idx[probs[:, self._defect_idx].argmax(axis=1)]
-        top_good = self._good_idx[probs[:, self._good_idx].argmax(axis=1)]
+        # Without a good class (a defect-type model) every image is a defect; -1 marks "no good class".
+        top_good = (self._good_idx[probs[:, self._good_idx].argmax(axis=1)] if self._good_idx.size
+                    else np.full(len(probs), -1))
         has_band = self.policy.uncertain_threshold < self.policy.defect_threshold
         verdicts = []
         for row, score, d_idx, g_idx in zip(probs, scores, top_defect, top_good, strict=True):
             d_name = self.classes[int(d_idx)]
-            if score >= self.policy.defect_threshold:
+            if g_idx < 0 or score >= self.policy.defect_threshold:
                 named = row[d_idx] >= self.policy.class_thresholds.get(d_name, 0.0)
                 status, idx = (DEFECT if named else UNCERTAIN), int(d_idx)
             elif has_band and score >= self.policy.uncertain_threshold:

@@ -20,6 +20,7 @@ from qcsight_core.bundle import Bundle, ModelFile, pack_bundle, write_bundle
 from qcsight_core.cli import main as qcsight_main
 from qcsight_core.signing import generate_ed25519
 from tests.batch.conftest import ImageSet, make_images
+from tests.helpers.models import make_tiny_bundle
 from tests.helpers.wait import eventually
 
 ROW_FIELDS = ("source", "verdict", "class", "defect_score", "confidence", "scores", "model_version", "error")
@@ -255,3 +256,22 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(bundle: Bundle, tmp_pa
     for key in ("rows", "errors", "by_verdict", "by_class", "defect_rate"):
         assert summary[key] == reference_summary[key]
     assert summary["resumed_rows"] > 0
+
+
+def test_a_defect_type_bundle_scores_every_image_as_a_defect_named_by_class(tmp_path: Path) -> None:
+    """No good class (a line sorting defects already found): every row is a defect, named by its top class."""
+    from qcsight_core.bundle import DecisionPolicy
+
+    types = ("crack", "pit", "scale")
+    sorter = make_tiny_bundle(tmp_path / "sorter", classes=types, defect_classes=types,
+                              decision=DecisionPolicy(defect_threshold=0.0, uncertain_threshold=0.0))
+    images = make_images(tmp_path / "images", count=6, broken=False)
+    out = tmp_path / "rows.jsonl"
+    assert _score("--bundle", str(sorter.path), "--input", str(images.root), "--output", str(out),
+                  "--workers", "1") == 0
+    rows = read_rows(out)
+    assert len(rows) == 6 and {r["verdict"] for r in rows} == {"defect"}
+    # The tiny model names dark images the first class and bright ones the last.
+    assert {r["class"] for r in rows} == {"crack", "scale"}
+    summary = json.loads((tmp_path / "rows.jsonl.summary.json").read_text())
+    assert summary["defect_rate"] == 1.0 and set(summary["by_class"]) == {"crack", "scale"}

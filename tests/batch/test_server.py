@@ -229,6 +229,12 @@ class _GatedRunner:
         assert self._gate.wait(10)
         return self._runner.run(batch)  # type: ignore[attr-defined,no-any-return]
 
+    def infer(self, batch: np.ndarray) -> object:
+        """What the handler calls since anomaly mode (scores and maps); gated as run is."""
+        self.entered.set()
+        assert self._gate.wait(10)
+        return self._runner.infer(batch)  # type: ignore[attr-defined]
+
 
 def test_ping_is_answered_while_every_inference_slot_is_busy(bundle: Bundle) -> None:
     gate = threading.Event()

@@ -444,6 +444,76 @@ def test_neo_compilation_job(moto: tuple[str, Recording], tmp_path: Path, capsys
     assert stored["OutputConfig"]["TargetDevice"] == target
 
 
+def _bundle_with_neo_onnx(directory: Path, ir: int = 7, opset: int = 12) -> Path:
+    """A tiny bundle carrying a model.neo.onnx entry as qcsight_train.export writes it (IR 7, opset 12)."""
+    import numpy as np
+    import onnx
+
+    from tests.helpers.models import tiny_onnx_model
+
+    bundle = make_tiny_bundle(directory, size=48)
+    path = tiny_onnx_model(directory / "model.neo.onnx", 3, 3, np.ones((3, 3)), np.zeros(3), opset=opset)
+    proto = onnx.load(str(path))
+    proto.ir_version = ir
+    onnx.save(proto, str(path))
+    entry = ModelFile("model.neo.onnx", format="onnx-neo", runtime="sagemaker-neo",
+                      details={"ir_version": ir, "opset": opset, "input_name": "input"})
+    write_bundle(directory, replace(bundle.manifest, models=(*bundle.manifest.models, entry)))
+    return directory
+
+
+def test_neo_compiles_the_bundles_onnx_and_carries_the_result_per_target(
+        moto: tuple[str, Recording], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--bundle without --model-s3: model.neo.onnx packed, uploaded, compiled as ONNX; the output joins the bundle."""
+    import boto3
+
+    from qcsight_core.bundle import load_bundle
+
+    _, recording = moto
+    bundle = _bundle_with_neo_onnx(tmp_path / "bundle")
+    make_buckets()
+    s3 = s3_client()
+    s3.put_object(Bucket="qc-out", Key="neo/model-ml_c5.tar.gz", Body=b"compiled for ml_c5")  # what Neo leaves
+    code, result, err = run(["--sagemaker", "--role", ROLE, "--neo-target", "ml_c5", "--bundle", str(bundle),
+                             "--output-s3", "s3://qc-out/neo", "--wait"], capsys)
+    assert code == 0, err
+    sent = recording.only("CreateCompilationJob")
+    assert_valid("CreateCompilationJob", sent)
+    assert sent["InputConfig"]["Framework"] == "ONNX" and "FrameworkVersion" not in sent["InputConfig"]
+    assert json.loads(sent["InputConfig"]["DataInputConfig"]) == {"input": [1, 3, 48, 48]}
+    model_s3 = sent["InputConfig"]["S3Uri"]
+    assert model_s3 == f"s3://qc-out/neo/{result['compilation_job_name']}/model.tar.gz"
+    uploaded = s3.get_object(Bucket="qc-out", Key=model_s3[len("s3://qc-out/"):])["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(uploaded)) as tar:
+        assert tar.getnames() == ["model.onnx"]
+        packed = tar.extractfile("model.onnx")
+        assert packed is not None and packed.read() == (bundle / "model.neo.onnx").read_bytes()
+    assert result["status"] == "COMPLETED" and result["attached"] == "s3://qc-out/neo/model-ml_c5.tar.gz"
+    manifest = load_bundle(bundle).manifest  # hashes verified, the new file included
+    compiled = [m for m in manifest.models if m.format == neo.COMPILED_FORMAT]
+    assert [(m.file, m.details["target"]) for m in compiled] == [("neo/ml_c5/model-ml_c5.tar.gz", "ml_c5")]
+    assert (bundle / "neo" / "ml_c5" / "model-ml_c5.tar.gz").read_bytes() == b"compiled for ml_c5"
+    stored = boto3.client("sagemaker").describe_compilation_job(CompilationJobName=result["compilation_job_name"])
+    assert stored["InputConfig"]["Framework"] == "ONNX"
+
+
+def test_neo_onnx_refusals_name_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    where = ["--role", ROLE, "--region", "us-east-1", "--dry-run", "--output-s3", "s3://qc-out/neo"]
+    newer = _bundle_with_neo_onnx(tmp_path / "newer", ir=8, opset=13)
+    code, _, err = run([*where, "--neo-target", "ml_c5", "--bundle", str(newer)], capsys)
+    assert code == 2 and "IR 8, opset 13" in err and "opset <= 12" in err
+    plain = make_tiny_bundle(tmp_path / "plain", size=48)
+    code, _, err = run([*where, "--neo-target", "ml_c5", "--bundle", str(plain.path)], capsys)
+    assert code == 2 and "model.neo.onnx" in err
+    ok = _bundle_with_neo_onnx(tmp_path / "ok")
+    code, _, err = run([*where, "--neo-target", "ml_inf2", "--bundle", str(ok)], capsys)
+    assert code == 2 and "Neuron" in err
+    code, dry, err = run([*where, "--neo-platform", "LINUX:ARM64:NVIDIA", "--bundle", str(ok)], capsys)
+    assert code == 0, err
+    assert_valid("CreateCompilationJob", dry["request"])
+    assert dry["uploads"][0]["file"] == "model.neo.onnx"
+
+
 def test_neo_target_platform_and_dry_run(moto: tuple[str, Recording], capsys: pytest.CaptureFixture[str]) -> None:
     _, recording = moto
     code, dry, err = run(["--role", ROLE, "--neo-platform", "linux:arm64:nvidia", "--img-size", "160",

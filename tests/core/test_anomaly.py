@@ -66,9 +66,10 @@ def test_verdicts_on_the_normalised_scale_with_band_box_and_named_score(tmp_path
 
 @pytest.mark.parametrize("resize", ["stretch", "shorter_side_crop", "letterbox"])
 @pytest.mark.parametrize("shape", [(60, 100), (100, 60), (64, 64)])
-def test_box_maps_back_through_each_resize_rule(resize: str, shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize("size", [(48, 48), (96, 160)])  # HxW: content wide enough for sigma 4 px
+def test_box_maps_back_through_each_resize_rule(resize: str, shape: tuple[int, int], size: tuple[int, int]) -> None:
     """A map hot exactly where prepare_pixels put a rectangle comes back as that rectangle on the image."""
-    spec = PreprocessSpec(height=48, width=48, resize=resize)
+    spec = PreprocessSpec(height=size[0], width=size[1], resize=resize)
     h, w = shape
     rect = (w // 2, h // 3, w // 2 + w // 4, h // 3 + h // 4)
     pixels = prepare_pixels(_part(shape, rect), spec)[:, :, 0]
@@ -79,6 +80,21 @@ def test_box_maps_back_through_each_resize_rule(resize: str, shape: tuple[int, i
     # The Gaussian smoothing (sigma 4 px of a 48-px input) widens the half-maximum a little.
     np.testing.assert_allclose(got, expected, atol=0.09)
     assert box.peak > 1.0
+
+
+@pytest.mark.parametrize("size", [(48, 48), (32, 80), (80, 32), (224, 560)])
+@pytest.mark.parametrize("shape", [(60, 100), (100, 60), (500, 1254), (33, 7), (1, 1)])
+def test_letterbox_placement_is_where_preprocess_puts_the_image(size: tuple[int, int],
+                                                                shape: tuple[int, int]) -> None:
+    """The content box the heat is searched in is exactly the non-padded part of the model input (HxW inputs too)."""
+    spec = PreprocessSpec(height=size[0], width=size[1], resize="letterbox")
+    pixels = prepare_pixels(np.full((*shape, 3), 255, np.uint8), spec)[:, :, 0]
+    rows, cols = np.nonzero(pixels == 255)
+    drawn = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
+    where = anomaly.placement(spec, shape)
+    assert where.content == drawn
+    assert where.scale_x * (drawn[2] - drawn[0]) == pytest.approx(shape[1])
+    assert where.scale_y * (drawn[3] - drawn[1]) == pytest.approx(shape[0])
 
 
 def test_image_heatmap_is_the_input_heat_on_the_image_geometry() -> None:

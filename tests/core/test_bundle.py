@@ -94,8 +94,10 @@ def test_classes_and_thresholds_that_disagree(tmp_path: Path) -> None:
         replace(manifest, defect_classes=("dent",))
     with pytest.raises(BundleSchemaError, match="duplicate class"):
         replace(manifest, classes=("good", "spot", "spot"))
-    with pytest.raises(BundleSchemaError, match="one good class"):
-        replace(manifest, defect_classes=manifest.classes)
+    with pytest.raises(BundleSchemaError, match="at least one defect class"):
+        replace(manifest, defect_classes=())
+    # Every class a defect type is a valid bundle (a model that sorts defects already found).
+    assert replace(manifest, defect_classes=manifest.classes).defect_types_only
     with pytest.raises(ConfigError, match="uncertain_threshold"):
         DecisionPolicy(defect_threshold=0.3, uncertain_threshold=0.6)
 

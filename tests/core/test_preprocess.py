@@ -101,3 +101,41 @@ def test_bad_inputs_and_specs_are_refused() -> None:
 def test_spec_dict_round_trip() -> None:
     spec = PreprocessSpec(height=64, width=48, resize="letterbox", crop_fraction=0.9, pad_value=3)
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_letterbox_tall_image_into_a_wide_input_by_hand() -> None:
+    # 16x8 (tall) into 8 rows x 16 columns: scale min(8/16, 16/8) = 0.5 -> 8x4, centred in columns 6..9.
+    spec = PreprocessSpec(height=8, width=16, color="GRAY", resize="letterbox", interpolation="area",
+                          mean=(0.0,), std=(1.0,), pad_value=9)
+    image = np.zeros((16, 8), np.uint8)
+    image[:, 4:] = 200  # right half bright: area averaging of pairs keeps 0, 0 | 200, 200
+    pixels = prepare_pixels(image, spec)[..., 0]
+    expected = np.full((8, 16), 9)
+    expected[:, 6:8] = 0
+    expected[:, 8:10] = 200
+    np.testing.assert_array_equal(pixels, expected)
+
+
+def test_letterbox_odd_padding_and_geometry() -> None:
+    from qcsight_core.preprocess import letterbox_box, scale_factors
+
+    # 3x9 into 8x8: scale 8/9, 3*8/9 = 2.67 -> 3 rows, 8 columns; 5 rows of padding: 2 above, 3 below.
+    assert letterbox_box(3, 9, 8, 8) == (3, 8, 2, 0)
+    spec = PreprocessSpec(height=8, width=8, color="GRAY", resize="letterbox", interpolation="nearest",
+                          mean=(0.0,), std=(1.0,), pad_value=1)
+    pixels = prepare_pixels(np.full((3, 9), 77, np.uint8), spec)[..., 0]
+    assert np.all(pixels[:2] == 1) and np.all(pixels[2:5] == 77) and np.all(pixels[5:] == 1)
+    sy, sx = scale_factors(3, 9, spec)
+    assert (sy, sx) == (1.0, 8 / 9)
+    stretch = PreprocessSpec(height=8, width=16, color="GRAY", mean=(0.0,), std=(1.0,))
+    assert scale_factors(4, 4, stretch) == (2.0, 4.0)
+
+
+def test_letterbox_same_pixels_through_batch_and_single() -> None:
+    spec = PreprocessSpec(height=16, width=40, resize="letterbox", pad_value=128)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (30, 20, 3), dtype=np.uint8), rng.integers(0, 256, (10, 50), dtype=np.uint8)]
+    batch = preprocess_batch(images, spec)
+    assert batch.shape == (2, 3, 16, 40)
+    for i, image in enumerate(images):
+        np.testing.assert_array_equal(batch[i], preprocess(image, spec)[0])

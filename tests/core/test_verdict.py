@@ -42,3 +42,18 @@ def test_uncertain_band_and_class_thresholds(tmp_path: Path) -> None:
 def test_scores_by_class_and_softmax() -> None:
     probs = softmax(np.array([[0.0, 0.0], [1000.0, 0.0]]))
     np.testing.assert_allclose(probs, [[0.5, 0.5], [1.0, 0.0]])
+
+
+def test_a_model_without_a_good_class_always_names_a_defect(tmp_path: Path) -> None:
+    """Defect-type sets (sorting defects already found): every verdict is a defect named by its top class."""
+    types = ("crack", "pit", "scale")
+    bundle = make_tiny_bundle(tmp_path / "b", classes=types, defect_classes=types,
+                              decision=DecisionPolicy(defect_threshold=0.0, uncertain_threshold=0.0))
+    manifest = bundle.manifest
+    assert manifest.defect_types_only and manifest.good_classes == ()
+    verdicts = Decider(manifest).decide_batch(np.array([[0.2, 0.5, 0.3], [0.9, 0.05, 0.05], [0.34, 0.33, 0.33]]))
+    assert [(v.status, v.label) for v in verdicts] == [(DEFECT, "pit"), (DEFECT, "crack"), (DEFECT, "crack")]
+    assert abs(verdicts[0].confidence - 0.5) < 1e-9 and abs(verdicts[0].score - 1.0) < 1e-9
+    # A class threshold still sends a doubtful sort to an operator.
+    doubtful = Decider(replace(manifest, decision=DecisionPolicy(0.0, 0.0, class_thresholds={"crack": 0.5})))
+    assert doubtful.decide(np.array([0.4, 0.3, 0.3])).status == UNCERTAIN

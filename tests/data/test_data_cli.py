@@ -149,3 +149,16 @@ def test_progress_lines_when_not_a_terminal() -> None:
     for done in range(1, 11):
         report(done, 10)
     assert stream.getvalue().splitlines() == ["checking: 4/10", "checking: 8/10", "checking: 10/10"]
+
+
+def test_stats_reports_aspect_ratios_defect_sizes_and_an_input_size(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from qcsight_data.synth import generate
+
+    generate(tmp_path / "data", 6, seed=2, size=64, classes=("good", "scratch"))
+    assert main(["data", "stats", str(tmp_path / "data")]) == 0
+    printed = capsys.readouterr().out
+    assert "aspect w/h  p0 1.00" in printed
+    # synth writes masks/<class>/<name>.png for every defect image: their sizes after the resize are reported.
+    assert "defects (3 masks)" in printed and "defect px" in printed
+    assert "recommended input: --img-size 96x96 --resize stretch" in printed

@@ -232,3 +232,24 @@ def pipeline_verdict(model: LoadedModel, image: np.ndarray) -> str:
     judgement = make_pipeline(model, NullSource(), Collect()).process(Frame("x", image, "cam"))
     assert judgement is not None
     return judgement.verdict.status
+
+
+def test_a_defect_type_model_alerts_on_every_frame_with_its_class(tmp_path: Path) -> None:
+    """No good class (sorting defects already found): each frame is a defect named by class, and the alert
+    the agent publishes for it is a valid qcsight.alert/1 message, which is what the review app reads."""
+    from qcsight_core import messages
+    from qcsight_core.bundle import DecisionPolicy
+    from qcsight_edge.outputs import alert_body
+    from qcsight_edge.pipeline import judge
+
+    types = ("crack", "pit", "scale")
+    make_tiny_bundle(tmp_path / "sorter", classes=types, defect_classes=types,
+                     decision=DecisionPolicy(defect_threshold=0.0, uncertain_threshold=0.0))
+    model = load_model(ModelConfig(bundle=tmp_path / "sorter", warmup_runs=0, intra_op_threads=1))
+    for value, named in ((20, "crack"), (240, "scale")):
+        verdict = judge(model, grey(value), None).verdict
+        assert (verdict.status, verdict.label) == ("defect", named)
+        body = alert_body("f", "cam", verdict, model.bundle.manifest.classes, {"name": "tiny", "version": "1"},
+                          None, None)
+        decoded = messages.decode(messages.encode({**messages.envelope(messages.ALERT, "line-1", 0), **body}))
+        assert decoded["verdict"]["label"] == named and set(decoded["verdict"]["scores"]) == set(types)

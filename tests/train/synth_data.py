@@ -12,7 +12,7 @@ CLASSES = ("good", "scratch", "spot")
 DEFECTS = ("scratch", "spot")
 # Flags that keep a CLI training run small: 64 px, 2 epochs, no worker processes.
 SMALL = ["--img-size", "64", "--batch-size", "8", "--epochs", "2", "--workers", "0", "--threads", "2"]
-FAST_EXPORT = ["--int8", "false", "--torchscript", "false"]
+FAST_EXPORT = ["--int8", "false", "--torchscript", "false", "--neo-onnx", "false"]
 # Random-init mobilenet_v3_small: the smallest torchvision backbone, no download needed.
 MOBILENET = ["--arch", "mobilenet_v3_small", "--weights", "none"]
 EPOCH_LINE = (r"epoch=(\d+)/(\d+) train_loss=\d+\.\d{4} val_loss=\d+\.\d{4} val_acc=\d\.\d{4} "

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from qcsight_core.bundle import load_bundle
-from qcsight_core.dataset import Sample
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import PreprocessSpec, preprocess_batch
 from qcsight_core.runner import OnnxRunner
 from qcsight_core.verdict import Decider
+from qcsight_data.dataset import Sample
 from qcsight_train.errors import ExportError, ParityError
 from tests.train.synth_data import make_anomaly_dataset
 
@@ -27,7 +27,8 @@ from qcsight_train.config import build_config  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-SMALL = ["--img-size", "64", "--bank-size", "256", "--threads", "2", "--int8", "false"]
+# model.neo.onnx and INT8 have their own tests on the tiny trunk; a real Lite0 export of either adds seconds here.
+SMALL = ["--img-size", "64", "--bank-size", "256", "--threads", "2", "--int8", "false", "--neo-onnx", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +50,17 @@ class TinyTrunk(torch.nn.Module):
         return fine, self.coarse(fine)
 
 
+_FITS: dict[tuple[Path, int], tuple[features.PatchEmbedding, object, PreprocessSpec]] = {}
+
+
 def _tiny_fit(parts: Path, bank: int = 512) -> tuple[features.PatchEmbedding, object, PreprocessSpec]:
-    spec = PreprocessSpec(height=64, width=64)
-    embedding = features.PatchEmbedding(TinyTrunk().eval(), None)
-    paths = sorted(str(p) for p in (parts / "good").glob("*.png"))[:24]
-    return embedding, fit_bank(embedding, paths, spec, bank), spec
+    """The tiny trunk's bank on 24 good parts, fitted once per bank size for the module (exports never change it)."""
+    if (parts, bank) not in _FITS:
+        spec = PreprocessSpec(height=64, width=64)
+        embedding = features.PatchEmbedding(TinyTrunk().eval(), None)
+        paths = sorted(str(p) for p in (parts / "good").glob("*.png"))[:24]
+        _FITS[(parts, bank)] = (embedding, fit_bank(embedding, paths, spec, bank), spec)
+    return _FITS[(parts, bank)]
 
 
 def _validation(parts: Path) -> list[tuple[str, bool]]:
@@ -117,7 +124,7 @@ def test_export_writes_one_graph_with_normalised_outputs_and_a_recorded_threshol
     calibration = sorted(str(p) for p in (parts / "good").glob("*.png"))[:8]
     bundle = anomaly_export.export_anomaly_bundle(
         embedding, fit, output_dir=tmp_path / "bundle", spec=spec, architecture="tiny", name="t", version="1",
-        run_id="r", data_fingerprint="f", validation=validation, calibration_paths=calibration,
+        run_id="r", data_fingerprint="f", validation=validation, calibration_paths=calibration, neo_onnx=True,
         options=anomaly_export.AnomalyExportOptions(pack=False, false_reject_rate=0.1))
     manifest = bundle.manifest
     assert (manifest.task, manifest.output, manifest.decision.defect_threshold) == ("anomaly", "anomaly_score", 1.0)
@@ -140,6 +147,20 @@ def test_export_writes_one_graph_with_normalised_outputs_and_a_recorded_threshol
     assert int8["kept"] == (int8["auroc_drop"] <= 0.005)
     if int8["kept"]:
         assert manifest.model("int8").details["score_scale"] == int8["threshold"]["raw_threshold"]
+    # model.neo.onnx: IR 7, opset 12, batch 1, the same raw score as model.onnx, divided by the same scale.
+    neo = manifest.metrics["neo_onnx"]
+    assert neo["written"] and (neo["ir_version"], neo["opset"]) == (7, 12) and neo["images"] > 0
+    entry = next(m for m in manifest.models if m.format == "onnx-neo")
+    assert entry.details["score_scale"] == threshold["raw_threshold"]
+    assert entry.details["outputs"] == ["score", "score_map"]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(bundle.path / entry.file), providers=["CPUExecutionProvider"])
+    neo_score = session.run(None, {"input": preprocess_batch(good[:1], spec)})[0].ravel()[0]
+    assert neo_score / entry.details["score_scale"] == pytest.approx(scores[0], rel=1e-3)
+    from qcsight_train.launch import neo as launch_neo
+
+    assert launch_neo.neo_onnx_entry(manifest, "bundle").file == "model.neo.onnx"
 
 
 def test_parity_gate_refuses_a_graph_that_disagrees_with_pytorch(tmp_path: Path, parts: Path,
@@ -169,6 +190,9 @@ def test_size_bound_stores_the_bank_in_float16_then_cuts_it(tmp_path: Path, part
     assert cut.dtype == "float16" and cut.size < 10_000 and cut.estimated_bytes <= 2 << 20
     with pytest.raises(ExportError, match="backbone alone"):
         anomaly_export.plan_bank(3 << 20, 10, 100, 2 << 20, int8=False)
+    # The Neo ONNX is a second float32 graph: its backbone and bank count against the bound too.
+    with_neo = anomaly_export.plan_bank(1 << 20, 1000, 100, 10 << 20, int8=False, neo=True)
+    assert with_neo.estimated_bytes - plan.estimated_bytes == (1 << 20) + 1000 * 100 * 4
 
     embedding, fit, spec = _tiny_fit(parts, bank=4096)  # 4096 x 64 float32 = 1 MiB: over a 1 MiB bound
     bundle = anomaly_export.export_anomaly_bundle(
@@ -185,13 +209,38 @@ def test_size_bound_stores_the_bank_in_float16_then_cuts_it(tmp_path: Path, part
     assert sum(p.stat().st_size for p in bundle.path.iterdir()) <= 1 << 20
 
 
+def test_a_neo_onnx_that_fails_leaves_the_bundle_without_it_and_says_why(tmp_path: Path, parts: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    embedding, fit, spec = _tiny_fit(parts, bank=128)
+
+    def refused(*_: object, **__: object) -> None:
+        raise ExportError("torch.onnx.export (TorchScript exporter, opset 12) failed: no symbolic for aten::x")
+
+    monkeypatch.setattr(anomaly_export, "export_neo_onnx", refused)
+    bundle = anomaly_export.export_anomaly_bundle(
+        embedding, fit, output_dir=tmp_path / "bundle", spec=spec, architecture="tiny", name="t", version="1",
+        run_id="r", data_fingerprint="f", validation=_validation(parts), calibration_paths=[], int8=False,
+        neo_onnx=True, options=anomaly_export.AnomalyExportOptions(pack=False))
+    record = bundle.manifest.metrics["neo_onnx"]
+    assert record["written"] is False and "aten::x" in record["reason"]
+    assert not (bundle.path / "model.neo.onnx").exists()
+    assert [m.format for m in bundle.manifest.models] == ["onnx"]
+    from qcsight_core.errors import ConfigError
+    from qcsight_train.launch import neo as launch_neo
+
+    with pytest.raises(ConfigError, match=r"model\.neo\.onnx.*aten::x"):
+        launch_neo.neo_onnx_entry(bundle.manifest, "bundle")
+
+
 @pytest.mark.slow
 def test_cli_fits_on_good_parts_and_evaluates_with_masks(tmp_path: Path, parts: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from qcsight_train.cli import main
 
     out = tmp_path / "run"
-    assert main(["--task", "anomaly", "--data", str(parts), "--output", str(out), *SMALL]) == 0
+    tracking_dir = tmp_path / "mlruns"
+    assert main(["--task", "anomaly", "--data", str(parts), "--output", str(out), *SMALL,
+                 "--tracking-uri", str(tracking_dir), "--name", "cast-anomaly"]) == 0
     printed = capsys.readouterr().out
     assert "image AUROC" in printed and "bank:" in printed
     bundle = load_bundle(out / "model.tar.gz", extract_to=tmp_path / "unpacked")
@@ -201,6 +250,14 @@ def test_cli_fits_on_good_parts_and_evaluates_with_masks(tmp_path: Path, parts: 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["splits"]["train"]["spot"] == summary["splits"]["train"]["scratch"] == 0
     assert summary["int8"] == {"kept": False, "reason": "not requested"} and manifest.model("int8") is None
+    # Tracked as a classifier run is: figures, the bundle as an artefact, a registered model version.
+    assert summary["tracking"]["registered_model"] == "cast-anomaly"
+    assert summary["tracking"]["registered_version"] == "1"
+    from qcsight_train import runs_cli
+
+    assert runs_cli.main(["--tracking-uri", str(tracking_dir), "compare", summary["tracking"]["run_id"][:8]]) == 0
+    assert "test_pixel_auroc" in capsys.readouterr().out
+    assert list((tracking_dir / "artifacts").rglob("bundle/manifest.json"))
     evaluation = json.loads((out / "evaluation" / "metrics.json").read_text())
     # Spots and scratches on one cast surface: the bank finds them, and where they are.
     assert evaluation["image"]["auroc"] > 0.85
@@ -253,3 +310,38 @@ def test_samples_are_labelled_defect_by_class(parts: Path, tmp_path: Path) -> No
     cfg = build_config({"data": str(parts), "output": str(tmp_path / "o"), "task": "anomaly"})
     splits = load_anomaly_data(cfg, tmp_path / "cache")
     assert not splits.is_defect(Sample("x", "good", "x")) and splits.is_defect(Sample("y", "spot", "y"))
+
+
+def test_img_size_hxw_and_auto_reach_the_features_spec(parts: Path, tmp_path: Path) -> None:
+    """--img-size HxW is the bank's input; auto takes the good images' shape; letterbox pads with the mean grey."""
+    from qcsight_train.run import input_size, resolve_input_size
+
+    cfg = build_config({"data": str(parts), "output": str(tmp_path / "o"), "task": "anomaly",
+                        "img_size": "64x96", "resize": "letterbox"})
+    assert input_size(cfg) == (64, 96)
+    spec = features.preprocess_spec(cfg.arch, *input_size(cfg), cfg.resize)
+    assert (spec.height, spec.width, spec.resize) == (64, 96, "letterbox")
+    assert spec.pad_value == round(255 * sum(spec.mean) / 3)  # normalises to ~0, as a classifier's pad does
+    auto = build_config({"data": str(parts), "output": str(tmp_path / "o"), "task": "anomaly"})
+    splits = load_anomaly_data(auto, tmp_path / "cache")
+    resolved, record = resolve_input_size(auto, splits.train, features.preprocess_spec(auto.arch, 224, 224))
+    side = read_image(str(splits.train[0].path)).shape[0]
+    assert input_size(resolved) == (record["height"], record["width"])
+    from qcsight_data import sizing
+
+    # Square parts: a square input at the sizing rule's side (the native side, never below its minimum).
+    expected = max(sizing.MIN_SIDE, min(sizing.BASE_SIDE, side // sizing.STEP * sizing.STEP))
+    assert input_size(resolved) == (expected, expected)
+    assert any(note.startswith("img_size auto") for note in resolved.adapted)
+
+
+@pytest.mark.parametrize(("setting", "value", "named"), [("refit", True, "refit"),
+                                                        ("threshold_source", "oof", "threshold_source"),
+                                                        ("good_classes", "none", "good_classes")])
+def test_classifier_only_settings_are_refused_for_anomaly_by_name(tmp_path: Path, setting: str, value: object,
+                                                                  named: str) -> None:
+    from qcsight_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=named):
+        build_config({"data": "d", "output": str(tmp_path), "task": "anomaly", setting: value})
+

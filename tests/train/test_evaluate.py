@@ -117,7 +117,13 @@ def test_evaluate_cli_writes_metrics_plots_and_report(tiny_bundle: Bundle, tmp_p
     worst = report.split("## Worst misclassified")[1].split("## Unreadable")[0]
     assert worst.count("| scratch | spot |") == 2 and "mid.png" in worst
     assert worst.index("bright") < worst.index("mid.png")
-    assert "accuracy 0.6667" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "accuracy 0.6667" in printed
+    # The recall at the bundle's threshold comes with its Wilson interval and the defect count it rests on.
+    at = metrics["at_bundle_threshold"]
+    low, high = at["defect_recall_ci95"]
+    assert low <= at["defect_recall"] <= high and at["defect_images"] + at["good_images"] == 9
+    assert f"{at['defect_images']} defects)" in printed and "95 % CI" in report
 
 
 def test_evaluate_cli_reads_a_tarball_and_a_csv_test_split(tiny_bundle: Bundle, tmp_path: Path) -> None:

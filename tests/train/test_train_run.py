@@ -87,7 +87,7 @@ def test_two_epochs_on_cpu_write_a_bundle_that_onnx_runtime_runs(dataset: Path, 
     assert (out / "evaluation" / "metrics.json").is_file()
     assert len(json.loads((out / "history.json").read_text())) == 2
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["img_size"] == 64 and saved["epochs"] == 2 and saved["augment"]["hflip"] is False
+    assert saved["img_size"] == "64" and saved["epochs"] == 2 and saved["augment"]["hflip"] is False
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt", "run_id.txt"]
 
 
@@ -128,7 +128,7 @@ def test_resumed_run_continues_exactly_where_the_interrupted_one_stopped(dataset
     last_b = checkpoint.load(tmp_path / "b" / checkpoint.LAST)["model"]  # type: ignore[index]
     assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
 
-    with pytest.raises(checkpoint.CheckpointError, match="img_size: checkpoint 64, now 96"):
+    with pytest.raises(checkpoint.CheckpointError, match="img_size: checkpoint '64', now '96'"):
         trainer.fit(build_config({**base, "img_size": 96}), splits, DistInfo(), tmp_path / "b")
     # Another tuning trial (same data, model and schedule, another learning rate) never carries on from it.
     with pytest.raises(checkpoint.CheckpointError, match=r"lr: checkpoint 0\.001, now 0\.002"):
@@ -162,7 +162,8 @@ def test_sagemaker_environment_is_honoured(dataset: Path, tmp_path: Path) -> Non
     validation = make_dataset(tmp_path / "validation", count=9, seed=7)
     # As SageMaker stores them (hyperparameters.json): every value a string.
     hps = {"epochs": "2", "img-size": "64", "batch-size": "8", "arch": "mobilenet_v3_small", "weights": "none",
-           "int8": "false", "torchscript": "false", "workers": "0", "test_fraction": "0.2", "name": "line7"}
+           "int8": "false", "torchscript": "false", "neo_onnx": "false", "workers": "0", "test_fraction": "0.2",
+           "name": "line7"}
     model_dir, data_dir, checkpoints = tmp_path / "model", tmp_path / "output" / "data", tmp_path / "checkpoints"
     model_dir.mkdir()
     data_dir.mkdir(parents=True)
@@ -193,7 +194,7 @@ def test_sagemaker_environment_is_honoured(dataset: Path, tmp_path: Path) -> Non
     config = yaml.safe_load((data_dir / "config.yaml").read_text())
     assert (config["data"], config["validation"], config["output"]) == (str(dataset), str(validation),
                                                                         str(model_dir))
-    assert (config["epochs"], config["img_size"], config["arch"], config["int8"]) == (2, 64, "mobilenet_v3_small",
+    assert (config["epochs"], config["img_size"], config["arch"], config["int8"]) == (2, "64", "mobilenet_v3_small",
                                                                                         False)
     summary = json.loads((data_dir / "summary.json").read_text())
     assert summary["splits"]["val"] == {"good": 3, "scratch": 3, "spot": 3}  # the validation channel, not a split

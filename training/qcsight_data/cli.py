@@ -102,7 +102,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     split.add_argument("--output", "-o", type=Path, metavar="CSV", required=True,
                        help="the index CSV to write (path,label,group,split)")
 
-    source_command("stats", "counts per class and split, and the skipped files with reasons")
+    stats = source_command("stats", "counts per class and split, skipped files, image aspect ratios and defect sizes "
+                           "after the resize (from masks/<class>/<stem>.png), and a recommended --img-size")
+    stats.add_argument("--sample", type=int, default=2000, metavar="N",
+                       help="measure sizes on at most N images, an even random sample (default 2000)")
     source_command("fingerprint", "sha256 of the dataset's relative paths, labels and file contents")
 
     synth = sub.add_parser("synth", help="generate a synthetic surface-defect dataset with masks",
@@ -160,7 +163,15 @@ def _split(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    print_summary(_load(args))
+    from qcsight_data import sizing
+
+    index = _load(args)
+    print_summary(index)
+    if index.samples:
+        sizes = sizing.measure([(s.path, s.label) for s in index.samples], index.root, limit=max(1, args.sample),
+                               progress=ProgressReporter("measuring sizes"))
+        for line in sizing.report(sizes, sizing.recommend(sizes)):
+            print(line)
     return EXIT_OK
 
 

@@ -38,10 +38,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "model": ("arch", "weights", "img_size", "resize"),
     "optimisation": ("epochs", "freeze_epochs", "batch_size", "lr", "backbone_lr_scale", "weight_decay",
                      "warmup_epochs", "min_lr_ratio", "label_smoothing", "balance", "balance_power", "seed", "amp",
-                     "channels_last", "threads"),
+                     "channels_last", "threads", "select", "refit"),
     "augmentation (train only)": tuple(AUGMENT_FIELDS),
-    "outputs": ("output", "checkpoint_dir", "resume", "name", "version", "run_id", "target_recall",
-                "review_fraction", "int8", "torchscript", "calibration_images"),
+    "thresholds": ("target_recall", "review_fraction", "threshold_source", "threshold_folds"),
+    "outputs": ("output", "checkpoint_dir", "resume", "name", "version", "run_id", "int8", "torchscript", "neo_onnx",
+                "calibration_images"),
+    "experiment tracking (MLflow)": ("tracking_uri", "experiment"),
     "anomaly (--task anomaly: fitted on good images only)": ("task", "bank_size", "feature_dim", "threshold_rule",
                                                             "false_reject_rate", "max_bundle_mb"),
 }
@@ -50,12 +52,18 @@ EPILOG = """\
 examples:
   qcsight train --data DIR --output runs/a                  # folder per class, efficientnet_lite0, package weights
   qcsight train --data data.csv --groups groups.csv --epochs 8 --img-size 160 --hflip --vflip --output runs/b
+  qcsight train --data strips/ --img-size 224x560 --output runs/s  # long parts: height x width
+  qcsight train --data defect-types/ --good-classes none --output runs/d  # every class a defect type
+  qcsight train --data DIR --refit --threshold-source oof --output runs/e  # use every image; thresholds out of fold
   torchrun --nproc_per_node=2 -m qcsight_train.cli --data DIR --output runs/c  # DDP (gloo on CPU)
   qcsight train --sagemaker --help                          # submit a SageMaker training job instead
-  qcsight train --task anomaly --data DIR --img-size 224 --output runs/d  # DIR/good fitted, other folders evaluate
+  qcsight train --task anomaly --data DIR --img-size 224 --output runs/n  # DIR/good fitted, other folders evaluate
 
 Each epoch logs one line: epoch=3/10 train_loss=... val_loss=... val_acc=... val_macro_f1=... lr=... images_per_s=...
 A killed run resumes from --checkpoint-dir when started again with the same settings.
+Defaults that contradict the settings given are adapted (e.g. --epochs 1 trains no head-only epoch) and
+listed at the top of OUTPUT/config.yaml; two given settings that contradict each other are refused by name.
+Runs are tracked in MLflow (./mlruns by default; `qcsight runs list` shows them) when mlflow is installed.
 Exit codes: 0 done, 1 failed, 2 usage error."""
 
 
@@ -185,17 +193,34 @@ def _print_summary(summary: Mapping[str, Any]) -> None:
     print(f"evaluation:  {paths['evaluation']} ({figures.get('split', '')} split)")
     print(f"  classifier (top-1 class): accuracy {figures['accuracy']:.4f}, macro-F1 {figures['macro_f1']:.4f}")
     print(f"  device verdicts at threshold {figures['defect_threshold']:.3f}: defect recall "
-          f"{_fmt(figures['defect_recall'])}, good parts rejected {_fmt(figures['false_reject_rate'])}, "
+          f"{_fmt(figures['defect_recall'])}{_ci(figures.get('defect_recall_ci95'), figures.get('defect_images'))}, "
+          f"good parts rejected {_fmt(figures['false_reject_rate'])}"
+          f"{_ci(figures.get('false_reject_rate_ci95'), figures.get('good_images'))}, "
           f"good parts to review {_fmt(figures['good_to_review_rate'])}, uncertain {_fmt(figures['uncertain_rate'])}")
+    warning = summary.get("threshold", {}).get("warning")
+    if warning:
+        print(f"  warning: {warning}")
+    for note in summary.get("adapted", []):
+        print(f"adapted:     {note}")
     print(f"config:      {paths['config']}")
     print(f"checkpoints: {paths['checkpoints']}")
+    kept = "kept" if summary.get("select") == "last" else "best"
     print(f"trained {summary['epochs']} epochs on {summary['world_size']} process(es) in "
-          f"{summary['train_seconds']:.0f} s; best val macro-F1 {summary['best_val_macro_f1']:.4f} "
-          f"at epoch {summary['best_epoch']}")
+          f"{summary['train_seconds']:.0f} s; {kept} val macro-F1 {summary['best_val_macro_f1']:.4f} "
+          f"at epoch {summary['best_epoch']}"
+          + (f"; refit on train+validation for {summary['refit_epochs']} epochs" if summary.get("refit") else ""))
+    tracked = summary.get("tracking")
+    if tracked:
+        print(f"tracked:     MLflow run {tracked['run_id']} at {tracked['uri']} (model {tracked['registered_model']} "
+              f"version {tracked['registered_version']})")
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _ci(interval: list[float] | None, count: int | None) -> str:
+    return "" if not interval else f" (95 % CI {interval[0]:.3f}-{interval[1]:.3f}, n={count})"
 
 
 if __name__ == "__main__":

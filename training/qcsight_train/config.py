@@ -6,7 +6,7 @@ import json
 import types
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,12 @@ TASK_CHOICES = ("classification", "anomaly")
 # --task anomaly: the backbones of qcsight_train.anomaly.features (checked before torch loads).
 ANOMALY_ARCH_NAMES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
 THRESHOLD_RULES = ("false_reject", "defect_recall")
+SELECT_CHOICES = ("best", "last")
+THRESHOLD_SOURCES = ("validation", "oof")
+AUTO = "auto"
+# --good-classes none: every class is a defect type (a line that sorts defects already found).
+NO_GOOD = "none"
+IMG_SIDE = (32, 1024)
 # Class names that mean "no defect" when neither --defect-classes nor --good-classes is given.
 GOOD_NAMES = ("good", "ok", "free", "normal", "pass", "no_defect", "nodefect", "defect_free", "clean")
 
@@ -54,11 +60,11 @@ class AugmentConfig:
     rot90: bool = False
     brightness: float = 0.2
     gamma: float = 0.2
-    blur_p: float = 0.15
-    noise_p: float = 0.15
+    blur_p: float = 0.0
+    noise_p: float = 0.0
     affine_p: float = 0.5
     affine_degrees: float = 5.0
-    dropout_p: float = 0.2
+    dropout_p: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("brightness", "gamma", "blur_p", "noise_p", "affine_p", "dropout_p"):
@@ -89,14 +95,16 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing.
         balance: class-imbalance handling: loss (class-weighted loss), sampler, or none.
         balance_power: class weight = (median count / class count) ** balance_power.
-        img_size: model input height and width.
-        resize: the qcsight_core resize rule the bundle will carry.
+        img_size: model input: SIZE (square), HxW (e.g. 224x560), or auto (from the images' aspect ratios and,
+            where masks exist, the defects' size after the resize: see `qcsight data stats`).
+        resize: the qcsight_core resize rule the bundle will carry (auto may choose letterbox for wide shapes).
         seed: seeds the split, the sampler, augmentation and initialisation.
         groups: a CSV file,class,group of near-duplicate groups kept on one side of the split.
         val_fraction: share of the data held out for validation when data is not pre-split.
         test_fraction: share held out for the test when data is not pre-split.
         defect_classes: the classes that are defects; default: every class not in good_classes.
-        good_classes: the classes that are not defects; default: the one named like good/ok/free.
+        good_classes: the classes that are not defects; default: the one named like good/ok/free; none: every
+            class is a defect type (the verdict is then always a defect, named by class).
         target_recall: defect recall the bundle's operating point is chosen for (on validation).
         review_fraction: share of good parts the uncertain band may send to an operator (on validation).
         workers: DataLoader worker processes per training process.
@@ -107,8 +115,20 @@ class TrainConfig:
         version: model version in the manifest; default: the run id.
         run_id: run identifier; default: the SageMaker job name or a timestamp.
         int8: also export a static INT8 ONNX model.
-        torchscript: also export TorchScript (for SageMaker Neo).
+        torchscript: also export traced TorchScript (Neo cannot load a torch 2.x trace newer than 2.0; for Neo use
+            neo_onnx).
         resume: resume from checkpoint_dir when it holds a checkpoint of this run.
+        select: which epoch's weights are kept: best (validation macro-F1) or last.
+        refit: after selection, train again from the start on train+validation for the selected number of
+            epochs and export that model (the test split stays untouched; thresholds then come from the
+            selection run's validation scores, or out of fold).
+        threshold_source: validation (the exported model's validation defect scores) or oof (out-of-fold
+            scores of threshold_folds models trained on train+validation: every defect counts, for scarce defects).
+        threshold_folds: folds for threshold_source oof.
+        tracking_uri: MLflow tracking: empty = a local mlruns/ store beside the output (sqlite + artefacts),
+            a path or sqlite:/// or http(s):// URI, a SageMaker MLflow tracking server ARN, or none.
+        experiment: MLflow experiment name.
+        neo_onnx: also export model.neo.onnx (ONNX IR 7, opset 12: what SageMaker Neo accepts) for --neo-target.
         calibration_images: training images used to calibrate INT8.
         task: classification (a classifier from labelled classes) or anomaly (a memory bank fitted on
             the good class alone; other classes only choose the threshold and evaluate).
@@ -128,8 +148,8 @@ class TrainConfig:
     checkpoint_dir: str = ""
     arch: str = "efficientnet_lite0"
     weights: str = "auto"
-    epochs: int = 12
-    freeze_epochs: int = 1
+    epochs: int = 8
+    freeze_epochs: int = 0
     batch_size: int = 32
     lr: float = 1e-3
     backbone_lr_scale: float = 1.0
@@ -139,7 +159,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     balance: str = "loss"
     balance_power: float = 0.5
-    img_size: int = 160
+    img_size: str = "auto"
     resize: str = "stretch"
     seed: int = 0
     groups: str = ""
@@ -157,7 +177,7 @@ class TrainConfig:
     version: str = ""
     run_id: str = ""
     int8: bool = True
-    torchscript: bool = True
+    torchscript: bool = False
     resume: bool = True
     calibration_images: int = 64
     task: str = "classification"
@@ -166,7 +186,16 @@ class TrainConfig:
     threshold_rule: str = "false_reject"
     false_reject_rate: float = 0.01
     max_bundle_mb: float = 50.0
+    select: str = "last"
+    refit: bool = False
+    threshold_source: str = "validation"
+    threshold_folds: int = 5
+    tracking_uri: str = ""
+    experiment: str = "qcsight"
+    neo_onnx: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Not a setting: which defaults build_config changed to fit the given ones, and why (config.yaml lists them).
+    adapted: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -174,16 +203,24 @@ class TrainConfig:
         if not self.output:
             raise ConfigError("output", self.output, "an output directory (--output)")
         _store(self, check_int, "epochs", 1, 10_000)
-        _store(self, check_int, "freeze_epochs", 0, self.epochs - 1 if self.epochs > 1 else 0)
+        _store(self, check_int, "freeze_epochs", 0, 10_000)
+        if self.freeze_epochs >= self.epochs:
+            raise ConfigError("freeze_epochs", self.freeze_epochs,
+                              f"fewer than epochs={self.epochs}: at least one epoch must train the whole network "
+                              "(lower --freeze-epochs or raise --epochs)")
         _store(self, check_int, "batch_size", 1, 4096)
         _store(self, check_number, "lr", 1e-8, 1.0)
         _store(self, check_number, "backbone_lr_scale", 0.0, 10.0)
         _store(self, check_number, "weight_decay", 0.0, 1.0)
-        _store(self, check_number, "warmup_epochs", 0.0, float(self.epochs))
+        _store(self, check_number, "warmup_epochs", 0.0, 10_000.0)
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError("warmup_epochs", self.warmup_epochs,
+                              f"at most epochs={self.epochs} (lower --warmup-epochs or raise --epochs)")
         _store(self, check_number, "min_lr_ratio", 0.0, 1.0)
         _store(self, check_number, "label_smoothing", 0.0, 0.5)
         _store(self, check_number, "balance_power", 0.0, 2.0)
-        _store(self, check_int, "img_size", 32, 1024)
+        object.__setattr__(self, "img_size", str(self.img_size).strip().lower())  # 160 from code or YAML is "160"
+        parse_img_size(self.img_size)
         _store(self, check_number, "val_fraction", 0.0, 0.9)
         _store(self, check_number, "test_fraction", 0.0, 0.9)
         _store(self, check_number, "target_recall", 0.5, 1.0)
@@ -191,6 +228,9 @@ class TrainConfig:
         _store(self, check_int, "workers", 0, 64)
         _store(self, check_int, "threads", 0, 1024)
         _store(self, check_int, "calibration_images", 1, 100_000)
+        _store(self, check_int, "threshold_folds", 2, 20)
+        _store(self, check_choice, "select", SELECT_CHOICES)
+        _store(self, check_choice, "threshold_source", THRESHOLD_SOURCES)
         _store(self, check_choice, "task", TASK_CHOICES)
         _store(self, check_choice, "arch", ANOMALY_ARCH_NAMES if self.task == "anomaly" else ARCH_NAMES)
         _store(self, check_int, "bank_size", 1, 1_000_000)
@@ -202,27 +242,74 @@ class TrainConfig:
         _store(self, check_choice, "amp", AMP_CHOICES)
         _store(self, check_choice, "resize", RESIZE_CHOICES)
         if self.val_fraction + self.test_fraction >= 0.9:
-            raise ConfigError("val_fraction+test_fraction", self.val_fraction + self.test_fraction,
-                              "below 0.9, so that most data is left for training")
+            raise ConfigError("val_fraction+test_fraction", round(self.val_fraction + self.test_fraction, 4),
+                              "below 0.9, so that most data is left for training (lower --val-fraction or "
+                              "--test-fraction)")
+        if self.task == "anomaly":
+            # The memory bank is fitted on good parts and chosen by no epoch: these settings have no meaning there.
+            if self.no_good_class:
+                raise ConfigError("good_classes", list(self.good_classes),
+                                  "the class(es) of good parts with --task anomaly: the bank is fitted on them "
+                                  "(drop --good-classes none, or train a classifier)")
+            if self.refit:
+                raise ConfigError("refit", self.refit, "false with --task anomaly: the bank is fitted once, on "
+                                  "train, and validation chooses its threshold (drop --refit)")
+            if self.threshold_source != "validation":
+                raise ConfigError("threshold_source", self.threshold_source,
+                                  "validation with --task anomaly (see --threshold-rule; drop --threshold-source)")
         if self.defect_classes and self.good_classes:
-            raise ConfigError("defect_classes", self.defect_classes, "give defect_classes or good_classes, not both")
+            raise ConfigError("defect_classes", list(self.defect_classes),
+                              "--defect-classes or --good-classes, not both (drop one)")
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """(height, width) of the model input; None while img_size is auto (resolved from the data by run())."""
+        return parse_img_size(self.img_size)
+
+    @property
+    def no_good_class(self) -> bool:
+        """--good-classes none: every class is a defect type."""
+        return tuple(c.lower() for c in self.good_classes) == (NO_GOOD,)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("adapted")
         data["defect_classes"] = list(self.defect_classes)
         data["good_classes"] = list(self.good_classes)
         return data
 
     def save(self, path: Path) -> Path:
-        """Write the resolved configuration as YAML that --config reads back."""
+        """Write the resolved configuration as YAML that --config reads back; adapted defaults head it as comments."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        header = "".join(f"# adapted: {note}\n" for note in self.adapted)
+        if header:
+            header = "# Defaults changed to fit the settings given (qcsight_train.config.adapt):\n" + header
+        tmp.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
         tmp.replace(path)
         return path
 
 
-TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "augment"}
+def parse_img_size(value: str) -> tuple[int, int] | None:
+    """--img-size: "160" (square), "224x560" (height x width) or "auto" (None: chosen from the data).
+
+    Raises:
+        ConfigError: anything else, or a side outside 32..1024.
+    """
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return None
+    parts = text.split("x")
+    allowed = f"SIZE, HxW (e.g. 224x560) or auto, each side from {IMG_SIDE[0]} to {IMG_SIDE[1]}"
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError("img_size", value, allowed)
+    sides = [int(p) for p in parts]
+    if not all(IMG_SIDE[0] <= side <= IMG_SIDE[1] for side in sides):
+        raise ConfigError("img_size", value, allowed)
+    return (sides[0], sides[-1])
+
+
+TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name not in ("augment", "adapted")}
 AUGMENT_FIELDS = {f.name: f for f in fields(AugmentConfig)}
 
 
@@ -324,11 +411,57 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(*layers: Mapping[str, Any]) -> TrainConfig:
-    """Merge flat settings, later layers winning, into a validated TrainConfig."""
+    """Merge flat settings, later layers winning, into a validated TrainConfig.
+
+    Defaults the given settings contradict are adapted (see adapt) and listed in cfg.adapted;
+    a contradiction between two given settings is an error naming the flag to change.
+    """
     merged: dict[str, Any] = {}
     for layer in layers:
         merged.update(flatten(layer, "settings"))
+    merged, notes = adapt(merged)
     augment = AugmentConfig(**{k: v for k, v in merged.items() if k in AUGMENT_FIELDS})
     top = {k: v for k, v in merged.items() if k in TRAIN_FIELDS}
-    return TrainConfig(**top, augment=augment)
+    return TrainConfig(**top, augment=augment, adapted=tuple(notes))
 
+
+def adapt(given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Change the defaults that contradict the settings given, never a given setting.
+
+    Returns:
+        The settings with the adapted defaults added, and one note per change (field, old -> new, why).
+    """
+    values = dict(given)
+    notes: list[str] = []
+
+    def value(name: str) -> Any:
+        return values[name] if name in values else default_of(name)
+
+    def change(name: str, new: Any, why: str) -> None:
+        notes.append(f"{name} {default_of(name)} -> {new}: {why}")
+        values[name] = new
+
+    epochs = value("epochs")
+    if isinstance(epochs, int) and epochs >= 1:
+        if "freeze_epochs" not in given and value("freeze_epochs") >= epochs:
+            change("freeze_epochs", max(0, epochs - 1) if epochs > 1 else 0,
+                   f"epochs={epochs} leaves no epoch for the whole network after the head-only one")
+        if "warmup_epochs" not in given and value("warmup_epochs") >= epochs:
+            change("warmup_epochs", epochs / 2, f"epochs={epochs}: half the run warms up, the rest decays")
+    val, test = value("val_fraction"), value("test_fraction")
+    if isinstance(val, float) and isinstance(test, float) and val + test >= 0.9:
+        if "test_fraction" not in given and "val_fraction" in given:
+            change("test_fraction", max(0.0, round(0.85 - val, 4)), f"val_fraction={val} leaves too little to train")
+        elif "val_fraction" not in given and "test_fraction" in given:
+            change("val_fraction", max(0.05, round(0.85 - test, 4)), f"test_fraction={test} leaves too little "
+                   "to train")
+    return values, notes
+
+
+def default_of(name: str) -> Any:
+    """A setting's default (TrainConfig's or AugmentConfig's), as a given setting would replace it."""
+    spec = AUGMENT_FIELDS.get(name) or TRAIN_FIELDS[name]
+    if spec.default is not MISSING:
+        return spec.default
+    factory: Any = spec.default_factory
+    return factory()

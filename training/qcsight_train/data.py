@@ -26,7 +26,7 @@ from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import PreprocessSpec, normalize, prepare_pixels
 from qcsight_data.dataset import DatasetIndex, Sample, fingerprint, load_index, split_index
 from qcsight_train.augment import Augment
-from qcsight_train.config import GOOD_NAMES, TrainConfig
+from qcsight_train.config import GOOD_NAMES, NO_GOOD, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -170,22 +170,39 @@ def _check(splits: Splits) -> None:
 
 
 def defect_classes(cfg: TrainConfig, classes: Sequence[str]) -> tuple[str, ...]:
-    """Which classes are defects: configured, or every class but the one(s) named like good/ok/free."""
+    """Which classes are defects: configured, or every class but the one(s) named like good/ok/free.
+
+    `--good-classes none` (when no class is literally named "none") makes every class a defect
+    type: a model that sorts defects already found, whose verdict is always a defect named by class.
+    A dataset with no class named like a good one is not taken for such a set silently: the user
+    confirms it with --good-classes none, or names the good class.
+    """
+    if cfg.no_good_class and NO_GOOD not in classes:
+        log.info("--good-classes none: all %d classes are defect types; every verdict names one of them",
+                 len(classes))
+        return tuple(classes)
     if cfg.defect_classes:
         unknown = [c for c in cfg.defect_classes if c not in classes]
         if unknown:
             raise ConfigError("defect_classes", list(cfg.defect_classes), f"names among {list(classes)}")
         chosen = tuple(c for c in classes if c in cfg.defect_classes)
+        if len(chosen) == len(classes):
+            raise ConfigError("defect_classes", list(chosen), "fewer than all classes: to make every class a defect "
+                              "type, pass --good-classes none instead")
     else:
         good = cfg.good_classes or tuple(c for c in classes if c.lower() in GOOD_NAMES)
         unknown = [c for c in good if c not in classes]
         if unknown:
-            raise ConfigError("good_classes", list(good), f"names among {list(classes)}")
+            raise ConfigError("good_classes", list(good), f"names among {list(classes)}, or none")
         if not good:
-            raise ConfigError("good_classes", [], f"which of {list(classes)} are not defects (--good-classes NAME)")
+            raise ConfigError("good_classes", [], f"which of {list(classes)} are not defects: no class is named like "
+                              f"a good one ({', '.join(GOOD_NAMES)}). Name it with --good-classes NAME, or, if "
+                              "every class is a defect type (sorting defects already found), confirm with "
+                              "--good-classes none")
         chosen = tuple(c for c in classes if c not in good)
-    if not chosen or len(chosen) == len(classes):
-        raise ConfigError("defect_classes", list(chosen), f"at least one defect and one good class among {classes}")
+    if not chosen:
+        raise ConfigError("good_classes", list(cfg.good_classes), f"fewer than all classes: no defect class is left "
+                          f"among {list(classes)}")
     return chosen
 
 

@@ -307,6 +307,11 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _interval(bounds: Sequence[float] | None, count: int | None) -> str:
+    """" (95 % CI low-high, n images)" for a rate, or nothing when it has no interval."""
+    return "" if not bounds else f" (95 % CI {bounds[0]:.3f}-{bounds[1]:.3f}, n={count})"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -334,8 +339,10 @@ def render_report(metrics: Mapping[str, Any], worst: Sequence[Mapping[str, Any]]
         f"| defect-vs-good PR AUC (average precision) | {_fmt(binary['pr_auc'])} |",
         f"| threshold for defect recall {_fmt(op['target_defect_recall'], 3)} | {_fmt(op['threshold'])} |",
         f"| false-reject rate of good parts there | {_fmt(op['false_reject_rate'])} |",
-        f"| bundle threshold {_fmt(at_bundle['threshold'])}: defect recall | {_fmt(at_bundle['defect_recall'])} |",
-        f"| bundle threshold: false-reject rate | {_fmt(at_bundle['false_reject_rate'])} |",
+        f"| bundle threshold {_fmt(at_bundle['threshold'])}: defect recall | {_fmt(at_bundle['defect_recall'])}"
+        f"{_interval(at_bundle.get('defect_recall_ci95'), at_bundle.get('defect_images'))} |",
+        f"| bundle threshold: false-reject rate | {_fmt(at_bundle['false_reject_rate'])}"
+        f"{_interval(at_bundle.get('false_reject_rate_ci95'), at_bundle.get('good_images'))} |",
         f"| verdicts good / defect / uncertain | {' / '.join(str(metrics['verdicts'][s]) for s in STATUSES)} |",
         f"| uncertain band from {_fmt(at_bundle['uncertain_threshold'])}: good parts sent to review | "
         f"{_fmt(at_bundle['good_to_review_rate'])} |",

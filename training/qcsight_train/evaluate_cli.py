@@ -99,5 +99,10 @@ def main(argv: Sequence[str], prog: str = "qcsight evaluate") -> int:
           f"ROC AUC {show(binary['roc_auc'])}, PR AUC {show(binary['pr_auc'])}")
     print(f"threshold for defect recall {op['target_defect_recall']}: {show(op['threshold'])} "
           f"(false-reject rate {show(op['false_reject_rate'])})")
+    at = metrics["at_bundle_threshold"]
+    ci = at.get("defect_recall_ci95")
+    print(f"at the bundle's threshold {show(at['threshold'])}: defect recall {show(at['defect_recall'])}"
+          + (f" (95 % CI {ci[0]:.3f}-{ci[1]:.3f}, {at['defect_images']} defects)" if ci else "")
+          + f", false-reject rate {show(at['false_reject_rate'])}")
     print(f"wrote {args.output / METRICS_FILE}, {', '.join(metrics['plots'])} and {args.output / REPORT_FILE}")
     return EXIT_OK

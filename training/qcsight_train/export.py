@@ -52,12 +52,19 @@ from qcsight_core.bundle import (
 )
 from qcsight_core.checks import check_int, check_number
 from qcsight_core.drift import histogram
-from qcsight_core.preprocess import PreprocessSpec, normalize, prepare_pixels
+from qcsight_core.imageio import read_image
+from qcsight_core.preprocess import PreprocessSpec, normalize, prepare_pixels, preprocess
 from qcsight_core.runner import OnnxRunner, RunnerOptions
 from qcsight_core.verdict import Decider
 from qcsight_train.errors import EvaluationError, ExportError, ParityError
 from qcsight_train.evaluate import ScoredImages, check_labels, labelled_pairs, score_images, summarise
-from qcsight_train.metrics import json_safe, review_band, threshold_for_recall
+from qcsight_train.metrics import (
+    json_safe,
+    rates_at_threshold,
+    review_band,
+    threshold_for_recall,
+    threshold_warning,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +76,12 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
+NEO_ONNX_FILE = "model.neo.onnx"
+NEO_ONNX_FORMAT = "onnx-neo"  # its runtimes entry (qcsight_train.launch.neo looks for it)
+# SageMaker Neo's newest ONNX is 1.7 (edge and cloud targets): IR version 7, operator sets up to 12.
+NEO_ONNX_IR = 7
+NEO_ONNX_OPSET = 12
+NEO_PARITY_IMAGES = 32
 CONFIG_FILE = "config.json"
 TARBALL_NAME = "model.tar.gz"
 INPUT_NAME = "input"
@@ -76,11 +89,28 @@ OUTPUT_NAME = "probabilities"
 CONFIDENCE_EDGES = tuple(float(v) for v in np.linspace(0.0, 1.0, 21))
 BRIGHTNESS_EDGES = tuple(float(v) for v in np.linspace(0.0, 255.0, 21))
 _LISTED_UNREADABLE = 20
-_EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
 UNCERTAIN_RULE = ("uncertain_threshold: the lowest score, not below uncertain_floor x defect_threshold, that keeps at "
                   "most review_fraction of validation good images in [uncertain_threshold, defect_threshold)")
 
 TorchPreprocess = Callable[[np.ndarray], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class ThresholdScores:
+    """Labelled class probabilities to choose the decision thresholds on, instead of the exported model's
+    validation scores: out-of-fold scores (every defect counts), or the selection run's validation scores
+    when the exported model was refit on train+validation and validation is no longer held out from it.
+
+    Attributes:
+        labels: class name per image.
+        probabilities: NxK class probabilities in the bundle's class order.
+        source: what the scores are, recorded in the manifest.
+    """
+
+    labels: tuple[str, ...]
+    probabilities: np.ndarray
+    source: str
 
 
 @dataclass(frozen=True)
@@ -155,6 +185,9 @@ def export_bundle(
     config: Mapping[str, Any] | None = None,
     torch_preprocess: TorchPreprocess | None = None,
     options: ExportOptions | None = None,
+    threshold_scores: ThresholdScores | None = None,
+    neo_onnx: bool = False,
+    extra: Mapping[str, Any] | None = None,
 ) -> Bundle:
     """Export a trained classifier into a verified bundle at output_dir (see the module docstring).
 
@@ -176,6 +209,10 @@ def export_bundle(
         torch_preprocess: decoded BGR/grey uint8 image -> CxHxW float tensor, the preprocessing
             training evaluates with; default qcsight_core prepare_pixels + normalize.
         options: gates and knobs (ExportOptions()).
+        threshold_scores: choose the thresholds on these instead of the validation scores.
+        neo_onnx: also write model.neo.onnx (ONNX IR 7, opset 12: what SageMaker Neo accepts),
+            parity-checked against the FP32 model with ONNX Runtime.
+        extra: recorded under the manifest's "extra" (training facts such as refit, input-size choice).
 
     Returns:
         The bundle, loaded back from output_dir (hashes verified).
@@ -194,24 +231,25 @@ def export_bundle(
         raise ExportError(f"target_defect_recall={target_defect_recall!r}: a recall in (0, 1]")
     base = Manifest(name=name, version=version, architecture=architecture, classes=tuple(classes),
                     defect_classes=tuple(defect_classes), input=spec, models=(ModelFile(ONNX_FILE),),
-                    data_fingerprint=data_fingerprint, run_id=run_id)
+                    data_fingerprint=data_fingerprint, run_id=run_id, extra=dict(extra or {}))
     try:
         check_labels(pairs, base.classes, "validation")
     except EvaluationError as exc:
         raise ExportError(str(exc)) from exc
-    _check_output_dir(output_dir)
+    check_output_dir(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would follow the rename and lock out the device's service user
         with tempfile.TemporaryDirectory(prefix="qcsight-export-") as scratch:
             job = _Export(model, staging, Path(scratch), base, pairs, options,
-                          torch_preprocess or default_torch_preprocess(spec))
-            manifest = job.run(calibration_paths, target_defect_recall, int8=int8, torchscript=torchscript)
+                          torch_preprocess or default_torch_preprocess(spec), threshold_scores)
+            manifest = job.run(calibration_paths, target_defect_recall, int8=int8, torchscript=torchscript,
+                               neo_onnx=neo_onnx)
         if config is not None:
             _write_config(staging / CONFIG_FILE, config)
         write_bundle(staging, manifest)
-        _move_into_place(staging, output_dir)
+        move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -274,8 +312,10 @@ class _Export:
     """One export: the steps in order, sharing the staging directory and what earlier steps measured."""
 
     def __init__(self, model: torch.nn.Module, staging: Path, scratch: Path, base: Manifest,
-                 pairs: list[tuple[str, str]], options: ExportOptions, torch_preprocess: TorchPreprocess) -> None:
+                 pairs: list[tuple[str, str]], options: ExportOptions, torch_preprocess: TorchPreprocess,
+                 threshold_scores: ThresholdScores | None = None) -> None:
         self.model = with_softmax(model)
+        self.threshold_scores = threshold_scores
         self.staging = staging
         self.scratch = scratch
         self.base = base
@@ -291,7 +331,7 @@ class _Export:
         self.warnings.append(message)
 
     def run(self, calibration_paths: Sequence[str], target_recall: float, *, int8: bool,
-            torchscript: bool) -> Manifest:
+            torchscript: bool, neo_onnx: bool = False) -> Manifest:
         self._check_model_output()
         fp32_entry = ModelFile(ONNX_FILE, details=export_onnx(self.model, self.staging / ONNX_FILE,
                                                               self.input_shape, self.options.opset))
@@ -330,12 +370,18 @@ class _Export:
             ts_entry, torchscript_record = self._torchscript(parity)
             if ts_entry is not None:
                 models.append(ts_entry)
+        neo_record: dict[str, Any] = {"written": False, "reason": "not requested"}
+        if neo_onnx:
+            neo_entry, neo_record = self._neo_onnx(scored)
+            if neo_entry is not None:
+                models.append(neo_entry)
         metrics = {
             "validation": _manifest_summary(fp32_summary, scored),
             "parity": parity_record,
             "threshold": threshold_record,
             "int8": int8_record,
             "torchscript": torchscript_record,
+            "neo_onnx": neo_record,
             "warnings": self.warnings,
         }
         return replace(decided, models=tuple(models), metrics=json_safe(metrics),
@@ -417,10 +463,19 @@ class _Export:
         )
 
     def _decision_policy(self, scored: ScoredImages, target_recall: float) -> tuple[DecisionPolicy, dict[str, Any]]:
+        if self.base.defect_types_only:
+            # Every class is a defect type: every verdict is a defect, named by the top class.
+            return DecisionPolicy(defect_threshold=0.0, uncertain_threshold=0.0), {
+                "chosen": "none: every class is a defect type, every verdict is a defect named by its top class",
+                "defect_threshold": 0.0, "uncertain_threshold": 0.0}
         defect_set = set(self.base.defect_classes)
-        is_defect = np.array([label in defect_set for label in scored.labels])
-        scores = Decider(self.base).defect_scores(scored.probabilities["fp32"])
-        record: dict[str, Any] = {"target_defect_recall": target_recall, "source": "validation defect scores",
+        labels, probabilities, source = scored.labels, scored.probabilities["fp32"], "validation defect scores"
+        if self.threshold_scores is not None:
+            labels, probabilities = self.threshold_scores.labels, self.threshold_scores.probabilities
+            source = self.threshold_scores.source
+        is_defect = np.array([label in defect_set for label in labels])
+        scores = Decider(self.base).defect_scores(probabilities)
+        record: dict[str, Any] = {"target_defect_recall": target_recall, "source": source,
                                   "uncertain_rule": UNCERTAIN_RULE,
                                   "review_fraction": self.options.review_fraction,
                                   "uncertain_floor": self.options.uncertain_floor}
@@ -442,6 +497,15 @@ class _Export:
         uncertain = review_band(is_defect, scores, threshold, self.options.review_fraction, floor)
         record.update(defect_threshold=threshold, uncertain_threshold=uncertain, false_reject_rate=false_reject,
                       defect_images=int(is_defect.sum()), good_images=int((~is_defect).sum()))
+        if is_defect.any():
+            at = rates_at_threshold(is_defect, scores, threshold)
+            record.update(defect_recall=at["defect_recall"], defect_recall_ci95=at["defect_recall_ci95"],
+                          false_reject_rate_ci95=at["false_reject_rate_ci95"])
+            warning = threshold_warning(at["defect_images"], at["defect_recall"], at["defect_recall_ci95"],
+                                        target_recall)
+            if warning:
+                self._warn(warning)
+                record["warning"] = warning
         return DecisionPolicy(defect_threshold=threshold, uncertain_threshold=uncertain,
                               target_defect_recall=target_recall), record
 
@@ -468,6 +532,37 @@ class _Export:
         self._warn(f"INT8 dropped: {reason}")
         (self.staging / INT8_FILE).unlink(missing_ok=True)
         return None, record
+
+    def _neo_onnx(self, scored: ScoredImages) -> tuple[ModelFile | None, dict[str, Any]]:
+        """model.neo.onnx for SageMaker Neo, checked against the FP32 model on validation images with ONNX Runtime."""
+        path = self.staging / NEO_ONNX_FILE
+        try:
+            details = export_neo_onnx(self.model, path, self.input_shape)
+        except ExportError as exc:
+            path.unlink(missing_ok=True)
+            self._warn(f"{NEO_ONNX_FILE} not written: {exc}")
+            return None, {"written": False, "reason": str(exc)}
+        paths = list(scored.paths[:NEO_PARITY_IMAGES])
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+        got = np.concatenate([session.run(None, {INPUT_NAME: preprocess(read_image(p), self.base.input)})[0]
+                              for p in paths])
+        want = scored.probabilities["fp32"][: len(paths)]
+        max_diff = float(np.abs(got.astype(np.float64) - want).max()) if paths else 0.0
+        differ = int((got.argmax(axis=1) != want.argmax(axis=1)).sum()) if paths else 0
+        record = {"written": True, "images": len(paths), "max_abs_diff_vs_fp32": max_diff,
+                  "mismatched_classes": differ, "tolerance": self.options.parity_tolerance, **details}
+        if max_diff > self.options.parity_tolerance or differ:
+            path.unlink(missing_ok=True)
+            self._warn(f"{NEO_ONNX_FILE} not written: it differs from model.onnx by {max_diff:.3g} on {len(paths)} "
+                       f"validation images ({differ} predicted classes differ)")
+            return None, {**record, "written": False, "reason": "parity with model.onnx failed"}
+        log.info("%s: IR %d opset %d, parity with model.onnx on %d images: max |Δprob| %.3g", NEO_ONNX_FILE,
+                 details["ir_version"], details["opset"], len(paths), max_diff)
+        entry = ModelFile(NEO_ONNX_FILE, format=NEO_ONNX_FORMAT, precision="fp32", runtime="sagemaker-neo",
+                          details={**details, "max_abs_diff_vs_fp32": max_diff, "parity_images": len(paths)})
+        return entry, record
 
     def _torchscript(self, parity: _TorchParity) -> tuple[ModelFile | None, dict[str, Any]]:
         import torch
@@ -509,7 +604,7 @@ def export_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, int,
     example = torch.zeros(2, *input_shape)
     before = set(path.parent.iterdir())
     try:
-        with _quiet_loggers(_EXPORTER_LOGGERS):
+        with quiet_loggers(EXPORTER_LOGGERS):
             torch.onnx.export(model, (example,), os.fspath(path), dynamo=True, external_data=False,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},), verbose=False)
@@ -536,8 +631,53 @@ def export_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, int,
             "batch_axis": batch_dim.dim_param}
 
 
+def export_neo_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, int, int],
+                    output_names: Sequence[str] = (OUTPUT_NAME,)) -> dict[str, Any]:
+    """The ONNX file SageMaker Neo accepts: IR 7, opset 12, a fixed 1xCxHxW input (Neo compiles one shape).
+
+    output_names: the graph's outputs (a classifier's probabilities; an anomaly graph's score and map).
+
+    torch's dynamo exporter emits opset 18 and up only, so this uses the TorchScript-based
+    exporter, which writes opset 12 and IR 7 natively (measured: efficientnet_lite0 and
+    mobilenet_v3 export in 2-5 s and match eager PyTorch within 3e-7). It is deprecated in
+    torch 2.9+ and warns on every call; when it goes, onnx.version_converter from the opset-18
+    file is the fallback to try. The result is checked (onnx.checker, full) and its IR and opset
+    verified, since Neo rejects newer ones rather than down-converting.
+    """
+    import onnx
+    import torch
+
+    example = torch.zeros(1, *input_shape)
+    try:
+        with warnings.catch_warnings(), quiet_loggers(EXPORTER_LOGGERS):
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            torch.onnx.export(model, (example,), os.fspath(path), dynamo=False, opset_version=NEO_ONNX_OPSET,
+                              input_names=[INPUT_NAME], output_names=list(output_names), do_constant_folding=True)
+    except Exception as exc:  # the exporter raises many unrelated types
+        raise ExportError(f"torch.onnx.export (TorchScript exporter, opset {NEO_ONNX_OPSET}) failed: {exc}") from exc
+    proto = onnx.load(os.fspath(path))
+    if proto.ir_version > NEO_ONNX_IR:
+        proto.ir_version = NEO_ONNX_IR
+        onnx.save(proto, os.fspath(path))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejects the opset-{NEO_ONNX_OPSET} model: {exc}") from exc
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset > NEO_ONNX_OPSET:
+        raise ExportError(f"the exporter wrote opset {opset}; Neo accepts up to {NEO_ONNX_OPSET}")
+    shape = [1, *input_shape]
+    return {"ir_version": int(proto.ir_version), "opset": int(opset), "onnx_version": "1.7",
+            "input_name": INPUT_NAME, "output_name": output_names[0], "outputs": list(output_names),
+            "input_shape": shape,
+            "data_input_config": {INPUT_NAME: shape}, "framework": "ONNX",
+            "exporter": f"torch.onnx TorchScript-based (torch {torch.__version__.split('+')[0]})"}
+
+
 @contextmanager
-def _quiet_loggers(names: Sequence[str]) -> Iterator[None]:
+def quiet_loggers(names: Sequence[str]) -> Iterator[None]:
     """Raise the given loggers to WARNING for a while: the exporter's optimiser logs every pass at INFO."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
@@ -616,7 +756,7 @@ def _write_config(path: Path, config: Mapping[str, Any]) -> None:
                                sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _check_output_dir(output_dir: Path) -> None:
+def check_output_dir(output_dir: Path) -> None:
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
@@ -625,9 +765,9 @@ def _check_output_dir(output_dir: Path) -> None:
         raise ExportError(f"{output_dir}: not empty and not a qcsight bundle; refusing to replace it")
 
 
-def _move_into_place(staging: Path, output_dir: Path) -> None:
+def move_into_place(staging: Path, output_dir: Path) -> None:
     """Rename the finished staging directory to output_dir, replacing an empty dir or an earlier bundle."""
-    _check_output_dir(output_dir)
+    check_output_dir(output_dir)
     old: Path | None = None
     if output_dir.exists():
         if any(output_dir.iterdir()):

@@ -190,13 +190,54 @@ def review_band(is_defect: np.ndarray, defect_score: np.ndarray, threshold: floa
     return float(min(threshold, max(floor, above_next)))
 
 
-def rates_at_threshold(is_defect: np.ndarray, defect_score: np.ndarray, threshold: float) -> dict[str, float | None]:
-    """Defect recall and good-part false-reject rate when calling score >= threshold a defect."""
+def rates_at_threshold(is_defect: np.ndarray, defect_score: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Defect recall and good-part false-reject rate when calling score >= threshold a defect.
+
+    Each rate comes with its 95 % Wilson interval and the count it rests on: a recall measured
+    on six defects is a guess, and the interval says how wide.
+    """
     labels, scores = _binary_inputs(is_defect, defect_score)
     called = scores >= threshold
-    recall = float(np.mean(called[labels])) if labels.any() else None
-    false_reject = float(np.mean(called[~labels])) if (~labels).any() else None
-    return {"threshold": float(threshold), "defect_recall": recall, "false_reject_rate": false_reject}
+    defects, goods = int(labels.sum()), int((~labels).sum())
+    caught, rejected = int(called[labels].sum()), int(called[~labels].sum())
+    return {"threshold": float(threshold),
+            "defect_recall": caught / defects if defects else None,
+            "defect_recall_ci95": wilson_interval(caught, defects), "defect_images": defects,
+            "false_reject_rate": rejected / goods if goods else None,
+            "false_reject_rate_ci95": wilson_interval(rejected, goods), "good_images": goods}
+
+
+# Below this many validation defects the threshold's recall is reported with a warning: with 50
+# defects all caught, the 95 % Wilson interval on recall is [0.929, 1]; with 6 it is [0.61, 1].
+MIN_THRESHOLD_DEFECTS = 50
+_Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, trials: int, z: float = _Z95) -> list[float] | None:
+    """The Wilson score interval [low, high] for a proportion (95 % by default); None for no trials.
+
+    Wilson rather than the normal approximation: it stays inside [0, 1] and is honest at 0 or n
+    successes, which is exactly where a recall target of 0.99 puts us.
+    """
+    if trials <= 0:
+        return None
+    p = successes / trials
+    denominator = 1.0 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def threshold_warning(defects: int, recall: float | None, interval: list[float] | None,
+                      target: float) -> str | None:
+    """A warning when the operating threshold rests on fewer than MIN_THRESHOLD_DEFECTS defects."""
+    if defects >= MIN_THRESHOLD_DEFECTS:
+        return None
+    shown = "n/a" if recall is None or interval is None else f"{recall:.3f} (95 % interval {interval[0]:.3f}-" \
+                                                             f"{interval[1]:.3f})"
+    return (f"the defect threshold for recall {target} rests on {defects} validation defects (fewer than "
+            f"{MIN_THRESHOLD_DEFECTS}): its recall there is {shown}, so the recall on new parts may be much lower. "
+            "Add defect images to validation, or choose it from out-of-fold scores (--threshold-source oof)")
 
 
 def json_safe(value: Any) -> Any:

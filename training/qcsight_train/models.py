@@ -99,14 +99,18 @@ def architecture(name: str) -> Architecture:
         raise ConfigError("arch", name, f"one of {', '.join(ARCHITECTURES)}") from None
 
 
-def preprocess_spec(arch: str, img_size: int, resize: str = "stretch") -> PreprocessSpec:
-    """The bundle's input spec: RGB at img_size with the normalisation the pretrained weights expect.
+def preprocess_spec(arch: str, img_size: int | tuple[int, int], resize: str = "stretch") -> PreprocessSpec:
+    """The bundle's input spec: RGB at img_size (side or (height, width)) with the weights' normalisation.
 
     Colour stays RGB even for grey data: pretrained backbones expect three channels, and
-    qcsight_core.preprocess replicates a grey image into them.
+    qcsight_core.preprocess replicates a grey image into them. Letterbox pads with the mean
+    grey, which normalises to zero: a black border would look like a dark defect.
     """
     spec = architecture(arch)
-    return PreprocessSpec(height=img_size, width=img_size, color="RGB", resize=resize, mean=spec.mean, std=spec.std)
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    pad = round(255 * sum(spec.mean) / len(spec.mean))
+    return PreprocessSpec(height=height, width=width, color="RGB", resize=resize, mean=spec.mean, std=spec.std,
+                          pad_value=pad)
 
 
 def _get(module: nn.Module, dotted: str) -> nn.Module:

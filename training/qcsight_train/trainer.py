@@ -162,7 +162,10 @@ def _build(cfg: TrainConfig, splits: Splits, info: DistInfo) -> _Loop:
     model.to(device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last)
-    spec = preprocess_spec(cfg.arch, cfg.img_size, cfg.resize)
+    size = cfg.input_size
+    if size is None:
+        raise TrainError("img_size auto must be resolved from the data before training (qcsight_train.run does)")
+    spec = preprocess_spec(cfg.arch, size, cfg.resize)
     train_set = ImageDataset(splits.train, splits.classes, spec, AlbumentationsAugment(cfg.augment), cfg.seed)
     val_set = ImageDataset(splits.val, splits.classes, spec)
     weights = class_weights(train_set.labels, num_classes, cfg.balance_power)
@@ -198,7 +201,8 @@ def identity(cfg: TrainConfig, splits: Splits, info: DistInfo) -> dict[str, Any]
             "weights": cfg.weights, "lr": cfg.lr, "backbone_lr_scale": cfg.backbone_lr_scale,
             "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs, "min_lr_ratio": cfg.min_lr_ratio,
             "label_smoothing": cfg.label_smoothing, "balance_power": cfg.balance_power, "seed": cfg.seed,
-            "augment": dataclasses.asdict(cfg.augment)}
+            "augment": dataclasses.asdict(cfg.augment), "train_images": len(splits.train),
+            "resize": cfg.resize}
 
 
 def _resume(loop: _Loop, directory: Path, ident: dict[str, Any]) -> tuple[int, list[dict[str, Any]], float, int]:
@@ -222,10 +226,17 @@ def _resume(loop: _Loop, directory: Path, ident: dict[str, Any]) -> tuple[int, l
     return done, list(payload["history"]), float(payload["best_macro_f1"]), int(payload["best_epoch"])
 
 
-def fit(cfg: TrainConfig, splits: Splits, info: DistInfo, checkpoint_dir: Path) -> TrainResult:
+def fit(cfg: TrainConfig, splits: Splits, info: DistInfo, checkpoint_dir: Path, *, log_as: str = "epoch"
+        ) -> TrainResult:
     """Train for cfg.epochs (continuing a checkpointed run), checkpointing after every epoch.
 
-    Only rank 0 writes; every rank reads the checkpoint when resuming.
+    Only rank 0 writes; every rank reads the checkpoint when resuming. The kept weights
+    (best.pt) are the best validation macro-F1's (select best) or the last epoch's (select last).
+
+    Args:
+        log_as: "epoch" logs the epoch line the SageMaker metric definitions read; "refit" or
+            "fold" log `refit=3/8 ...` lines instead, which those definitions do not match (their
+            validation figures are on images the model trains on, or on a fold).
     """
     loop = _build(cfg, splits, info)
     ident = identity(cfg, splits, info)
@@ -254,8 +265,9 @@ def fit(cfg: TrainConfig, splits: Splits, info: DistInfo, checkpoint_dir: Path) 
         lr = _head_lr(loop.optimizer)
         history.append(_record(epoch + 1, phase, stats, result, lr))
         if info.is_main:
-            epoch_log.info(epoch_line(epoch + 1, cfg.epochs, stats, result, lr))
-        if result.macro_f1 > best_f1:
+            line = epoch_line(epoch + 1, cfg.epochs, stats, result, lr)
+            epoch_log.info(line if log_as == "epoch" else line.replace("epoch=", f"{log_as}=", 1))
+        if cfg.select == "last" or result.macro_f1 > best_f1:
             best_f1, best_epoch = result.macro_f1, epoch + 1
             if info.is_main:
                 checkpoint.save_atomic({"format": checkpoint.FORMAT, "model": _cpu_state(loop.model),

@@ -3,7 +3,7 @@
 DIR/<good> is required (found by name as for classifiers, or --good-classes); every other
 class folder holds defects, which are never fitted: they go to validation (threshold by
 defect recall, the INT8 gate) and test (evaluation). The split is the classifiers' own
-(qcsight_core.dataset.split_index: by near-duplicate group, stratified by class, seeded);
+(qcsight_data.dataset.split_index: by near-duplicate group, stratified by class, seeded);
 then every group holding a defect that split_index put into train moves, whole, to
 validation or test (seeded per group, in the val:test proportion), so a near-duplicate of an
 evaluated image is never in the bank, and a defect image is never fitted.
@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qcsight_core.dataset import MASKS_DIR, DatasetIndex, Sample, fingerprint, load_index, split_index
 from qcsight_core.errors import ConfigError, DataError
 from qcsight_core.imageio import is_image_path
+from qcsight_data.dataset import MASKS_DIR, DatasetIndex, Sample, fingerprint, load_index, split_index
 from qcsight_train.config import GOOD_NAMES, TrainConfig
 from qcsight_train.data import resolve_source
 
@@ -40,7 +40,7 @@ class AnomalySplits:
         test: good and defect images for the evaluation; may be empty.
         good_classes: the class names that are good.
         defect_classes: the class names that are defects (may be empty: good images only).
-        fingerprint: sha256 of the dataset (qcsight_core.dataset.fingerprint).
+        fingerprint: sha256 of the dataset (qcsight_data.dataset.fingerprint).
         source: where the data came from.
         unused_defects: defect images a preset split put into train: not fitted, not evaluated.
     """

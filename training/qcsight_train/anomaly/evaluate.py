@@ -23,12 +23,12 @@ import numpy as np
 
 from qcsight_core import anomaly
 from qcsight_core.bundle import Bundle
-from qcsight_core.dataset import DatasetIndex
 from qcsight_core.errors import ImageError, PreprocessError
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import preprocess_batch
 from qcsight_core.runner import OnnxRunner, RunnerOptions
 from qcsight_core.verdict import Decider
+from qcsight_data.dataset import DatasetIndex
 from qcsight_train.anomaly.metrics import MAX_FPR, image_figures, pro_auc, roc_auc
 from qcsight_train.errors import EvaluationError
 from qcsight_train.evaluate import Unreadable, decode_batches

@@ -43,7 +43,8 @@ from qcsight_core import anomaly
 from qcsight_core.bundle import Bundle, DecisionPolicy, Manifest, ModelFile, load_bundle, pack_bundle, write_bundle
 from qcsight_core.drift import histogram, input_statistics
 from qcsight_core.errors import ConfigError, PreprocessError
-from qcsight_core.preprocess import PreprocessSpec, prepare_pixels, preprocess_batch
+from qcsight_core.imageio import read_image
+from qcsight_core.preprocess import PreprocessSpec, prepare_pixels, preprocess, preprocess_batch
 from qcsight_core.runner import OnnxRunner, RunnerOptions
 from qcsight_train.anomaly.features import PatchEmbedding
 from qcsight_train.anomaly.metrics import roc_auc
@@ -52,16 +53,20 @@ from qcsight_train.anomaly.threshold import RULES, AnomalyThreshold, choose_thre
 from qcsight_train.errors import ExportError, ParityError
 from qcsight_train.evaluate import Unreadable, decode_batches
 from qcsight_train.export import (
-    _EXPORTER_LOGGERS,
     BRIGHTNESS_EDGES,
     CONFIG_FILE,
+    EXPORTER_LOGGERS,
     INPUT_NAME,
     INT8_FILE,
+    NEO_ONNX_FILE,
+    NEO_ONNX_FORMAT,
+    NEO_PARITY_IMAGES,
     ONNX_FILE,
     TARBALL_NAME,
-    _check_output_dir,
-    _move_into_place,
-    _quiet_loggers,
+    check_output_dir,
+    export_neo_onnx,
+    move_into_place,
+    quiet_loggers,
 )
 from qcsight_train.metrics import json_safe
 
@@ -143,14 +148,15 @@ class BankPlan:
     reason: str = ""
 
 
-def plan_bank(trunk_bytes: int, bank_size: int, dim: int, max_bytes: int, *, int8: bool) -> BankPlan:
+def plan_bank(trunk_bytes: int, bank_size: int, dim: int, max_bytes: int, *, int8: bool,
+              neo: bool = False) -> BankPlan:
     """Full float32 bank when it fits; else float16; else the greedy prefix that fits in float16.
 
-    The estimate counts the backbone once in float32 and, with INT8, once more at a quarter,
-    and the bank once per graph.
+    The estimate counts the backbone once in float32, with INT8 once more at a quarter, with the
+    Neo ONNX (model.neo.onnx, a second float32 graph) once more in full, and the bank once per graph.
     """
-    graphs = 2 if int8 else 1
-    fixed = trunk_bytes + (trunk_bytes // 4 if int8 else 0) + _OVERHEAD_BYTES
+    graphs = 1 + int8 + neo
+    fixed = trunk_bytes + (trunk_bytes // 4 if int8 else 0) + (trunk_bytes if neo else 0) + _OVERHEAD_BYTES
 
     def size_of(rows: int, width: int) -> int:
         return fixed + graphs * rows * dim * width
@@ -201,6 +207,7 @@ def export_anomaly_bundle(
     validation: Sequence[tuple[str, bool]],
     calibration_paths: Sequence[str],
     int8: bool = True,
+    neo_onnx: bool = False,
     describe: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     options: AnomalyExportOptions | None = None,
@@ -216,6 +223,8 @@ def export_anomaly_bundle(
         validation: held-out (path, is_defect): parity, threshold, INT8 gate, drift reference.
         calibration_paths: images for INT8 calibration (good training images).
         int8: try INT8 (kept only when it passes its gate).
+        neo_onnx: also write model.neo.onnx (IR 7, opset 12, batch 1: what SageMaker Neo compiles), kept only
+            when ONNX Runtime gives model.onnx's scores and maps on validation images; counted in the size bound.
         describe: the method's settings, recorded as the manifest's extra.anomaly.
         config: the resolved training configuration, written as config.json.
         options: gates and knobs.
@@ -228,14 +237,14 @@ def export_anomaly_bundle(
     output_dir = Path(output_dir)
     if not any(not defect for _, defect in validation):
         raise ExportError("validation holds no good image: the threshold is chosen on held-out good images")
-    _check_output_dir(output_dir)
+    check_output_dir(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would follow the rename and lock out the device's service user
         with tempfile.TemporaryDirectory(prefix="qcsight-export-") as scratch:
             job = _AnomalyExport(embedding, fit, staging, Path(scratch), spec, options)
-            manifest = job.run(validation, calibration_paths, int8=int8, base=Manifest(
+            manifest = job.run(validation, calibration_paths, int8=int8, neo_onnx=neo_onnx, base=Manifest(
                 name=name, version=version, architecture=architecture, classes=(GOOD, ANOMALY),
                 defect_classes=(ANOMALY,), input=spec, task="anomaly", output=anomaly.OUTPUT_KIND,
                 models=(ModelFile(ONNX_FILE),), data_fingerprint=data_fingerprint, run_id=run_id,
@@ -247,7 +256,7 @@ def export_anomaly_bundle(
         total = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
         if total > options.max_bundle_mb * _MB:
             raise ExportError(f"the bundle is {total / _MB:.1f} MiB, over the bound of {options.max_bundle_mb:g} MiB")
-        _move_into_place(staging, output_dir)
+        move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -277,11 +286,11 @@ class _AnomalyExport:
         self.warnings.append(message)
 
     def run(self, validation: Sequence[tuple[str, bool]], calibration_paths: Sequence[str], *, int8: bool,
-            base: Manifest) -> Manifest:
+            base: Manifest, neo_onnx: bool = False) -> Manifest:
         trunk_bytes = sum(p.numel() * p.element_size() for p in self.embedding.parameters())
         trunk_bytes += sum(b.numel() * b.element_size() for b in self.embedding.buffers())
         fitted, dim = int(self.fit.bank.shape[0]), int(self.fit.bank.shape[1])
-        plan = plan_bank(trunk_bytes, fitted, dim, int(self.options.max_bundle_mb * _MB), int8=int8)
+        plan = plan_bank(trunk_bytes, fitted, dim, int(self.options.max_bundle_mb * _MB), int8=int8, neo=neo_onnx)
         if plan.reason:
             self._warn(plan.reason)
         model = build_model(self.embedding, self.fit, plan.size, float16_bank=plan.dtype == "float16")
@@ -297,18 +306,26 @@ class _AnomalyExport:
                 entries.append(int8_entry)
         scored = self._score(validation, replace(base, models=tuple(entries)), model)
         parity = self._parity(scored)
+        neo_record: dict[str, Any] = {"written": False, "reason": "not requested"}
+        if neo_onnx:
+            neo_entry, neo_record = self._neo_onnx(model, scored, float16_bank=plan.dtype == "float16")
+            if neo_entry is not None:
+                entries.append(neo_entry)
         is_defect = np.array([label == ANOMALY for label in scored.labels])
         fp32_raw = scored.raw("fp32")
         threshold = self._threshold(fp32_raw, is_defect)
         fp32_auroc = roc_auc(is_defect, fp32_raw)
         entries[0] = replace(entries[0], details={**entries[0].details, anomaly.SCORE_SCALE_KEY: threshold.raw})
-        if len(entries) > 1:
+        int8_at = next((i for i, e in enumerate(entries) if e.precision == "int8"), None)
+        if int8_at is not None:
             kept, int8_record = self._int8_verdict(scored, is_defect, fp32_auroc, int8_record)
             if kept is None:
-                entries.pop()
+                entries.pop(int8_at)
                 (self.staging / INT8_FILE).unlink(missing_ok=True)
             else:
-                entries[1] = replace(entries[1], details={**entries[1].details, **kept})
+                entries[int8_at] = replace(entries[int8_at], details={**entries[int8_at].details, **kept})
+        entries = [replace(e, details={**e.details, anomaly.SCORE_SCALE_KEY: threshold.raw})
+                   if e.format == NEO_ONNX_FORMAT else e for e in entries]
         good = ~is_defect
         normalised = fp32_raw / threshold.raw
         bank = {"fitted": fitted, "size": plan.size, "dim": dim, "dtype": plan.dtype,
@@ -321,7 +338,8 @@ class _AnomalyExport:
             "validation": {"images": len(scored.paths), "good_images": int(good.sum()),
                            "defect_images": int(is_defect.sum()), "image_auroc": fp32_auroc,
                            "unreadable": len(scored.unreadable)},
-            "parity": parity, "threshold": threshold.record, "int8": int8_record, "bank": bank, "size": sizes,
+            "parity": parity, "threshold": threshold.record, "int8": int8_record, "neo_onnx": neo_record,
+            "bank": bank, "size": sizes,
             "warnings": self.warnings,
         }
         reference = {
@@ -340,6 +358,52 @@ class _AnomalyExport:
         return replace(base, decision=policy, models=tuple(entries), metrics=json_safe(metrics),
                        reference=reference, extra=json_safe(extra),
                        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def _neo_onnx(self, model: MemoryBankModel, scored: _Scored, *,
+                  float16_bank: bool) -> tuple[ModelFile | None, dict[str, Any]]:
+        """model.neo.onnx (IR 7, opset 12, batch 1) for SageMaker Neo, checked against model.onnx with ONNX Runtime.
+
+        The same backbone and bank as model.onnx (the bank stored as model.onnx stores it), raw
+        score and map out: the manifest's score_scale divides them as it does model.onnx's.
+        """
+        import onnxruntime as ort
+
+        path = self.staging / NEO_ONNX_FILE
+        shape = (self.spec.channels, self.spec.height, self.spec.width)
+        try:
+            details = export_neo_onnx(model, path, shape, (anomaly.SCORE_OUTPUT, anomaly.MAP_OUTPUT))
+            if float16_bank:
+                store_bank_float16(path, model)
+        except ExportError as exc:
+            path.unlink(missing_ok=True)
+            self._warn(f"{NEO_ONNX_FILE} not written: {exc}")
+            return None, {"written": False, "reason": str(exc)}
+        paths = list(scored.paths[:NEO_PARITY_IMAGES])
+        session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+        got = [session.run(None, {INPUT_NAME: preprocess(read_image(p), self.spec)}) for p in paths]
+        got_scores = np.array([float(np.ravel(score)[0]) for score, _ in got])
+        want_scores = scored.raw("fp32")[: len(paths)]
+        scale = max(float(np.abs(want_scores).max()), 1e-12) if paths else 1.0
+        score_diff = float(np.abs(got_scores - want_scores).max()) if paths else 0.0
+        map_diff = 0.0
+        if scored.onnx_maps and paths:
+            want_maps = np.concatenate(scored.onnx_maps)[: len(paths)]
+            got_maps = np.concatenate([np.asarray(m, dtype=np.float64).reshape(1, *want_maps.shape[1:])
+                                       for _, m in got])[: want_maps.shape[0]]
+            map_diff = float(np.abs(got_maps - want_maps[: got_maps.shape[0]]).max())
+        tolerance = self.options.parity_tolerance
+        record = {"written": True, "images": len(paths), "max_abs_score_diff_vs_fp32": score_diff,
+                  "max_abs_map_diff_vs_fp32": map_diff, "relative_to": scale, "tolerance": tolerance, **details}
+        if max(score_diff, map_diff) > tolerance * scale:
+            path.unlink(missing_ok=True)
+            self._warn(f"{NEO_ONNX_FILE} not written: it differs from model.onnx by {max(score_diff, map_diff):.3g} "
+                       f"(> {tolerance:g} x {scale:.3g}) on {len(paths)} validation images")
+            return None, {**record, "written": False, "reason": "parity with model.onnx failed"}
+        log.info("%s: IR %d opset %d, parity with model.onnx on %d images: max |Δscore| %.3g, max |Δmap| %.3g",
+                 NEO_ONNX_FILE, details["ir_version"], details["opset"], len(paths), score_diff, map_diff)
+        entry = ModelFile(NEO_ONNX_FILE, format=NEO_ONNX_FORMAT, precision="fp32", runtime="sagemaker-neo",
+                          details={**details, "max_abs_score_diff_vs_fp32": score_diff, "parity_images": len(paths)})
+        return entry, record
 
     def _quantize(self, calibration_paths: Sequence[str]) -> tuple[ModelFile | None, dict[str, Any]]:
         if not calibration_paths:
@@ -511,7 +575,7 @@ def export_graph(model: MemoryBankModel, path: Path, input_shape: tuple[int, int
 
     example = torch.zeros(2, *input_shape)
     try:
-        with _quiet_loggers(_EXPORTER_LOGGERS):
+        with quiet_loggers(EXPORTER_LOGGERS):
             torch.onnx.export(model, (example,), os.fspath(path), dynamo=True, external_data=False,
                               input_names=[INPUT_NAME], output_names=[anomaly.SCORE_OUTPUT, anomaly.MAP_OUTPUT],
                               opset_version=opset, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),

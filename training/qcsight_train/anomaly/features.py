@@ -205,6 +205,12 @@ def create_embedding(name: str, weights: str, feature_dim: int, seed: int) -> Pa
 
 
 def preprocess_spec(name: str, height: int, width: int, resize: str = "stretch") -> PreprocessSpec:
-    """The bundle's input spec for a backbone: RGB with the normalisation its weights expect."""
+    """The bundle's input spec for a backbone: RGB with the normalisation its weights expect.
+
+    Letterbox pads with the mean grey, as the classifiers' spec does (it normalises to zero): a
+    black border is an edge the backbone answers strongly to, beside every padded part.
+    """
     spec = backbone(name)
-    return PreprocessSpec(height=height, width=width, color="RGB", resize=resize, mean=spec.mean, std=spec.std)
+    pad = round(255 * sum(spec.mean) / len(spec.mean))
+    return PreprocessSpec(height=height, width=width, color="RGB", resize=resize, mean=spec.mean, std=spec.std,
+                          pad_value=pad)

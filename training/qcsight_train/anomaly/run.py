@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
+from qcsight_core.bundle import load_bundle
 from qcsight_core.errors import ConfigError
+from qcsight_train import tracking
 from qcsight_train.anomaly import features
 from qcsight_train.anomaly.coreset import OVERSAMPLE, SELECTION_DIM
 from qcsight_train.anomaly.data import AnomalySplits, dataset_root, load_anomaly_data, mask_path
@@ -26,7 +28,17 @@ from qcsight_train.anomaly.evaluate import LabelledImage, evaluate_anomaly_bundl
 from qcsight_train.anomaly.export import AnomalyExportOptions, export_anomaly_bundle
 from qcsight_train.anomaly.model import fit_bank
 from qcsight_train.config import TrainConfig
-from qcsight_train.run import EVALUATION_DIR, RunPaths, _export, calibration_paths, run_id_for
+from qcsight_train.run import (
+    EVALUATION_DIR,
+    RunPaths,
+    calibration_paths,
+    export_into_place,
+    input_size,
+    resolve_input_size,
+    run_id_for,
+    start_tracking,
+    track_bundle,
+)
 from qcsight_train.sm_env import SageMakerEnv
 
 log = logging.getLogger(__name__)
@@ -47,8 +59,25 @@ def run(cfg: TrainConfig, sm: SageMakerEnv) -> dict[str, Any]:
     run_id = run_id_for(cfg, paths.checkpoints)
     splits = load_anomaly_data(cfg, paths.cache)
     _log_splits(splits)
+    cfg, sizing = resolve_input_size(cfg, splits.train, features.preprocess_spec(cfg.arch, 224, 224, cfg.resize))
+    for note in cfg.adapted:
+        log.info("adapted default: %s", note)
     cfg.save(paths.reports / "config.yaml")
-    spec = features.preprocess_spec(cfg.arch, cfg.img_size, cfg.img_size, cfg.resize)
+    tracker = start_tracking(cfg, sm, paths, run_id, splits)
+    try:
+        summary = _fit_export_evaluate(cfg, splits, paths, run_id, sizing)
+        _track(tracker, cfg, summary, paths)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return summary
+
+
+def _fit_export_evaluate(cfg: TrainConfig, splits: AnomalySplits, paths: RunPaths, run_id: str,
+                         sizing: dict[str, Any]) -> dict[str, Any]:
+    height, width = input_size(cfg)
+    spec = features.preprocess_spec(cfg.arch, height, width, cfg.resize)
     embedding = features.create_embedding(cfg.arch, cfg.weights, cfg.feature_dim, cfg.seed)
     start = time.perf_counter()
     fit = fit_bank(embedding, [s.path for s in splits.train], spec, cfg.bank_size, seed=cfg.seed)
@@ -59,11 +88,13 @@ def run(cfg: TrainConfig, sm: SageMakerEnv) -> dict[str, Any]:
                                    target_recall=cfg.target_recall, review_fraction=cfg.review_fraction,
                                    pack=not paths.bundle_at_root)
     start = time.perf_counter()
-    bundle = _export(embedding, paths, export_anomaly_bundle, fit=fit, spec=spec, architecture=cfg.arch,
-                     name=cfg.name, version=cfg.version or run_id, run_id=run_id, data_fingerprint=splits.fingerprint,
-                     validation=[(s.path, splits.is_defect(s)) for s in splits.val],
-                     calibration_paths=calibration_paths(splits.train, cfg.calibration_images), int8=cfg.int8,
-                     describe=described, config=cfg.to_dict(), options=options)
+    bundle = export_into_place(
+        embedding, paths, export_anomaly_bundle, fit=fit, spec=spec, architecture=cfg.arch, name=cfg.name,
+        version=cfg.version or run_id, run_id=run_id, data_fingerprint=splits.fingerprint,
+        validation=[(s.path, splits.is_defect(s)) for s in splits.val],
+        calibration_paths=calibration_paths(splits.train, cfg.calibration_images), int8=cfg.int8,
+        neo_onnx=cfg.neo_onnx,
+        describe=described, config=cfg.to_dict(), options=options)
     export_seconds = time.perf_counter() - start
     held_out, split_name = (splits.test, "test") if splits.test else (splits.val, "val")
     root = dataset_root(cfg.data, paths.cache)
@@ -78,10 +109,11 @@ def run(cfg: TrainConfig, sm: SageMakerEnv) -> dict[str, Any]:
         "task": "anomaly", "run_id": run_id, "method": described,
         "train_seconds": train_seconds, "extract_seconds": fit.extract_seconds,
         "coreset_seconds": fit.coreset_seconds, "export_seconds": export_seconds,
-        "splits": splits.counts(), "train_images": fit.images,
+        "splits": splits.counts(), "train_images": fit.images, "input_size": sizing,
         "bank": bank, "bundle_mib": bundle_bytes / 2**20, "bundle_bound_mib": cfg.max_bundle_mb,
         "models": [m.file for m in manifest.models if m.format == "onnx"],
         "threshold": manifest.metrics["threshold"], "int8": manifest.metrics["int8"],
+        "neo_onnx": manifest.metrics.get("neo_onnx", {}),
         "evaluation": {"split": split_name, "images": metrics["images"], **metrics["image"],
                        "pixel_auroc": metrics["pixel"]["pixel_auroc"], "pro": metrics["pixel"]["pro"],
                        **{k: metrics["at_threshold"][k] for k in ("defect_recall", "precision", "f1",
@@ -92,6 +124,19 @@ def run(cfg: TrainConfig, sm: SageMakerEnv) -> dict[str, Any]:
     }
     _write_json(paths.reports / "summary.json", summary)
     return summary
+
+
+def _track(tracker: tracking.Tracker, cfg: TrainConfig, summary: dict[str, Any], paths: RunPaths) -> None:
+    """The anomaly run's figures, reports and bundle in MLflow, as a classifier run's are."""
+    if not tracker.active:
+        return
+    figures = summary["evaluation"]
+    split = figures["split"]
+    tracker.log_metrics({**{f"{split}_{k}": figures.get(k) for k in
+                            ("auroc", "pixel_auroc", "pro", "defect_recall", "f1", "false_reject_rate")},
+                         "train_seconds": summary["train_seconds"], "bank_size": summary["bank"].get("size"),
+                         "bundle_mib": summary["bundle_mib"]})
+    track_bundle(tracker, cfg, summary, load_bundle(summary["paths"]["bundle"]), paths, ("config.yaml",))
 
 
 def describe(cfg: TrainConfig, splits: AnomalySplits) -> dict[str, Any]:

@@ -159,9 +159,12 @@ def build_parser(prog: str = DEFAULT_PROG) -> argparse.ArgumentParser:
                            "jetson_xavier, rasp4b, x86_win64")
     comp.add_argument("--neo-platform", metavar="OS:ARCH[:ACCEL]",
                       help="compile for a platform instead, e.g. LINUX:ARM64:NVIDIA")
-    comp.add_argument("--model-s3", metavar="S3_URI", help="model.tar.gz holding the TorchScript model.pth")
+    comp.add_argument("--model-s3", metavar="S3_URI",
+                      help="model.tar.gz holding a TorchScript model.pth (PyTorch path); without it, --bundle's "
+                           "model.neo.onnx is compiled (ONNX 1.7: IR 7, opset 12), uploaded under --output-s3")
     comp.add_argument("--bundle", type=Path,
-                      help="the qcsight bundle (dir or .tar.gz) the model came from: input size, traced torch")
+                      help="the qcsight bundle (dir or .tar.gz): its ONNX for Neo, input size, traced torch; with "
+                           "--wait, the compiled model is added to a bundle directory (neo/<target>/)")
     comp.add_argument("--neo-framework-version", metavar="X.Y",
                       help="PyTorch version Neo loads the model with (default: the highest Neo accepts)")
     return parser
@@ -361,6 +364,8 @@ def _compilation_plan(args: argparse.Namespace) -> CompilationPlan:
         raise ConfigError("--tune", True, "not with --neo-target: compile a model after its tuning job picked it")
     target = neo.parse_device(args.neo_target) if args.neo_target else neo.parse_platform(args.neo_platform)
     role = _role(args.role)
+    if args.model_s3 is None and args.bundle is not None:
+        return _onnx_compilation_plan(args, target, role)
     if args.model_s3 is None:
         raise ConfigError("--model-s3", None, "required with --neo-target: the s3://.../model.tar.gz to compile")
     framework_version = neo.resolve_framework_version(target, args.neo_framework_version)
@@ -388,6 +393,27 @@ def _compilation_plan(args: argparse.Namespace) -> CompilationPlan:
         max_runtime_s=args.max_run or DEFAULT_COMPILE_MAX_RUN_S,
     )
     return CompilationPlan(aws=_aws(args, role, spec.max_runtime_s + 600), spec=spec)
+
+
+def _onnx_compilation_plan(args: argparse.Namespace, target: neo.NeoTarget, role: str) -> CompilationPlan:
+    """--bundle without --model-s3: compile the bundle's model.neo.onnx (policy and request in launch.neo)."""
+    neo.check_onnx_target(target)
+    if args.neo_framework_version is not None:
+        raise ConfigError("--neo-framework-version", args.neo_framework_version,
+                          "only with --model-s3 (PyTorch): Neo takes no framework version for ONNX")
+    if not args.bundle.exists():
+        raise ConfigError("--bundle", str(args.bundle), "an existing bundle directory or .tar.gz")
+    manifest = _bundle_manifest(args.bundle)
+    entry = neo.neo_onnx_entry(manifest, str(args.bundle))
+    output = _s3_folder("--output-s3", args.output_s3)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    job_name = neo.compilation_job_name(_base_name(args.job_name, "qcsight-neo"), target, stamp)
+    spec = neo.CompilationSpec(job_name=job_name, role_arn=role, model_s3=output.join(job_name, "model.tar.gz").uri,
+                               output_s3=output.uri, target=target, framework_version="",
+                               input_shape=neo.input_shape(manifest, None),
+                               max_runtime_s=args.max_run or DEFAULT_COMPILE_MAX_RUN_S, framework="ONNX")
+    return CompilationPlan(aws=_aws(args, role, spec.max_runtime_s + 600), spec=spec,
+                           onnx=neo.OnnxSource(args.bundle, entry))
 
 
 

@@ -1,4 +1,17 @@
-"""SageMaker Neo compilation requests for qcsight TorchScript models, and the PyTorch versions Neo accepts.
+"""SageMaker Neo compilation requests for qcsight models (the bundle's ONNX, or TorchScript) and Neo's version rules.
+
+ONNX (the default when a bundle is given): Neo's newest ONNX support is ONNX 1.7 for cloud
+instances and edge devices alike, i.e. IR version 7 and operator sets up to 12. The bundle's
+`model.neo.onnx` is exported for exactly that (qcsight_train.export.export_neo_onnx) and
+parity-checked against model.onnx with ONNX Runtime; it is packed alone as the model.tar.gz Neo
+compiles, with `Framework: ONNX`, no `FrameworkVersion` (the API takes it only for MXNet,
+PyTorch, TensorFlow and TFLite) and `DataInputConfig {"input": [1, C, H, W]}` keyed by the ONNX
+input's name (Neo's MXNet/ONNX rule). Sources (checked 2026-11): the Neo developer guide's
+"Supported Instance Types and Frameworks" (cloud: ONNX 1.7.0) and "Supported Frameworks" (edge:
+ONNX 1.7), and botocore's SageMaker service model (InputConfig.FrameworkVersion's documentation).
+Neo's compiled output can be carried in the bundle, one runtimes entry per target (attach_compiled).
+
+TorchScript (`--model-s3` given):
 
 Neo compiles a TorchScript model (``model.pth`` inside a ``model.tar.gz``) for one target. It
 loads that file with its own, old PyTorch: the version named in ``FrameworkVersion``. A
@@ -25,12 +38,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tarfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from qcsight_aws.s3 import S3Uri
-from qcsight_core.bundle import Manifest
+from qcsight_core.bundle import Manifest, ModelFile
 from qcsight_core.errors import ConfigError
 
 CLOUD_TARGETS = ("ml_c4", "ml_c5", "ml_m4", "ml_m5", "ml_p2", "ml_p3", "ml_g4dn")
@@ -164,6 +180,120 @@ def traced_torch_version(manifest: Manifest) -> str | None:
     return None
 
 
+# Targets whose Neo support does not include ONNX at all, whatever the file.
+ONNX_REFUSED: Mapping[str, str] = {
+    "ml_inf1": "Inferentia compiles with the Neuron SDK, which takes PyTorch, TensorFlow and MXNet, not ONNX",
+    "ml_inf2": "Inferentia2 compiles with the Neuron SDK, which takes PyTorch, TensorFlow and MXNet, not ONNX",
+    "ml_trn1": "Trainium compiles with the Neuron SDK, which takes PyTorch, TensorFlow and MXNet, not ONNX",
+}
+NEO_ONNX_FORMAT = "onnx-neo"
+NEO_ONNX_MAX_IR = 7
+NEO_ONNX_MAX_OPSET = 12
+COMPILED_FORMAT = "neo-compiled"
+
+
+def neo_onnx_entry(manifest: Manifest, source: str) -> ModelFile:
+    """The bundle's ONNX for Neo, checked against what Neo accepts (IR <= 7, opset <= 12).
+
+    Raises:
+        ConfigError: the bundle has none (exported before qcsight made one, or with --neo-onnx false),
+            or its IR/opset is newer than Neo's ONNX 1.7.
+    """
+    for entry in manifest.models:
+        if entry.format == NEO_ONNX_FORMAT:
+            ir, opset = int(entry.details.get("ir_version", 99)), int(entry.details.get("opset", 99))
+            if ir > NEO_ONNX_MAX_IR or opset > NEO_ONNX_MAX_OPSET:
+                raise ConfigError("--bundle", source, f"an ONNX model Neo can read: {entry.file} is IR {ir}, opset "
+                                  f"{opset}, and Neo's ONNX 1.7 reads IR <= {NEO_ONNX_MAX_IR}, opset <= "
+                                  f"{NEO_ONNX_MAX_OPSET}")
+            return entry
+    record = manifest.metrics.get("neo_onnx")
+    why = ""
+    if isinstance(record, Mapping) and record.get("reason"):
+        why = f"; this bundle's export recorded why it has none: {record['reason']}"
+    raise ConfigError("--bundle", source, "a bundle with model.neo.onnx (exported by qcsight train with --neo-onnx, "
+                      "the default): model.onnx is opset 18, newer than Neo's ONNX 1.7 (opset <= 12) accepts" + why)
+
+
+def check_onnx_target(target: NeoTarget) -> None:
+    reason = ONNX_REFUSED.get(target.device or "")
+    if reason:
+        raise ConfigError("--neo-target", target.device, f"a target that compiles ONNX: {reason}")
+
+
+def pack_neo_onnx(bundle_dir: Path, entry: ModelFile, tar_path: Path) -> Path:
+    """model.tar.gz for Neo: the one .onnx file at its root (Neo's ONNX format is "one model file")."""
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(bundle_dir / entry.file, arcname="model.onnx", recursive=False)
+    return tar_path
+
+
+def build_onnx_compilation_request(spec: CompilationSpec, input_name: str) -> dict[str, Any]:
+    """The CreateCompilationJob request for the bundle's Neo ONNX model (no FrameworkVersion: see the module doc)."""
+    return {
+        "CompilationJobName": spec.job_name,
+        "RoleArn": spec.role_arn,
+        "InputConfig": {
+            "S3Uri": spec.model_s3,
+            "DataInputConfig": json.dumps({input_name: list(spec.input_shape)}),
+            "Framework": "ONNX",
+        },
+        "OutputConfig": {"S3OutputLocation": spec.output_s3, **spec.target.to_output_config()},
+        "StoppingCondition": {"MaxRuntimeInSeconds": spec.max_runtime_s},
+    }
+
+
+@dataclass(frozen=True)
+class OnnxSource:
+    """The bundle whose model.neo.onnx is compiled (packed and uploaded to model_s3 by the launcher).
+
+    Attributes:
+        bundle: the bundle directory or .tar.gz.
+        entry: its Neo ONNX runtimes entry.
+    """
+
+    bundle: Path
+    entry: ModelFile
+
+    @property
+    def input_name(self) -> str:
+        return str(self.entry.details.get("input_name", "input"))
+
+
+def find_compiled(keys: list[tuple[str, float]], artefacts: str, target: NeoTarget) -> str | None:
+    """The compiled model's S3 key among (key, modified time) under the job's output location.
+
+    DescribeCompilationJob's ModelArtifacts.S3ModelArtifacts names the object; when it names only
+    the prefix, the newest .tar.gz there whose name carries the target is taken.
+    """
+    if artefacts.endswith(".tar.gz"):
+        return artefacts
+    label = target.label.replace(":", "_").lower()
+    found = sorted((t, k) for k, t in keys if k.endswith(".tar.gz") and label in k.lower())
+    return found[-1][1] if found else None
+
+
+def attach_compiled(bundle_dir: Path, target: NeoTarget, artefact: Path, job_name: str) -> Manifest:
+    """Carry Neo's compiled output in the bundle: neo/<target>/<file>, one runtimes entry per target, re-hashed.
+
+    A second compilation for the same target replaces the first.
+    """
+    from qcsight_core.bundle import read_manifest, write_bundle
+
+    manifest = read_manifest(bundle_dir)
+    folder = Path("neo") / target.label.replace(":", "_").lower()
+    (bundle_dir / folder).mkdir(parents=True, exist_ok=True)
+    for old in (bundle_dir / folder).iterdir():
+        old.unlink()
+    shutil.copyfile(artefact, bundle_dir / folder / artefact.name)
+    entry = ModelFile((folder / artefact.name).as_posix(), format=COMPILED_FORMAT, precision="fp32", runtime="dlr",
+                      details={"target": target.label, "compilation_job": job_name, "source": "model.neo.onnx"})
+    kept = tuple(m for m in manifest.models
+                 if not (m.format == COMPILED_FORMAT and m.details.get("target") == target.label))
+    return write_bundle(bundle_dir, replace(manifest, models=(*kept, entry))).manifest
+
+
 def input_shape(manifest: Manifest | None, img_size: int | None) -> tuple[int, int, int, int]:
     """NCHW shape of the model input: from the bundle's preprocessing spec, else a square RGB img_size."""
     if manifest is not None:
@@ -185,15 +315,16 @@ class CompilationSpec:
     framework_version: str
     input_shape: tuple[int, int, int, int]
     max_runtime_s: int = 900
+    framework: str = "PYTORCH"
 
     def __post_init__(self) -> None:
         if not _JOB_NAME.fullmatch(self.job_name):
             raise ConfigError("--job-name", self.job_name, "1-63 letters, digits and hyphens, starting alphanumeric")
-        tarball = "an s3://bucket/key.tar.gz holding the TorchScript model (model.pth) Neo compiles"
+        tarball = "an s3://bucket/key.tar.gz holding the model (model.onnx or TorchScript model.pth) Neo compiles"
         if not S3Uri.parse(self.model_s3, "--model-s3", allowed=tarball).key.endswith(".tar.gz"):
             raise ConfigError("--model-s3", self.model_s3, tarball)
         S3Uri.parse(self.output_s3, "--output-s3", allowed="an s3://bucket/prefix for the compiled model")
-        if self.framework_version not in accepted_pytorch_versions(self.target):
+        if self.framework == "PYTORCH" and self.framework_version not in accepted_pytorch_versions(self.target):
             raise ConfigError("--neo-framework-version", self.framework_version,
                               f"one of {', '.join(accepted_pytorch_versions(self.target))}")
         if self.max_runtime_s < 1:

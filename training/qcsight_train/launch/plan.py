@@ -112,3 +112,4 @@ class TrainingPlan:
 class CompilationPlan:
     aws: AwsSpec
     spec: neo.CompilationSpec
+    onnx: neo.OnnxSource | None = None  # the bundle's model.neo.onnx, packed and uploaded to spec.model_s3

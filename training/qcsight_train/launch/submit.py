@@ -11,8 +11,9 @@ from typing import Any
 
 from qcsight_aws import jobs
 from qcsight_aws.errors import aws_errors
-from qcsight_aws.s3 import upload_file
+from qcsight_aws.s3 import S3Uri, download_file, upload_file
 from qcsight_aws.session import boto_session
+from qcsight_core.bundle import load_bundle
 from qcsight_train.launch import neo
 from qcsight_train.launch.job_requests import (
     source_location,
@@ -78,14 +79,21 @@ def submit_training(plan: TrainingPlan, now: datetime | None = None) -> dict[str
 
 
 def submit_compilation(plan: CompilationPlan) -> dict[str, Any]:
-    """Create the Neo compilation job; in a dry run return the request instead."""
+    """Create the Neo compilation job (uploading the bundle's Neo ONNX first); in a dry run return the request."""
     aws, spec = plan.aws, plan.spec
-    request = neo.build_compilation_request(spec)
-    log.warning("Neo loads the model with PyTorch %s: model.pth in %s must be traced with torch <= %s "
-                "(qcsight trains with torch 2.14)", spec.framework_version, spec.model_s3, spec.framework_version)
+    if plan.onnx is not None:
+        request = neo.build_onnx_compilation_request(spec, plan.onnx.input_name)
+    else:
+        request = neo.build_compilation_request(spec)
+        log.warning("Neo loads the model with PyTorch %s: model.pth in %s must be traced with torch <= %s "
+                    "(qcsight trains with torch 2.14)", spec.framework_version, spec.model_s3, spec.framework_version)
     if aws.dry_run:
-        return {"dry_run": True, "operation": "CreateCompilationJob", "request": request}
-    client = boto_session(aws.region, need_credentials=True, hint=_NO_CREDENTIALS_HINT).client("sagemaker")
+        uploads = [{"what": "model", "s3": spec.model_s3, "file": plan.onnx.entry.file}] if plan.onnx else []
+        return {"dry_run": True, "operation": "CreateCompilationJob", "request": request, "uploads": uploads}
+    session = boto_session(aws.region, need_credentials=True, hint=_NO_CREDENTIALS_HINT)
+    if plan.onnx is not None:
+        _upload_neo_onnx(session, plan.onnx, spec.model_s3)
+    client = session.client("sagemaker")
     with aws_errors("CreateCompilationJob"):
         arn = client.create_compilation_job(**request)["CompilationJobArn"]
     log.info("CreateCompilationJob: created %s", spec.job_name)
@@ -93,7 +101,39 @@ def submit_compilation(plan: CompilationPlan) -> dict[str, Any]:
               "output_s3": spec.output_s3, "console": console_url(aws.region, "compilation-jobs", spec.job_name)}
     describe = _describer(client.describe_compilation_job, CompilationJobName=spec.job_name)
     result["status"] = _final_status(describe, jobs.COMPILATION, aws) if aws.wait else "created"
+    if plan.onnx is not None and result["status"] == "COMPLETED" and plan.onnx.bundle.is_dir():
+        result["attached"] = _attach_compiled(session, describe(), plan)
     return result
+
+
+def _upload_neo_onnx(session: Any, source: neo.OnnxSource, model_s3: str) -> None:
+    """Pack the bundle's model.neo.onnx alone as the model.tar.gz Neo compiles, and upload it to model_s3."""
+    with tempfile.TemporaryDirectory(prefix="qcsight-neo-") as tmp:
+        bundle_dir = source.bundle if source.bundle.is_dir() else load_bundle(source.bundle, extract_to=tmp).path
+        tarball = neo.pack_neo_onnx(bundle_dir, source.entry, Path(tmp) / "upload" / "model.tar.gz")
+        upload_file(session.client("s3"), tarball, S3Uri.parse(model_s3, "--model-s3"))
+    log.info("uploaded %s to %s", source.entry.file, model_s3)
+
+
+def _attach_compiled(session: Any, description: Mapping[str, Any], plan: CompilationPlan) -> str | None:
+    """Download the compiled model and add it to the bundle directory (neo/<target>/, a runtimes entry)."""
+    artefacts = str(description.get("ModelArtifacts", {}).get("S3ModelArtifacts", ""))
+    location = S3Uri.parse(artefacts, "ModelArtifacts.S3ModelArtifacts")
+    s3 = session.client("s3")
+    with aws_errors(f"listing {artefacts}"):
+        listed = s3.list_objects_v2(Bucket=location.bucket, Prefix=location.key).get("Contents", [])
+    key = neo.find_compiled([(o["Key"], o["LastModified"].timestamp()) for o in listed],
+                            location.key if location.key.endswith(".tar.gz") else "", plan.spec.target)
+    if key is None or plan.onnx is None:
+        log.warning("no compiled model found under %s; the bundle is left as it was", artefacts)
+        return None
+    compiled = S3Uri(location.bucket, key)
+    with tempfile.TemporaryDirectory(prefix="qcsight-neo-") as tmp:
+        local = Path(tmp) / Path(key).name
+        download_file(s3, compiled, local)
+        neo.attach_compiled(plan.onnx.bundle, plan.spec.target, local, plan.spec.job_name)
+    log.info("added the compiled model for %s to %s", plan.spec.target.label, plan.onnx.bundle)
+    return compiled.uri
 
 
 def _describer(call: Callable[..., Mapping[str, Any]], **kwargs: str) -> Callable[[], Mapping[str, Any]]:
