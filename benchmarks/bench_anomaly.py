@@ -28,6 +28,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.train.synth_data: the synthetic parts
+
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import preprocess_batch
 from qcsight_train.anomaly import features

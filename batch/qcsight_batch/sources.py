@@ -9,6 +9,7 @@ themselves; the S3 client is made lazily in each process that needs one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from qcsight_aws.errors import AwsError, aws_errors
+from qcsight_aws.s3 import S3Uri, download_file, download_objects, is_s3_uri, list_objects
 from qcsight_batch.errors import InputError
+from qcsight_core.errors import ConfigError
 from qcsight_core.imageio import is_image_path
 
 log = logging.getLogger(__name__)
 
-S3_SCHEME = "s3://"
 MANIFEST_SUFFIXES = (".jsonl", ".manifest")
 # Ground Truth / augmented manifests name the image with "source-ref"; "source" is accepted too.
 MANIFEST_FIELDS = ("source-ref", "source")
@@ -71,29 +74,33 @@ def s3_client() -> Any:
         return client
 
 
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """s3://bucket/some/key -> ("bucket", "some/key")."""
-    if not uri.startswith(S3_SCHEME):
-        raise InputError(f"{uri}: not an s3:// URI")
-    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
-    if not bucket:
-        raise InputError(f"{uri}: no bucket name in the S3 URI")
-    return bucket, key
+def parse_s3_uri(uri: str) -> S3Uri:
+    """s3://bucket/some/key as an S3Uri; older us-east-1 bucket names (capitals, underscores) are accepted."""
+    try:
+        return S3Uri.parse(uri, legacy_bucket=True)
+    except ConfigError as exc:
+        raise InputError(f"{uri!r}: not a usable S3 location; expected {exc.allowed}") from exc
+
+
+@contextlib.contextmanager
+def s3_errors(operation: str) -> Iterator[None]:
+    """AWS's refusal inside the block as an InputError naming the operation ('GetObject s3://b/k failed: Code: ...')."""
+    try:
+        with aws_errors(operation):
+            yield
+    except AwsError as exc:
+        raise InputError(str(exc)) from exc.__cause__
 
 
 def read_location(location: str) -> bytes:
     """Bytes of a local file or an S3 object."""
-    if location.startswith(S3_SCHEME):
-        bucket, key = split_s3_uri(location)
-        try:
-            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    if is_s3_uri(location):
+        uri = parse_s3_uri(location)
+        with s3_errors(f"GetObject {uri}"):
+            body = s3_client().get_object(Bucket=uri.bucket, Key=uri.key)["Body"]
             with body:
                 data: bytes = body.read()
-            return data
-        except InputError:
-            raise
-        except Exception as exc:  # botocore's ClientError and transport errors share no narrower base
-            raise InputError(f"{location}: cannot read from S3: {exc}") from exc
+        return data
     try:
         return Path(location).read_bytes()
     except OSError as exc:
@@ -234,12 +241,10 @@ class GlobSource:
 
 
 def _manifest_lines(location: str) -> Iterator[bytes]:
-    if location.startswith(S3_SCHEME):
-        bucket, key = split_s3_uri(location)
-        try:
-            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        except Exception as exc:
-            raise InputError(f"{location}: cannot read manifest from S3: {exc}") from exc
+    if is_s3_uri(location):
+        uri = parse_s3_uri(location)
+        with s3_errors(f"GetObject of the manifest {uri}"):
+            body = s3_client().get_object(Bucket=uri.bucket, Key=uri.key)["Body"]
         with body:
             yield from body.iter_lines()
         return
@@ -260,7 +265,7 @@ class ManifestSource:
     location: str
 
     def _resolve(self, ref: str) -> str:
-        if ref.startswith(S3_SCHEME) or os.path.isabs(ref) or self.location.startswith(S3_SCHEME):
+        if is_s3_uri(ref) or os.path.isabs(ref) or is_s3_uri(self.location):
             return ref
         return os.path.join(os.path.dirname(self.location), ref)
 
@@ -301,18 +306,15 @@ class S3PrefixSource:
         pages = paginator.paginate(
             Bucket=self.bucket, Prefix=self.prefix, PaginationConfig={"PageSize": self.page_size}
         )
-        try:
+        # The generator yields inside the block: only the listing's own failures are caught here.
+        with s3_errors(f"ListObjectsV2 {S3Uri(self.bucket, self.prefix)}"):
             for page in pages:
                 for obj in page.get("Contents", ()):
                     key = str(obj["Key"])
                     name = key.rsplit("/", 1)[-1]
                     if key.endswith("/") or not _visible(name) or (self.images_only and not is_image_path(name)):
                         continue
-                    yield f"{S3_SCHEME}{self.bucket}/{key}"
-        except InputError:
-            raise
-        except Exception as exc:
-            raise InputError(f"s3://{self.bucket}/{self.prefix}: cannot list objects: {exc}") from exc
+                    yield str(S3Uri(self.bucket, key))
 
     def read(self, key: str) -> bytes:
         return read_location(key)
@@ -323,11 +325,11 @@ class S3PrefixSource:
 
 def open_source(spec: str, images_only: bool = False) -> ImageSource:
     """Pick the source for an --input value: s3:// prefix or manifest, local folder, glob or manifest."""
-    if spec.startswith(S3_SCHEME):
-        bucket, key = split_s3_uri(spec)
-        if key.endswith(MANIFEST_SUFFIXES):
+    if is_s3_uri(spec):
+        uri = parse_s3_uri(spec)
+        if uri.key.endswith(MANIFEST_SUFFIXES):
             return ManifestSource(spec)
-        return S3PrefixSource(bucket, key, images_only)
+        return S3PrefixSource(uri.bucket, uri.key, images_only)
     if os.path.isdir(spec):
         return DirSource(spec, images_only)
     if os.path.isfile(spec) and spec.endswith(MANIFEST_SUFFIXES):
@@ -339,16 +341,6 @@ def open_source(spec: str, images_only: bool = False) -> ImageSource:
     raise InputError(f"{spec}: no such folder or manifest (and not a glob or s3:// URI)")
 
 
-def _download(bucket: str, key: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".part")
-    try:
-        s3_client().download_file(bucket, key, str(tmp))
-    except Exception as exc:
-        raise InputError(f"s3://{bucket}/{key}: cannot download: {exc}") from exc
-    os.replace(tmp, target)
-
-
 def fetch_bundle(location: str, cache_dir: Path) -> Path:
     """A local path for a bundle given as a folder, a .tar.gz, or an s3:// object or prefix.
 
@@ -356,47 +348,39 @@ def fetch_bundle(location: str, cache_dir: Path) -> Path:
     and ETag, so a changed object is fetched again and an unchanged one is reused.
     load_bundle() verifies every file's sha256 whichever way the files arrived.
     """
-    if not location.startswith(S3_SCHEME):
+    if not is_s3_uri(location):
         return Path(location)
-    bucket, key = split_s3_uri(location)
+    uri = parse_s3_uri(location)
     client = s3_client()
     etag = ""
-    if key and not key.endswith("/"):
+    if uri.key and not uri.key.endswith("/"):
         try:
-            etag = str(client.head_object(Bucket=bucket, Key=key)["ETag"]).strip('"')
-        except Exception:  # not an object: treat the key as a folder prefix below
+            with aws_errors(f"HeadObject {uri}"):
+                etag = str(client.head_object(Bucket=uri.bucket, Key=uri.key)["ETag"]).strip('"')
+        except AwsError:  # not an object: treat the key as a folder prefix below
             etag = ""
     if etag:
-        slot = cache_dir / "bundles" / hashlib.sha256(f"{bucket}/{key}@{etag}".encode()).hexdigest()[:16]
-        target = slot / Path(key).name
+        slot = cache_dir / "bundles" / hashlib.sha256(f"{uri.bucket}/{uri.key}@{etag}".encode()).hexdigest()[:16]
+        target = slot / Path(uri.key).name
         if not target.is_file():
             log.info("downloading bundle %s to %s", location, target)
-            _download(bucket, key, target)
+            with s3_errors(f"download of {uri}"):
+                download_file(client, uri, target)
         return target
-    prefix = key.rstrip("/") + "/" if key else ""
-    paginator = client.get_paginator("list_objects_v2")
-    objects: list[tuple[str, str]] = []
-    try:
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            objects.extend((str(o["Key"]), str(o["ETag"])) for o in page.get("Contents", ()))
-    except Exception as exc:
-        raise InputError(f"{location}: cannot list the bundle prefix: {exc}") from exc
+    folder = S3Uri(uri.bucket, uri.prefix)
+    with s3_errors(f"ListObjectsV2 {folder} (the bundle prefix)"):
+        objects = list_objects(client, folder)
     if not objects:
         raise InputError(f"{location}: no such S3 object or prefix")
     # manifest.json last: an interrupted download then leaves no manifest and is fetched again.
-    objects.sort(key=lambda item: (item[0].endswith("/manifest.json"), item[0]))
-    fingerprint = hashlib.sha256(repr(sorted(objects)).encode()).hexdigest()[:16]
+    objects.sort(key=lambda item: (item.key.endswith("/manifest.json"), item.key))
+    # The ETag in the quotes S3 returns it with, so cache slots made before this listing moved keep their names.
+    fingerprint = hashlib.sha256(repr(sorted((o.key, f'"{o.etag}"') for o in objects)).encode()).hexdigest()[:16]
     slot = cache_dir / "bundles" / fingerprint / "bundle"
     if not (slot / "manifest.json").is_file():
         log.info("downloading bundle %s (%d files) to %s", location, len(objects), slot)
-        for object_key, _ in objects:
-            relative = object_key[len(prefix) :]
-            if not relative or relative.endswith("/"):
-                continue
-            target = (slot / relative).resolve()
-            if slot.resolve() not in target.parents:
-                raise InputError(f"{location}: object {object_key!r} escapes the bundle folder")
-            _download(bucket, object_key, target)
+        with s3_errors(f"download of the bundle {folder}"):
+            download_objects(client, folder.bucket, objects, folder.prefix, slot, skip_unchanged=False)
     return slot
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from qcsight_core.errors import ImageError
 from qcsight_core.imageio import decode_image, is_image_path
-from qcsight_edge.clock import Backoff
+from qcsight_edge.clock import Backoff, Clock, SystemClock
 from qcsight_edge.config import SourceConfig
 from qcsight_edge.errors import SourceError
 from qcsight_edge.redact import printable, redact_text, redact_uri
@@ -105,30 +105,32 @@ class FrameSource(Protocol):
 
 
 class _Pacer:
-    """Spaces frames at most max_fps apart (0 = no cap)."""
+    """Spaces frames at most max_fps apart (0 = no cap); waits end early when `closed` is set."""
 
-    def __init__(self, max_fps: float) -> None:
+    def __init__(self, max_fps: float, clock: Clock, closed: threading.Event) -> None:
         self.interval = 1.0 / max_fps if max_fps > 0 else 0.0
         self.next_due = 0.0
+        self._clock = clock
+        self._closed = closed
 
     def wait(self, timeout_s: float) -> bool:
-        """Sleep until the next frame is due; False when that is further away than timeout_s."""
+        """Wait until the next frame is due; False when that is further away than timeout_s (or the source closed)."""
         if self.interval <= 0:
             return True
-        delay = self.next_due - time.monotonic()
+        delay = self.next_due - self._clock.monotonic()
         if delay > timeout_s:
-            time.sleep(max(0.0, timeout_s))
+            self._clock.wait(self._closed, timeout_s)
             return False
         if delay > 0:
-            time.sleep(delay)
+            return not self._clock.wait(self._closed, delay)
         return True
 
     def due(self) -> bool:
-        return self.interval <= 0 or time.monotonic() >= self.next_due
+        return self.interval <= 0 or self._clock.monotonic() >= self.next_due
 
     def mark(self) -> None:
         if self.interval > 0:
-            now = time.monotonic()
+            now = self._clock.monotonic()
             # On schedule: exactly one interval later (no drift). Late: due now, so a stall never
             # turns into a burst of catch-up frames.
             self.next_due = max(self.next_due + self.interval, now) if self.next_due else now + self.interval
@@ -176,13 +178,14 @@ class OpenCvCamera:
     unplugged and plugged back, or a stream that restarts, comes back by itself. A file is read
     once (or looped with loop=True), paced at max_fps; a live source is grabbed continuously and
     only every (1/max_fps) s retrieved, so the frames judged are fresh rather than stale buffer.
+    Every wait (pacing, the reconnect delay) goes through `clock` and ends early on close().
     """
 
     lossless = False
 
     def __init__(self, config: SourceConfig,
                  capture_factory: Callable[[str | int], VideoCaptureLike] = _opencv_capture,
-                 live: bool | None = None) -> None:
+                 live: bool | None = None, clock: Clock | None = None) -> None:
         if config.uri is None:
             raise SourceError("camera source: uri is required")
         self.uri: str | int = config.uri
@@ -192,7 +195,9 @@ class OpenCvCamera:
         self.live = is_live_uri(self.uri) if live is None else live
         self._factory = capture_factory
         self._capture: VideoCaptureLike | None = None
-        self._pacer = _Pacer(config.max_fps)
+        self._clock: Clock = clock or SystemClock()
+        self._closed = threading.Event()
+        self._pacer = _Pacer(config.max_fps, self._clock, self._closed)
         self._backoff = Backoff(config.reconnect_initial_s, config.reconnect_max_s)
         self._next_attempt = 0.0
         self._ended = False
@@ -231,7 +236,7 @@ class OpenCvCamera:
 
     def _schedule_retry(self, reason: str) -> None:
         delay = self._backoff.next()
-        self._next_attempt = time.monotonic() + delay
+        self._next_attempt = self._clock.monotonic() + delay
         log.warning("camera %s: %s; retrying in %.1f s", self.ref, reason, delay)
 
     def _lost(self, reason: str) -> None:
@@ -250,12 +255,12 @@ class OpenCvCamera:
 
     def read(self, timeout_s: float) -> Frame | None:
         if self._ended:
-            time.sleep(min(timeout_s, 0.05))
+            self._clock.wait(self._closed, min(timeout_s, 0.05))
             return None
         if self._capture is None:
-            wait = self._next_attempt - time.monotonic()
+            wait = self._next_attempt - self._clock.monotonic()
             if wait > 0:
-                time.sleep(min(wait, timeout_s))
+                self._clock.wait(self._closed, min(wait, timeout_s))
                 return None
             if not self._open():
                 return None
@@ -269,13 +274,13 @@ class OpenCvCamera:
 
     def _read_live(self, timeout_s: float) -> Frame | None:
         assert self._capture is not None
-        deadline = time.monotonic() + timeout_s
+        deadline = self._clock.monotonic() + timeout_s
         while not self._pacer.due():
             # grab() keeps the driver's buffer drained without decoding frames nobody judges.
             if not self._capture.grab():
                 self._lost("stream gave no frame")
                 return None
-            if time.monotonic() >= deadline:
+            if self._clock.monotonic() >= deadline:
                 return None
         ok, image = self._capture.read()
         return self._frame(ok, image)
@@ -295,6 +300,7 @@ class OpenCvCamera:
         pass  # nothing to hand back for a live picture
 
     def close(self) -> None:
+        self._closed.set()
         if self._capture is not None:
             self._capture.release()
             self._capture = None
@@ -325,13 +331,16 @@ class HotFolderSource:
     inbox when the agent stops are read again on the next start. done/ and failed/ are pruned
     every prune_every_s: files older than retain_s go, then the oldest until both folders
     together hold at most retain_bytes (0 turns either rule off), so a line cannot fill the disk.
+    Settling, polling and pruning are timed by `clock`; a poll wait ends early on close().
     """
 
     lossless = True
 
     def __init__(self, inbox: Path, settle_s: float = 0.5, poll_s: float = 0.2, *, retain_s: float = 0.0,
-                 retain_bytes: int = 0, prune_every_s: float = 60.0) -> None:
+                 retain_bytes: int = 0, prune_every_s: float = 60.0, clock: Clock | None = None) -> None:
         self.inbox = inbox
+        self._clock: Clock = clock or SystemClock()
+        self._closed = threading.Event()
         self.settle_s = settle_s
         self.poll_s = poll_s
         self.retain_s = retain_s
@@ -369,7 +378,7 @@ class HotFolderSource:
         Symbolic links (and sockets, FIFOs, devices) are never read: a link could point anywhere
         on the device. They are moved aside to failed/ as they are, their targets untouched.
         """
-        now = time.monotonic()
+        now = self._clock.monotonic()
         self._last_scan = now
         present: dict[str, tuple[int, int]] = {}
         try:
@@ -418,6 +427,7 @@ class HotFolderSource:
             except OSError as exc:
                 log.warning("hot folder: cannot list %s for pruning: %s", folder, exc.strerror or exc)
         entries.sort()
+        # The filesystem's clock, not self._clock: the cutoff is compared with the files' real mtimes.
         cutoff_ns = time.time_ns() - int(self.retain_s * 1e9) if self.retain_s > 0 else None
         total = sum(size for _, size, _ in entries)
         removed, freed = 0, 0
@@ -443,10 +453,11 @@ class HotFolderSource:
         return removed
 
     def read(self, timeout_s: float) -> Frame | None:
-        if (self.retain_s > 0 or self.retain_bytes > 0) and time.monotonic() >= self._next_prune:
-            self._next_prune = time.monotonic() + self.prune_every_s
+        clock = self._clock
+        if (self.retain_s > 0 or self.retain_bytes > 0) and clock.monotonic() >= self._next_prune:
+            self._next_prune = clock.monotonic() + self.prune_every_s
             self.prune()
-        deadline = time.monotonic() + timeout_s
+        deadline = clock.monotonic() + timeout_s
         while True:
             with self._lock:
                 name = self._ready.pop(0) if self._ready else None
@@ -454,14 +465,15 @@ class HotFolderSource:
                     self._in_flight.add(name)
             if name is not None:
                 return self._load(name)
-            wait = self._last_scan + self.poll_s - time.monotonic()
+            wait = self._last_scan + self.poll_s - clock.monotonic()
             if wait > 0:
-                if time.monotonic() + wait > deadline:
-                    time.sleep(max(0.0, deadline - time.monotonic()))
+                if clock.monotonic() + wait > deadline:
+                    clock.wait(self._closed, deadline - clock.monotonic())
                     return None
-                time.sleep(wait)
+                if clock.wait(self._closed, wait):
+                    return None
             self.scan()
-            if not self._ready and time.monotonic() >= deadline:
+            if not self._ready and clock.monotonic() >= deadline:
                 return None
 
     def _load(self, name: str) -> Frame:
@@ -514,7 +526,7 @@ class HotFolderSource:
             self._seen.pop(path.name, None)
 
     def close(self) -> None:
-        pass
+        self._closed.set()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -550,12 +562,12 @@ class SyntheticSource:
     """Rendered surface images (qcsight_core.synth) for the demo, some with defects, at max_fps.
 
     A fixed pool of pictures is rendered once and cycled, so the source costs no CPU per frame
-    and memory stays bounded.
+    and memory stays bounded. Pacing waits go through `clock` and end early on close().
     """
 
     lossless = False
 
-    def __init__(self, config: SourceConfig, pool_size: int = 64) -> None:
+    def __init__(self, config: SourceConfig, pool_size: int = 64, clock: Clock | None = None) -> None:
         from qcsight_core import synth
 
         rng = np.random.default_rng(config.seed)
@@ -565,7 +577,8 @@ class SyntheticSource:
             label = str(rng.choice(synth.DEFECT_CLASSES)) if defect else synth.GOOD_CLASS
             picture = synth.render(rng, label, size=config.size)
             self._pool.append((picture.image, label))
-        self._pacer = _Pacer(config.max_fps)
+        self._closed = threading.Event()
+        self._pacer = _Pacer(config.max_fps, clock or SystemClock(), self._closed)
         self._index = 0
         self.frames = 0
 
@@ -586,17 +599,17 @@ class SyntheticSource:
         pass
 
     def close(self) -> None:
-        pass
+        self._closed.set()
 
     def stats(self) -> dict[str, Any]:
         return {"kind": "synthetic", "frames": self.frames}
 
 
-def open_source(config: SourceConfig) -> FrameSource:
-    """The source a configuration names."""
+def open_source(config: SourceConfig, clock: Clock | None = None) -> FrameSource:
+    """The source a configuration names, timed by `clock` (the system clock when None)."""
     if config.kind == "camera":
-        return OpenCvCamera(config)
+        return OpenCvCamera(config, clock=clock)
     if config.kind == "hotfolder":
         return HotFolderSource(Path(str(config.uri)), config.settle_s, config.poll_s, retain_s=config.retain_s,
-                               retain_bytes=config.retain_bytes)
-    return SyntheticSource(config)
+                               retain_bytes=config.retain_bytes, clock=clock)
+    return SyntheticSource(config, clock=clock)

@@ -13,12 +13,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qcsight_core.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, configure_logging
 from qcsight_core.errors import ConfigError, QcsightError
 from qcsight_edge.agent import Agent, FileConfigWatcher, build_parts
 from qcsight_edge.config import AgentConfig, from_greengrass, load_config, validate_config
+from qcsight_edge.publisher import Publisher
+
+if TYPE_CHECKING:  # imported where used: `qcsight agent --config` needs no Greengrass SDK
+    from qcsight_edge.greengrass_ipc import IpcLink
+    from qcsight_edge.model_slot import Offer
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +119,7 @@ def _run(config: AgentConfig, watcher: FileConfigWatcher | None = None, publishe
 
 
 def _run_greengrass(args: argparse.Namespace) -> int:
-    from qcsight_edge.greengrass_ipc import (
-        ComponentUpdates,
-        GreengrassConfig,
-        IpcLink,
-        IpcPublisher,
-        ReconnectPolicy,
-        connect_ipc,
-    )
-    from qcsight_edge.model_slot import ModelSlot, SlotWatcher
+    from qcsight_edge.greengrass_ipc import IpcLink, ReconnectPolicy, connect_ipc
 
     stop = threading.Event()
     gave_up: list[str] = []
@@ -134,61 +131,103 @@ def _run_greengrass(args: argparse.Namespace) -> int:
     link = IpcLink(lambda on_lost: connect_ipc(args.ipc_timeout, on_lost=on_lost),
                    ReconnectPolicy(give_up_after_s=args.ipc_give_up), give_up)
     link.start()
-    slot = ModelSlot(args.model_slot) if args.model_slot is not None else None
-    closers: list[Callable[[], None]] = []
+    component = _Component(args, link)
     try:
-        offer = slot.require_offer() if slot is not None else None
-        running: list[Path | None] = [offer.bundle if offer is not None else None]
-        thing = args.thing_name or os.environ.get("AWS_IOT_THING_NAME", "")
-
-        def complete(data: dict[str, Any]) -> dict[str, Any]:
-            return lifecycle_values(data, thing, args.state_dir, running[0])
-
-        component = GreengrassConfig(link, lambda data: validate_config(complete(data)))
-        closers.append(component.close)
-        config = from_greengrass(complete(component.get()))
+        config = component.configuration()
         if args.check:
             print(json.dumps(config.redacted_dict(), indent=2))
             return EXIT_OK
-        publisher = IpcPublisher(link) if config.transport.kind == "ipc" else None
-
-        def follow(agent: Agent) -> None:
-            def on_update(data: dict[str, Any]) -> None:
-                try:
-                    agent.apply_config(from_greengrass(complete(data)))
-                except ConfigError as exc:  # validation normally refused it already; never raise into the SDK
-                    log.error("Greengrass configuration update refused: %s", exc)
-                    agent.status("error", error=f"configuration refused: {exc}")
-
-            def current_bundle() -> Path | None:
-                model = agent.current_model()
-                return None if model is None else model.source
-
-            def on_refused(reason: str) -> None:
-                agent.status("error", error=f"configuration refused: {reason}")
-
-            component.subscribe(on_update, on_refused=on_refused)
-            updates = ComponentUpdates(link, lambda: _busy(agent), recheck_ms=250)
-            updates.subscribe()
-            closers.append(updates.close)
-            if slot is not None and offer is not None:
-                watcher = SlotWatcher(slot, offer, lambda path: _load(agent, path), current_bundle)
-                agent.model_listeners.append(_Running(running))
-                agent.model_listeners.append(watcher)
-                slot.claim()
-                closers.append(slot.release)
-                watcher.start()
-                closers.append(watcher.stop)
-
-        code = _run(config, publisher=publisher, subscribe=follow, stop=stop)
+        code = _run(config, publisher=component.publisher(config), subscribe=component.follow, stop=stop)
     finally:
-        for close in reversed(closers):
-            close()
+        component.close()
         link.close(2.0)
     if gave_up:
         print(f"{args.prog}: error: {gave_up[0]}", file=sys.stderr)
         return EXIT_FAILED
     return code
+
+
+class _Component:
+    """The agent as a Greengrass component over an open IPC link, in steps: configuration(), then
+    follow(agent) once the agent is built; close() ends what they started, in reverse order."""
+
+    def __init__(self, args: argparse.Namespace, link: IpcLink) -> None:
+        from qcsight_edge.greengrass_ipc import GreengrassConfig
+        from qcsight_edge.model_slot import ModelSlot
+
+        self._link = link
+        self._thing = args.thing_name or os.environ.get("AWS_IOT_THING_NAME", "")
+        self._state_dir: Path | None = args.state_dir
+        self._slot = ModelSlot(args.model_slot) if args.model_slot is not None else None
+        self._offer: Offer | None = None
+        self._running: list[Path | None] = [None]  # the bundle judged with, kept across configuration updates
+        self._closers: list[Callable[[], None]] = []
+        self._settings = GreengrassConfig(link, lambda data: validate_config(self._complete(data)))
+        self._closers.append(self._settings.close)
+
+    def _complete(self, data: dict[str, Any]) -> dict[str, Any]:
+        return lifecycle_values(data, self._thing, self._state_dir, self._running[0])
+
+    def configuration(self) -> AgentConfig:
+        """The agent's configuration: the component's, completed with the lifecycle values and the offered bundle."""
+        if self._slot is not None:
+            self._offer = self._slot.require_offer()
+            self._running[0] = self._offer.bundle
+        return from_greengrass(self._complete(self._settings.get()))
+
+    def publisher(self, config: AgentConfig) -> Publisher | None:
+        """IPC publishing through the nucleus when the configuration asks for it (else the agent's own transport)."""
+        from qcsight_edge.greengrass_ipc import IpcPublisher
+
+        return IpcPublisher(self._link) if config.transport.kind == "ipc" else None
+
+    def follow(self, agent: Agent) -> None:
+        """Keep the running agent in step with the component: configuration, deployments, model offers."""
+        self._follow_configuration(agent)
+        self._defer_updates_while_busy(agent)
+        self._follow_model_slot(agent)
+
+    def _follow_configuration(self, agent: Agent) -> None:
+        def on_update(data: dict[str, Any]) -> None:
+            try:
+                agent.apply_config(from_greengrass(self._complete(data)))
+            except ConfigError as exc:  # validation normally refused it already; never raise into the SDK
+                log.error("Greengrass configuration update refused: %s", exc)
+                agent.status("error", error=f"configuration refused: {exc}")
+
+        def on_refused(reason: str) -> None:
+            agent.status("error", error=f"configuration refused: {reason}")
+
+        self._settings.subscribe(on_update, on_refused=on_refused)
+
+    def _defer_updates_while_busy(self, agent: Agent) -> None:
+        from qcsight_edge.greengrass_ipc import ComponentUpdates
+
+        updates = ComponentUpdates(self._link, lambda: _busy(agent), recheck_ms=250)
+        updates.subscribe()
+        self._closers.append(updates.close)
+
+    def _follow_model_slot(self, agent: Agent) -> None:
+        from qcsight_edge.model_slot import SlotWatcher
+
+        if self._slot is None or self._offer is None:
+            return
+
+        def current_bundle() -> Path | None:
+            model = agent.current_model()
+            return None if model is None else model.source
+
+        watcher = SlotWatcher(self._slot, self._offer, lambda path: _load(agent, path), current_bundle)
+        agent.model_listeners.append(_Running(self._running))
+        agent.model_listeners.append(watcher)
+        self._slot.claim()
+        self._closers.append(self._slot.release)
+        watcher.start()
+        self._closers.append(watcher.stop)
+
+    def close(self) -> None:
+        for close in reversed(self._closers):
+            close()
 
 
 def lifecycle_values(data: dict[str, Any], thing_name: str, state_dir: Path | None,

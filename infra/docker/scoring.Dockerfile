@@ -13,6 +13,8 @@ WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY edge_agent/qcsight_core edge_agent/qcsight_core
 COPY batch/qcsight_batch batch/qcsight_batch
+# qcsight_batch reads S3 through the shared AWS helpers (S3 URIs, ClientError messages).
+COPY infra/qcsight_aws infra/qcsight_aws
 # A regular (not editable) install: the packages land in site-packages and /build can go.
 # DL3013: the versions are the ranges pyproject.toml declares for the project (it has no lock file);
 # pinning them a second time here would let the image and `pip install qcsight` drift apart.

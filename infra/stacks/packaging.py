@@ -28,7 +28,7 @@ _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo")
 # What a container build context needs from the repository: the allow-list the Docker assets use
 # (CDK stages only these files, in Docker's ignore-file syntax, so a rebuild depends on them alone).
 SCORING_CONTEXT = ("pyproject.toml", "README.md", "edge_agent/qcsight_core", "batch/qcsight_batch",
-                   "infra/docker/scoring.Dockerfile", "infra/docker/serve")
+                   "infra/qcsight_aws", "infra/docker/scoring.Dockerfile", "infra/docker/serve")
 REVIEW_CONTEXT = ("pyproject.toml", "README.md", "edge_agent/qcsight_core", "infra/qcsight_cloud",
                   "infra/qcsight_review", "infra/docker/review.Dockerfile")
 

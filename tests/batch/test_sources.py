@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -118,8 +119,10 @@ def test_s3_prefix_pages_lazily_through_the_paginator(images: ImageSet, aws_endp
     assert sorted([first, *rest]) == sorted(uploaded)
     assert len(calls) == -(-(len(uploaded) + 1) // 5)  # one request per page of 5 (the folder marker counts)
     assert paged.read(first) == Path(uploaded[first]).read_bytes()
-    with pytest.raises(InputError, match="cannot read from S3"):
+    with pytest.raises(InputError, match=re.escape("GetObject s3://line-7/2024/06/missing.jpg failed: NoSuchKey")):
         paged.read("s3://line-7/2024/06/missing.jpg")
+    with pytest.raises(InputError, match="'s3:///2024/06/': not a usable S3 location; expected an s3://bucket"):
+        open_source("s3:///2024/06/")
 
 
 def test_s3_manifest_is_streamed(images: ImageSet, aws_endpoint: str) -> None:

@@ -35,8 +35,10 @@ print("device-ok")
 def test_edge_extra_installs_and_imports_without_torch(tmp_path: Path) -> None:
     # Copy the source so the build does not write into the working tree.
     src = tmp_path / "src"
+    # node_modules and cdk.out: the CDK app's git-ignored tooling and output, large (or a dangling link) and no Python.
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".venv-edge", ".git", "*.egg-info", "build",
-                                                             "__pycache__", "demo_out", "runs", ".*cache"))
+                                                             "__pycache__", "demo_out", "runs", ".*cache",
+                                                             "node_modules", "cdk.out"))
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"

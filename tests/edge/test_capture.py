@@ -26,6 +26,7 @@ from qcsight_edge.capture import (
     VideoCaptureLike,
     open_source,
 )
+from qcsight_edge.clock import ManualClock
 from qcsight_edge.config import SourceConfig
 from tests.edge.agent_helpers import write_video
 from tests.helpers.images import write_image
@@ -249,6 +250,24 @@ def test_synthetic_source_renders_a_bounded_pool_with_defects() -> None:
     first = frames[0]
     assert first is not None and first.image is not None and first.image.shape == (64, 64, 3)
     assert frames[64] is not None and frames[64].image is first.image  # cycled, not re-rendered
+
+
+def test_pacing_runs_on_the_injected_clock_without_drift_or_catch_up_bursts() -> None:
+    clock = ManualClock()
+    source = SyntheticSource(SourceConfig(kind="synthetic", size=32, max_fps=10), pool_size=2, clock=clock)
+    assert source.read(1.0) is not None and clock.monotonic() == 0.0  # the first frame is due at once
+    assert source.read(0.04) is None  # the next is 0.1 s away: a shorter read gives up after its timeout
+    assert clock.monotonic() == pytest.approx(0.04)
+    assert source.read(1.0) is not None
+    assert clock.monotonic() == pytest.approx(0.1)  # on the schedule, not 0.1 s after the read that gave up
+    clock.advance(1.0)  # a stall of ten intervals (inference fell behind)
+    times = []
+    for _ in range(4):
+        assert source.read(1.0) is not None
+        times.append(round(clock.monotonic(), 6))
+    assert times == [1.1, 1.1, 1.2, 1.3]  # the late frame and one more at once, then the schedule: no burst of ten
+    source.close()
+    assert source.read(1.0) is None and clock.monotonic() == pytest.approx(1.3)  # closed: no more waiting
 
 
 @pytest.mark.parametrize("kind", ["camera", "hotfolder"])

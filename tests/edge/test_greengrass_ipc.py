@@ -37,6 +37,7 @@ from qcsight_edge.greengrass_ipc import (
 )
 from qcsight_gg import ipc_server as ipc
 from qcsight_gg.ipc_server import IpcServer
+from tests.helpers.wait import eventually
 
 THING = "line-7-camera-2"
 SVCUID = "5b0f3b8e-e4f7-4c8a-9c1e-6f4ad3e2c011"
@@ -210,10 +211,7 @@ def test_publish_after_the_nucleus_goes_away_is_not_connected(server: IpcServer,
     publisher = IpcPublisher.from_session(session)
     publisher.publish(topics.status_topic(THING), status_message(1)).result(TIMEOUT)
     server.stop()
-    deadline = time.monotonic() + TIMEOUT
-    while publisher.connected and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not publisher.connected
+    eventually(lambda: not publisher.connected, TIMEOUT, message="the publisher still says it is connected")
     with pytest.raises(NotConnectedError):
         publisher.connect(TIMEOUT)
     with pytest.raises(NotConnectedError):
@@ -252,8 +250,10 @@ def test_configuration_updates_reach_the_callback(server: IpcServer, session: Ip
         wait_for_log(caplog, "metrics.window_s")
     server.set_configuration({**changed, "metrics": {"window_s": 30}})
     assert updates.get(timeout=TIMEOUT)["metrics"] == {"window_s": 30}
-    time.sleep(0.2)
-    assert updates.empty(), "the second event of one deployment must not deliver the same config twice"
+    # A later change is the marker: a configuration delivered twice (the second event of the first
+    # deployment) would be queued before it. Stale events read the current configuration, so they cannot follow it.
+    server.set_configuration({**changed, "metrics": {"window_s": 31}})
+    assert updates.get(timeout=TIMEOUT)["metrics"] == {"window_s": 31}, "a configuration was delivered twice"
     config.close()
 
 
@@ -310,13 +310,12 @@ def test_a_validator_bug_rejects_rather_than_lets_a_config_through(server: IpcSe
 
 
 def wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        if any(text in record.getMessage() or (record.exc_text and text in record.exc_text)
-               or (record.exc_info and text in str(record.exc_info[1])) for record in caplog.records):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"no log record mentioning {text!r}: {[r.getMessage() for r in caplog.records]}")
+    def mentioned() -> bool:
+        return any(text in record.getMessage() or (record.exc_text and text in record.exc_text)
+                   or (record.exc_info and text in str(record.exc_info[1])) for record in caplog.records)
+
+    eventually(mentioned, TIMEOUT,
+               message=lambda: f"no log record mentioning {text!r}: {[r.getMessage() for r in caplog.records]}")
 
 
 # --- the stand-in checks what the nucleus checks --------------------------------------------------
@@ -504,9 +503,7 @@ def test_a_dropped_connection_is_reopened_and_publishing_and_updates_resume(
     server.wait_until(lambda: sum(a.accepted for a in server.connect_attempts) == 2, TIMEOUT, "a new session")
     assert updates.get(timeout=TIMEOUT)["metrics"] == {"window_s": 42}
     server.wait_for_subscriptions(TIMEOUT)  # subscriptions made again on the new session
-    deadline = time.monotonic() + TIMEOUT
-    while not publisher.connected and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: publisher.connected, TIMEOUT, message="the publisher did not reconnect")
     publisher.publish(topics.status_topic(THING), status_message(2)).result(TIMEOUT)
     server.set_configuration({**server.configuration(), "metrics": {"window_s": 43}})
     assert updates.get(timeout=TIMEOUT)["metrics"] == {"window_s": 43}

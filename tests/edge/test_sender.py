@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from qcsight_core import messages, topics
-from qcsight_edge.clock import Backoff
+from qcsight_edge.clock import Backoff, SystemClock
 from qcsight_edge.errors import NotConnectedError, PublishRejectedError
 from qcsight_edge.mqtt import MqttSettings, make_publisher
 from qcsight_edge.outbox import Outbox
@@ -296,6 +296,19 @@ class InstantClock:
         return event.is_set()
 
 
+class WaitCountingClock(SystemClock):
+    """The real clock, counting the waits the sender starts: a pass that sent something never waits."""
+
+    def __init__(self) -> None:
+        self.waits = 0
+        self.lock = threading.Lock()
+
+    def wait(self, event: threading.Event, timeout_s: float) -> bool:
+        with self.lock:
+            self.waits += 1
+        return super().wait(event, timeout_s)
+
+
 def _fill(outbox: Outbox, n: int) -> None:
     for i in range(n):
         outbox.enqueue("qcsight/t/status", json.dumps({"id": f"m{i}"}).encode(), f"m{i}", "status")
@@ -305,12 +318,17 @@ def test_window_bounds_in_flight_and_only_successes_are_acked(tmp_path: Path) ->
     outbox = Outbox(tmp_path / "o.db")
     _fill(outbox, 20)
     transport = ScriptedPublisher()
-    sender = OutboxSender(outbox, transport, SenderSettings(window=4, backoff_min_s=0.01, backoff_max_s=0.02))
+    clock = WaitCountingClock()
+    sender = OutboxSender(outbox, transport, SenderSettings(window=4, backoff_min_s=0.01, backoff_max_s=0.02),
+                          clock=clock)
     sender.start()
     try:
         eventually(lambda: len(transport.open_futures()) == 4)
-        time.sleep(0.05)
-        assert len(transport.open_futures()) == 4  # never more than the window
+        waits_before = clock.waits
+        sender.wake()
+        # A wait begun after the fourth publish ends a pass that looked at the 16 rows left and sent none.
+        eventually(lambda: clock.waits > waits_before)
+        assert len(transport.futures) == 4  # never more than the window
         first = transport.open_futures()
         first[0][1].set_result(None)
         first[1][1].set_exception(PublishRejectedError("qcsight/t/status", "PUBACK NOT_AUTHORIZED"))

@@ -7,11 +7,13 @@ CDK-staged build context is checked to hold everything the Dockerfile copies and
 
 from __future__ import annotations
 
+import ast
 import http.client
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +27,7 @@ import pytest
 
 from qcsight_core.bundle import Bundle
 from tests.helpers.wait import eventually
-from tests.infra.conftest import INFRA, Assembly
+from tests.infra.conftest import INFRA, REPO, Assembly
 
 DOCKER = INFRA / "docker"
 
@@ -132,6 +134,22 @@ def _copy_sources(dockerfile: Path) -> list[str]:
     return sources
 
 
+def _imported_qcsight_packages(package: str) -> set[str]:
+    """package and every qcsight_* package its modules import, followed through those packages' own imports."""
+    found, pending = set(), [package]
+    while pending:
+        name = pending.pop()
+        found.add(name)
+        (folder,) = [path for path in REPO.glob(f"*/{name}") if (path / "__init__.py").is_file()]
+        for source in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(source.read_text())):
+                modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                           else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                           else [])
+                pending += {m.split(".")[0] for m in modules if m.startswith("qcsight_")} - found - set(pending)
+    return found
+
+
 def test_staged_scoring_context_holds_what_the_dockerfile_copies_and_installs(assembly: Assembly,
                                                                               tmp_path: Path) -> None:
     context = assembly.asset_dir("compute", "dockerImages", "scoring.Dockerfile")
@@ -140,9 +158,15 @@ def test_staged_scoring_context_holds_what_the_dockerfile_copies_and_installs(as
     staged = {path.relative_to(context).parts[0] for path in context.iterdir()}
     assert staged <= {"pyproject.toml", "README.md", "edge_agent", "batch", "infra"}, staged
     assert not (context / "training").exists() and not list(context.rglob("__pycache__"))
-    # The image's `pip install .[batch]`, without the network: build the wheel from the staged context.
+    # The image's `pip install .[batch]`, without the network: build the wheel from what the
+    # Dockerfile copies out of the staged context into /build, and nothing else.
+    build = tmp_path / "build"
+    for source in _copy_sources(DOCKER / "scoring.Dockerfile"):
+        copy = shutil.copytree if (context / source).is_dir() else shutil.copy2
+        (build / source).parent.mkdir(parents=True, exist_ok=True)
+        copy(context / source, build / source)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                             "-w", str(tmp_path), str(context)], capture_output=True, text=True, timeout=300,
+                             "-w", str(tmp_path), str(build)], capture_output=True, text=True, timeout=300,
                             check=False, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     import zipfile
@@ -150,6 +174,9 @@ def test_staged_scoring_context_holds_what_the_dockerfile_copies_and_installs(as
     (wheel,) = tmp_path.glob("qcsight-*.whl")
     names_in_wheel = zipfile.ZipFile(wheel).namelist()
     assert any(name.startswith("qcsight_batch/server.py") for name in names_in_wheel)
+    # Every package batch scoring imports is installed (qcsight_aws came with the shared S3 helpers).
+    for package in _imported_qcsight_packages("qcsight_batch"):
+        assert f"{package}/__init__.py" in names_in_wheel, f"the image lacks {package}, which qcsight_batch imports"
     entry_points = next(n for n in names_in_wheel if n.endswith("entry_points.txt"))
     assert "qcsight = qcsight_core.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
