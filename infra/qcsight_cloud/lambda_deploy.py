@@ -21,7 +21,9 @@ neither event has to carry it:
    * records the canary as a ``Run`` in the store (scope ``rollout:<fleet thing group name>``, run id
      ``canary-<component version>``, status ``running``; detail: previous version, deployment id,
      model package). A canary still soaking is superseded (its run ``cancelled``) and the new one keeps
-     its previous version as the one to restore. The same approval delivered twice changes nothing.
+     its previous version as the one to restore. The same approval delivered again (EventBridge retries for
+     up to two hours, so possibly after the canary was promoted) changes nothing; only a version rolled
+     back or superseded goes to the canary again when it is approved again.
 
 2. **The schedule** (EventBridge rule ``CanaryCheck``: source ``aws.events``, detail-type ``Scheduled Event``,
    every ``canary_check_minutes``). No canary running: ``{"phase": "idle"}``. Otherwise the canary's
@@ -70,7 +72,10 @@ log = logging.getLogger(__name__)
 DETAIL_TYPE = "SageMaker Model Package State Change"
 SCHEDULED = "Scheduled Event"  # what an EventBridge schedule rule sends (source aws.events)
 MODEL = "com.qcsight.Model"
-RUNNING = "running"
+# What each event needs of the environment (DeploySettings' field names), checked before any AWS call.
+TICK_NEEDS = ("store", "fleet_group_arn", "canary_group_arn")
+APPROVAL_NEEDS = ("store", "artifact_base", "fleet_group_arn", "canary_group_arn")
+RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"  # records.RUN_STATES
 
 
 class DeployEventError(CloudError):
@@ -122,6 +127,14 @@ class DeploySettings:
                         "store": "QCSIGHT_STORE"}.get(name, f"QCSIGHT_{name.upper()}")
             raise DeployEventError(f"{variable} is not set; the function needs it for this event")
         return value
+
+    def check(self, *required: str) -> DeploySettings:
+        """Fail before any AWS call when a required variable is unset or a thing group ARN is malformed."""
+        for name in required:
+            value = self.need(name)
+            if name.endswith("_group_arn"):
+                group_name(value)
+        return self
 
     @property
     def scope(self) -> str:
@@ -263,10 +276,13 @@ def on_approved(detail: Mapping[str, Any], settings: DeploySettings, clients: Cl
     canary = settings.need("canary_group_arn")
     scope = settings.scope
     running = active_canary(store, scope)
-    if running is not None and running.model_version == component:  # EventBridge delivers at least once
-        log.info("model package %s: component %s is already on the canary since %s", arn, component,
-                 running.requested)
-        return {**canary_state(running), "duplicate": True}
+    # EventBridge delivers at least once, and retries for up to two hours: a redelivery may come after the
+    # canary was promoted. Only a version rolled back (or superseded) is deployed to the canary again.
+    earlier = [run for run in store.runs(scope) if run.run_id == f"canary-{component}"]
+    if earlier and earlier[-1].status in (*RUN_ACTIVE, SUCCEEDED):
+        log.info("model package %s: component %s already went to the canary at %s (%s)", arn, component,
+                 earlier[-1].requested, earlier[-1].status)
+        return {**canary_state(earlier[-1]), "duplicate": True}
     with tempfile.TemporaryDirectory(prefix="qcsight-deploy-") as tmp:
         work = Path(tmp)
         bucket, key = _split_s3(model_url)
@@ -288,7 +304,7 @@ def on_approved(detail: Mapping[str, Any], settings: DeploySettings, clients: Cl
     # A canary superseded before its verdict: the version to restore is still the one before it.
     previous = running.detail.get("previousVersion") if running is not None else deployed["previous"]
     if running is not None:
-        close_run(store, running, "cancelled", now, f"superseded by {component} before its soak ended")
+        close_run(store, running, CANCELLED, now, f"superseded by {component} before its soak ended")
         log.warning("canary %s superseded by %s; a rollback restores %s", running.model_version, component, previous)
     run = Run(f"canary-{component}", scope, timestamps.iso(now), RUNNING, model_version=component,
               detail={"previousVersion": previous, "deploymentId": deployed["deploymentId"],
@@ -315,16 +331,19 @@ def judge(run: Run, settings: DeploySettings, clients: Clients, store: Store, ca
     if decision.action == WAIT:
         return result
     previous = run.detail.get("previousVersion")
+    checks = decision.checks or (Check("deployment", True, "; ".join(decision.reasons)),)
     if decision.action == PROMOTE:
         result["deploymentId"] = _deployment(clients, settings.need("fleet_group_arn"), version)["deploymentId"]
     elif previous:
         result["deploymentId"] = _deployment(clients, settings.need("canary_group_arn"), str(previous))["deploymentId"]
     else:
-        result["reasons"].append("no previous version to restore: the canary keeps running it; remove it by hand")
+        missing = "no previous version to restore: the canary keeps running it; remove it by hand"
+        result["reasons"].append(missing)
+        checks = (*checks, Check("restore", True, missing))
     decision_id = f"{run.scope}-{version}-{decision.action}"
     store.record_decision(Decision(decision_id, run.scope, timestamps.iso(now), decision.action, (f"model {version}",),
-                                   (), decision.checks or (Check("deployment", True, "; ".join(decision.reasons)),)))
-    close_run(store, run, "succeeded" if decision.action == PROMOTE else "failed", now,
+                                   (), checks))
+    close_run(store, run, SUCCEEDED if decision.action == PROMOTE else FAILED, now,
               f"{decision.action}: " + "; ".join(result["reasons"]), decision_id)
     log.info("canary %s: %s (%s)", version, decision.action.upper(), "; ".join(result["reasons"]))
     return result
@@ -352,7 +371,8 @@ def handler(event: Mapping[str, Any], context: Any = None) -> dict[str, Any]:
     settings = DeploySettings.from_env(os.environ)
     kind = event.get("detail-type")
     if kind == SCHEDULED and event.get("source") == "aws.events":
-        store = open_store(StoreSettings(settings.need("store")))
+        settings.check(*TICK_NEEDS)
+        store = open_store(StoreSettings(settings.store))
         try:
             return on_tick(settings, _clients(), store)
         finally:
@@ -365,7 +385,8 @@ def handler(event: Mapping[str, Any], context: Any = None) -> dict[str, Any]:
     if status != "Approved":
         log.info("model package %s is %s: nothing to deploy", detail.get("ModelPackageArn"), status)
         return {"phase": "ignored", "reason": f"ModelApprovalStatus is {status}"}
-    store = open_store(StoreSettings(settings.need("store")))
+    settings.check(*APPROVAL_NEEDS)
+    store = open_store(StoreSettings(settings.store))
     try:
         return on_approved(detail, settings, _clients(), store)
     finally:

@@ -16,10 +16,12 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from botocore.response import StreamingBody
 from botocore.stub import ANY, Stubber
 
 import qcsight_cloud.lambda_deploy as lambda_deploy
+from qcsight_cloud import timestamps
 from qcsight_cloud.lambda_deploy import (
     DETAIL_TYPE,
     Clients,
@@ -51,23 +53,41 @@ def client(service: str) -> Any:
                         endpoint_url=f"https://{service}.invalid")
 
 
-def tarball(tmp_path: Path, torch_version: str | None) -> bytes:
-    folder = tmp_path / "bundle"
-    make_tiny_bundle(folder, version="3")
+def tarball(tmp_path: Path, torch_version: str | None, version: int = 3) -> bytes:
+    folder = tmp_path / f"bundle-{version}"
+    make_tiny_bundle(folder, version=str(version))
     if torch_version is not None:  # a TorchScript artefact for Neo, as `qcsight train --torchscript` adds
         (folder / "model.pth").write_bytes(b"torchscript")
         manifest = read_manifest(folder)
         models = (*manifest.models, ModelFile("model.pth", "torchscript", runtime="neo",
                                               details={"torch_version": torch_version}))
         write_bundle(folder, manifest.__class__(**{**manifest.__dict__, "models": models}))
-    return pack_bundle(folder, tmp_path / "model.tar.gz").read_bytes()
+    return pack_bundle(folder, tmp_path / f"model-{version}.tar.gz").read_bytes()
 
 
-def approved_event() -> dict[str, Any]:
+def approved_event(version: int = 3) -> dict[str, Any]:
     return {"version": "0", "source": "aws.sagemaker", "detail-type": DETAIL_TYPE, "detail": {
-        "ModelPackageGroupName": "qcsight-line-1", "ModelPackageVersion": 3, "ModelPackageArn": PACKAGE,
-        "ModelApprovalStatus": "Approved",
-        "InferenceSpecification": {"Containers": [{"Image": "x", "ModelDataUrl": "s3://models/line-1/3/model.tar.gz"}]}}}
+        "ModelPackageGroupName": "qcsight-line-1", "ModelPackageVersion": version,
+        "ModelPackageArn": PACKAGE.removesuffix("/3") + f"/{version}", "ModelApprovalStatus": "Approved",
+        "InferenceSpecification": {"Containers": [{"Image": "x",
+                                                   "ModelDataUrl": f"s3://models/line-1/{version}/model.tar.gz"}]}}}
+
+
+def expect_publish(s3: Stubber, gg: Stubber, data: bytes, version: int) -> None:
+    """GetObject of the package's model.tar.gz, the component's two artifacts, CreateComponentVersion."""
+    component = f"1.{version}.0"
+    s3.add_response("get_object", {"Body": StreamingBody(io.BytesIO(data), len(data))},
+                    {"Bucket": "models", "Key": f"line-1/{version}/model.tar.gz"})
+    for name in ("bundle.zip", "offer_model.sh"):
+        s3.add_response("put_object", {}, {"Bucket": "artifacts", "Key": f"qcsight/{MODEL}/{component}/{name}",
+                                           "Body": ANY, "ChecksumAlgorithm": "SHA256", "ChecksumSHA256": ANY,
+                                           "ContentType": ANY})
+    gg.add_response("create_component_version", {
+        "arn": f"arn:aws:greengrass:us-east-1:123456789012:components:{MODEL}:versions:{component}",
+        "componentName": MODEL, "componentVersion": component,
+        "creationTimestamp": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+        "status": {"componentState": "DEPLOYABLE", "message": "NONE", "errors": {}}},
+        {"inlineRecipe": ANY, "clientToken": ANY})
 
 
 def expect_deployment(stub: Stubber, target: str, previous: str, new: str) -> None:
@@ -91,18 +111,7 @@ def test_approval_publishes_the_component_requests_neo_where_it_can_and_deploys_
                               neo_role_arn="arn:aws:iam::123456789012:role/neo", neo_output="s3://models/neo/")
     data = tarball(tmp_path, torch_version)
     with Stubber(clients.s3) as s3, Stubber(clients.greengrass) as gg, Stubber(clients.sagemaker) as sm:
-        s3.add_response("get_object", {"Body": StreamingBody(io.BytesIO(data), len(data))},
-                        {"Bucket": "models", "Key": "line-1/3/model.tar.gz"})
-        for name in ("bundle.zip", "offer_model.sh"):
-            s3.add_response("put_object", {}, {"Bucket": "artifacts", "Key": f"qcsight/{MODEL}/1.3.0/{name}",
-                                               "Body": ANY, "ChecksumAlgorithm": "SHA256", "ChecksumSHA256": ANY,
-                                               "ContentType": ANY})
-        gg.add_response("create_component_version", {
-            "arn": f"arn:aws:greengrass:us-east-1:123456789012:components:{MODEL}:versions:1.3.0",
-            "componentName": MODEL, "componentVersion": "1.3.0",
-            "creationTimestamp": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
-            "status": {"componentState": "DEPLOYABLE", "message": "NONE", "errors": {}}},
-            {"inlineRecipe": ANY, "clientToken": ANY})
+        expect_publish(s3, gg, data, 3)
         if neo:
             sm.add_response("create_compilation_job", {"CompilationJobArn": "arn:aws:sagemaker:us-east-1:"
                                                        "123456789012:compilation-job/x"}, {
@@ -131,24 +140,71 @@ def test_approval_publishes_the_component_requests_neo_where_it_can_and_deploys_
         assert "no TorchScript artefact" in result["neo"]["reason"]
 
 
-def test_other_states_and_bad_events(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_canary_superseded_before_its_verdict_is_cancelled_and_the_new_one_restores_what_was_before(
+        tmp_path: Path) -> None:
+    clients = Clients(client("s3"), client("greengrassv2"), client("sagemaker"))
+    store = SqliteStore(tmp_path / "s.sqlite")
+    store.put_run(Run("canary-1.3.0", SCOPE, "2026-03-02T08:00:00.000Z", "running", model_version="1.3.0",
+                      detail={"previousVersion": "1.2.0", "deploymentId": "d-1.3.0"}))
+    settings = DeploySettings(artifact_base="s3://artifacts/qcsight", canary_group_arn=CANARY, fleet_group_arn=FLEET)
+    data = tarball(tmp_path, None, version=4)
+    with Stubber(clients.s3) as s3, Stubber(clients.greengrass) as gg, Stubber(clients.sagemaker):
+        expect_publish(s3, gg, data, 4)
+        expect_deployment(gg, CANARY, "1.3.0", "1.4.0")  # the canary group runs the superseded 1.3.0
+        result = on_approved(approved_event(4)["detail"], settings, clients, store, source=find_source())
+        gg.assert_no_pending_responses()
+    assert (result["componentVersion"], result["previousVersion"]) == ("1.4.0", "1.2.0")
+    old, new = store.runs(SCOPE)
+    assert (old.run_id, old.status) == ("canary-1.3.0", "cancelled") and old.finished is not None
+    assert old.detail["outcome"].startswith("superseded by 1.4.0")
+    assert (new.run_id, new.status, new.detail["previousVersion"]) == ("canary-1.4.0", "running", "1.2.0")
+
+
+def test_other_states_bad_events_and_missing_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     event = approved_event()
     event["detail"]["ModelApprovalStatus"] = "Rejected"
     assert handler(event) == {"phase": "ignored", "reason": "ModelApprovalStatus is Rejected"}
     with pytest.raises(DeployEventError, match="unexpected event: detail-type 'Object Created'"):
         handler({"detail-type": "Object Created", "source": "aws.s3"})
+    for name in ("QCSIGHT_STORE", "QCSIGHT_FLEET_THING_GROUP_ARN", "QCSIGHT_CANARY_THING_GROUP_ARN",
+                 "QCSIGHT_ARTIFACT_BASE", "QCSIGHT_COMPONENT_BUCKET", "QCSIGHT_SOAK"):
+        monkeypatch.delenv(name, raising=False)
     with pytest.raises(DeployEventError, match="QCSIGHT_STORE is not set"):
         handler(TICK)
+    with pytest.raises(DeployEventError, match="QCSIGHT_STORE is not set"):
+        handler(approved_event())
+    monkeypatch.setenv("QCSIGHT_STORE", f"sqlite:{tmp_path / 's.sqlite'}")
+    with pytest.raises(DeployEventError, match="QCSIGHT_FLEET_THING_GROUP_ARN is not set"):
+        handler(TICK)
+    monkeypatch.setenv("QCSIGHT_FLEET_THING_GROUP_ARN", "line-1")  # a name where the ARN belongs
+    with pytest.raises(DeployEventError, match=r"thing group ARN 'line-1': expected arn:<partition>:iot:"):
+        handler(TICK)
+    monkeypatch.setenv("QCSIGHT_FLEET_THING_GROUP_ARN", FLEET)
+    # checked on every tick, canary or not: a deployment misconfigured shows at the first tick, not the first model
+    with pytest.raises(DeployEventError, match="QCSIGHT_CANARY_THING_GROUP_ARN is not set"):
+        handler(TICK)
+    # the approval fails before it reads or sends anything
+    with pytest.raises(DeployEventError, match="QCSIGHT_ARTIFACT_BASE is not set"):
+        handler(approved_event())
+    monkeypatch.setenv("QCSIGHT_COMPONENT_BUCKET", "models")
+    with pytest.raises(DeployEventError, match="QCSIGHT_CANARY_THING_GROUP_ARN is not set"):
+        handler(approved_event())
+    monkeypatch.setenv("QCSIGHT_CANARY_THING_GROUP_ARN", "arn:aws:iot:us-east-1:123456789012:thing/cam-1")
+    with pytest.raises(DeployEventError, match="thing group ARN 'arn:aws:iot:us-east-1:123456789012:thing/cam-1'"):
+        handler(approved_event())
     monkeypatch.setenv("QCSIGHT_SOAK", '{"soak_seconds": 5}')
     with pytest.raises(DeployEventError, match=r"QCSIGHT_SOAK: unknown fields \['soak_seconds'\]"):
         handler(approved_event())
+    monkeypatch.setenv("QCSIGHT_SOAK", '[900]')
+    with pytest.raises(DeployEventError, match=r"QCSIGHT_SOAK: a JSON object of SoakSettings fields, not \[900\]"):
+        handler(TICK)
     with pytest.raises(DeployEventError, match="QCSIGHT_ARTIFACT_BASE is not set"):
         DeploySettings().need("artifact_base")
     with pytest.raises(DeployEventError, match="QCSIGHT_CANARY_THING_GROUP_ARN is not set"):
         DeploySettings().need("canary_group_arn")
     with pytest.raises(DeployEventError, match="thing group ARN 'line-1'"):
         _ = DeploySettings(fleet_group_arn="line-1").scope
-    # the CDK app's variables (infra/stacks/names.py), QCSIGHT_SOAK as the stack sets it by default
+    # the CDK app's variables (infra/stacks/names.py; tests/infra holds the template to this reader)
     settings = DeploySettings.from_env({"QCSIGHT_COMPONENT_BUCKET": "models", "QCSIGHT_CANARY_THING_GROUP_ARN": CANARY,
                                         "QCSIGHT_FLEET_THING_GROUP_ARN": FLEET, "QCSIGHT_STORE": "dynamodb:qcsight",
                                         "QCSIGHT_SOAK": '{"soak_s": 900}', "QCSIGHT_NEO_TARGET": ""})
@@ -215,11 +271,85 @@ def test_scheduled_ticks_soak_the_recorded_canary_then_promote_or_roll_back_once
         gg.assert_no_pending_responses()
     assert result["phase"] == phase and result["deploymentId"] == f"d-{version}"
     (decision,) = store.decisions(SCOPE)
-    assert decision.action == phase
+    assert (decision.action, decision.triggers) == (phase, ("model 1.3.0",))
+    checks = {check.name: check for check in decision.checks}
+    # cam-2 and cam-3 (the second page) both count for the fleet: 2 x 4 windows of 100 frames
+    assert checks["defect_rate"].fired is (phase == "rollback")
+    assert "16/800 on the fleet" in checks["defect_rate"].summary
+    if phase == "rollback":
+        assert result["reasons"] == ["canary defect rate significantly above the fleet's: "
+                                     + checks["defect_rate"].summary]
+    else:
+        assert checks["soak"].fired and "4 canary windows" in result["reasons"][0]
     (run,) = store.runs(SCOPE)
     assert run.status == ("succeeded" if phase == "promote" else "failed") and run.decision_id == decision.decision_id
-    assert run.detail["outcome"].startswith(phase)
+    assert run.detail["outcome"] == f"{phase}: " + "; ".join(result["reasons"])
+    assert run.finished == timestamps.iso(now[0])
     with Stubber(clients.iot), Stubber(clients.greengrass):  # the next tick: idle, nothing redeployed
         assert handler(TICK) == {"phase": "idle"}
     assert len(store.decisions(SCOPE)) == 1
     assert json.loads(json.dumps(result))
+    if phase == "promote":  # EventBridge retries an approval for two hours: once promoted, it changes nothing
+        monkeypatch.setenv("QCSIGHT_ARTIFACT_BASE", "s3://artifacts/qcsight")
+        with Stubber(clients.s3), Stubber(clients.greengrass), Stubber(clients.sagemaker):
+            again = handler(approved_event())
+        assert again["duplicate"] is True and store.runs(SCOPE) == [run]
+
+
+def running_canary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                   previous: str | None) -> tuple[Clients, SqliteStore]:
+    """A canary 1.3.0 started at T0 whose only device (cam-1) reported 40 defects per 100 frames: a rollback."""
+    from qcsight_cloud.ingest import Ingestor
+
+    clients = Clients(client("s3"), client("greengrassv2"), client("sagemaker"), client("iot"))
+    monkeypatch.setattr(lambda_deploy, "_clients", lambda: clients)
+    monkeypatch.setattr(lambda_deploy.timestamps, "now", lambda: T0 + datetime.timedelta(minutes=5))
+    for name, value in (("QCSIGHT_STORE", f"sqlite:{tmp_path / 's.sqlite'}"),
+                        ("QCSIGHT_CANARY_THING_GROUP_ARN", CANARY), ("QCSIGHT_FLEET_THING_GROUP_ARN", FLEET)):
+        monkeypatch.setenv(name, value)
+    store = SqliteStore(tmp_path / "s.sqlite")
+    store.put_run(Run("canary-1.3.0", SCOPE, "2026-03-02T08:00:00.000Z", "running", model_version="1.3.0",
+                      detail={"previousVersion": previous} if previous else {}))
+    ingestor = Ingestor(store, lambda thing: "line-1")
+    ingestor.ingest_batch([incoming(metrics("cam-1", i + 1, T0 + datetime.timedelta(minutes=i + 1), defects=40,
+                                            model="3")) for i in range(4)])
+    ingestor.ingest_batch([incoming(metrics("cam-2", i + 1, T0 + datetime.timedelta(minutes=i + 1), defects=2,
+                                            model="2")) for i in range(4)])
+    return clients, store
+
+
+def test_a_failed_rollback_deployment_raises_and_leaves_the_canary_to_the_next_tick(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clients, store = running_canary(tmp_path, monkeypatch, "1.2.0")
+    with Stubber(clients.iot) as iot, Stubber(clients.greengrass) as gg:
+        expect_members(iot, "line-1-canary", [["cam-1"]], False)
+        expect_members(iot, "line-1", [["cam-1", "cam-2"]], True)
+        gg.add_response("list_deployments", {"deployments": [{"deploymentId": "d-0", "targetArn": CANARY}]},
+                        {"targetArn": CANARY, "historyFilter": "LATEST_ONLY"})
+        gg.add_response("get_deployment", {"deploymentId": "d-0", "components": {
+            MODEL: {"componentVersion": "1.3.0"}}}, {"deploymentId": "d-0"})
+        gg.add_client_error("create_deployment", "ThrottlingException", "Rate exceeded", 429)
+        with pytest.raises(ClientError, match="ThrottlingException"):
+            handler(TICK)  # the Lambda fails: EventBridge retries, and the next tick judges again
+    (run,) = store.runs(SCOPE)
+    assert run.status == "running" and store.decisions(SCOPE) == []
+    with Stubber(clients.iot) as iot, Stubber(clients.greengrass) as gg:
+        expect_members(iot, "line-1-canary", [["cam-1"]], False)
+        expect_members(iot, "line-1", [["cam-1", "cam-2"]], True)
+        expect_deployment(gg, CANARY, "1.3.0", "1.2.0")
+        assert handler(TICK)["phase"] == "rollback"
+    assert store.runs(SCOPE)[0].status == "failed" and len(store.decisions(SCOPE)) == 1
+
+
+def test_a_rollback_with_no_previous_version_says_so_and_deploys_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clients, store = running_canary(tmp_path, monkeypatch, None)  # the group's first model
+    with Stubber(clients.iot) as iot, Stubber(clients.greengrass):
+        expect_members(iot, "line-1-canary", [["cam-1"]], False)
+        expect_members(iot, "line-1", [["cam-1", "cam-2"]], True)
+        result = handler(TICK)
+    assert result["phase"] == "rollback" and "deploymentId" not in result
+    assert "no previous version to restore" in result["reasons"][-1]
+    (decision,) = store.decisions(SCOPE)
+    assert {c.name: c.fired for c in decision.checks}["restore"] is True
+    assert store.runs(SCOPE)[0].status == "failed"
