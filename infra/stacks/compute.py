@@ -180,17 +180,16 @@ class ComputeStack(Stack):
 
     def function_environment(self, key: str) -> dict[str, str]:
         """Exactly the variables function `key` reads (names.FUNCTION_ENV), with this fleet's values."""
-        s, c, e = self.storage, self.config, names.Env
+        c, e = self.config, names.Env
         values = {
             e.STORE: store_url(c.fleet), e.FLEET: self.fleet_json(), e.RETENTION_DAYS: str(c.metrics_retention_days),
             e.PIPELINE_NAME: self.pipeline_name, e.POLICY: "{}",
             e.MANIFEST_PREFIX: f"s3://{c.bucket_name('pipeline')}/{MANIFEST_PREFIX}",
-            e.MODEL_PACKAGE_GROUP: self.model_package_group_name,
             e.CANARY_GROUP_ARN: self.arns.iot(f"thinggroup/{c.name('canary')}"),
             e.FLEET_GROUP_ARN: self.arns.iot(f"thinggroup/{c.name('fleet')}"),
             e.COMPONENT_BUCKET: c.bucket_name("models"), e.COMPONENT_PREFIX: names.COMPONENT_ARTIFACT_PREFIX,
-            e.BATCH_MODEL_URI: f"s3://{c.bucket_name('models')}/{names.BATCH_MODEL_KEY}",
-            e.SAGEMAKER_ROLE_ARN: self.arns.role(self.execution_role_name), e.OPS_TOPIC_ARN: s.ops_topic.topic_arn,
+            e.SOAK: "{}", e.NEO_TARGET: c.neo_target, e.NEO_ROLE_ARN: self.arns.role(self.execution_role_name),
+            e.NEO_OUTPUT: f"s3://{c.bucket_name('pipeline')}/{names.NEO_OUTPUT_PREFIX}",
         }
         return {name: values[name] for name in names.FUNCTION_ENV[key]}
 
@@ -233,19 +232,20 @@ class ComputeStack(Stack):
               wildcard_reason="one manifest of reviewed images per run, under the fixed manifests/ prefix")
 
     def _deploy_permissions(self, role: iam.IRole) -> None:
+        """What qcsight_cloud.lambda_deploy does: publish and deploy an approved model, soak, promote or roll back."""
         a, c = self.arns, self.config
         group = self.model_package_group_name
-        groups = [a.iot(f"thinggroup/{name}") for name in
-                  (c.name("canary"), c.name("fleet"), *(c.name(f"line-{line}") for line in c.lines))]
+        canary, fleet = a.iot(f"thinggroup/{c.name('canary')}"), a.iot(f"thinggroup/{c.name('fleet')}")
+        groups = [canary, fleet, *(a.iot(f"thinggroup/{c.name(f'line-{line}')}") for line in c.lines)]
         components = a.greengrass("components:com.qcsight.*")
-        allow(role, "ReadApprovedModels", ["sagemaker:DescribeModelPackage", "sagemaker:ListModelPackages"],
-              [a.sagemaker(f"model-package/{group}/*"), a.sagemaker(f"model-package-group/{group}")],
+        allow(role, "ReadApprovedModels", ["sagemaker:DescribeModelPackage"],
+              [a.sagemaker(f"model-package/{group}/*")],
               wildcard_reason="model package versions of this fleet's one group, numbered by SageMaker")
         allow(role, "ReadModelArtifacts", ["s3:GetObject"], [a.objects("pipeline", "*")],
               wildcard_reason="the approved model.tar.gz is wherever its pipeline run wrote it in the pipeline "
                               "bucket; the model package names it")
         allow(role, "PublishComponentArtifacts", ["s3:PutObject", "s3:GetObject"],
-              [a.objects("models", f"{names.COMPONENT_ARTIFACT_PREFIX}/*"), a.objects("models", names.BATCH_MODEL_KEY)],
+              [a.objects("models", f"{names.COMPONENT_ARTIFACT_PREFIX}/*")],
               wildcard_reason="component artifacts are written as components/<component>/<version>/ for each "
                               "new model version")
         kms_via(role, "ArtifactsKey", self.key_arn, ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
@@ -264,16 +264,17 @@ class ComputeStack(Stack):
               ["iot:CreateJob", "iot:DescribeJob", "iot:CancelJob", "iot:UpdateJob", "iot:DescribeThingGroup"],
               [a.iot("job/*"), *groups],
               wildcard_reason="the IoT job behind each Greengrass deployment is named by Greengrass")
+        # Each canary check lists the canary group's things and the fleet group's (recursive: its line groups').
+        allow(role, "ListCanaryAndFleet", ["iot:ListThingsInThingGroup"], [canary, fleet])
         allow(role, "CompileForTheEdge", ["sagemaker:CreateCompilationJob", "sagemaker:DescribeCompilationJob"],
               [a.sagemaker(f"compilation-job/{c.fleet}-*")],
               wildcard_reason="one Neo compilation job per model version, named <fleet>-<version>")
         allow(role, "PassSageMakerRole", ["iam:PassRole"], [a.role(self.execution_role_name)],
               conditions={"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}})
-        self._tables(role, "CanarySoak", ["dynamodb:Query"], ("metrics",), indexes=(("metrics", "by_line"),))
-        self._tables(role, "ReadDevices", ["dynamodb:GetItem", "dynamodb:Scan"], ("devices",))
-        self._tables(role, "RecordPromotions", ["dynamodb:PutItem"], ("decisions", "runs"))
-        allow(role, "NotifyRollbacks", ["sns:Publish"], [self.storage.ops_topic.topic_arn])
-        kms_via(role, "OpsTopicKey", self.key_arn, ["kms:GenerateDataKey", "kms:Decrypt"], ["sns"], self.region)
+        # The rollout in the store: the canary's run (runs), the devices' windows since it started (metrics, by
+        # thing: the base table), the promote/rollback decision (decisions).
+        self._tables(role, "ReadRollout", ["dynamodb:Query"], ("runs", "metrics"))
+        self._tables(role, "RecordRollout", ["dynamodb:PutItem"], ("runs", "decisions"))
 
     # ------------------------------------------------------------ IoT rules
 

@@ -48,6 +48,8 @@ class AppConfig:
             move to Standard-IA, then Glacier Instant Retrieval, then expire.
         policy_rate_minutes: how often the retraining policy runs.
         canary_check_minutes: how often the deploy function checks a canary's soak.
+        neo_target: the Neo device target the deploy function compiles each approved model for (e.g.
+            jetson_nano; qcsight_train.launch.neo's list); "" compiles nothing.
         silent_after_s: a device that sent nothing for this long is flagged by Device Defender.
         batch_schedule: when Batch Transform scores the incoming images (EventBridge Scheduler syntax).
         batch_timezone: the time zone batch_schedule is read in.
@@ -77,6 +79,7 @@ class AppConfig:
     noncurrent_expire_days: int = 365
     policy_rate_minutes: int = 15
     canary_check_minutes: int = 10
+    neo_target: str = ""
     silent_after_s: int = 900
     batch_schedule: str = "cron(0 2 * * ? *)"
     batch_timezone: str = "UTC"
@@ -111,6 +114,13 @@ class AppConfig:
         _between("noncurrent_expire_days", self.noncurrent_expire_days, self.noncurrent_glacier_days + 90, 36500)
         _between("policy_rate_minutes", self.policy_rate_minutes, 1, 1440)
         _between("canary_check_minutes", self.canary_check_minutes, 1, 1440)
+        if self.neo_target:
+            from qcsight_train.launch.neo import parse_device
+
+            try:
+                parse_device(self.neo_target)
+            except ConfigError as exc:
+                raise ConfigError("neo_target", self.neo_target, exc.allowed) from None
         if self.silent_after_s not in DEFENDER_DURATIONS_S:
             raise ConfigError("silent_after_s", self.silent_after_s,
                               f"one of Device Defender's durations: {', '.join(map(str, DEFENDER_DURATIONS_S))}")

@@ -67,15 +67,16 @@ class Env:
     PIPELINE_NAME = "QCSIGHT_PIPELINE_NAME"
     POLICY = "QCSIGHT_POLICY"
     MANIFEST_PREFIX = "QCSIGHT_MANIFEST_PREFIX"
-    # Deploy (qcsight_cloud.lambda_deploy, branch w/loop): what the approval -> canary -> fleet rollout needs.
-    MODEL_PACKAGE_GROUP = "QCSIGHT_MODEL_PACKAGE_GROUP"
+    # Deploy (qcsight_cloud.lambda_deploy): the approval -> canary -> soak -> fleet or rollback rollout. Its
+    # state is in the store; the scheduled ticks read the two groups' members from IoT.
     CANARY_GROUP_ARN = "QCSIGHT_CANARY_THING_GROUP_ARN"
     FLEET_GROUP_ARN = "QCSIGHT_FLEET_THING_GROUP_ARN"
     COMPONENT_BUCKET = "QCSIGHT_COMPONENT_BUCKET"
     COMPONENT_PREFIX = "QCSIGHT_COMPONENT_ARTIFACT_PREFIX"
-    BATCH_MODEL_URI = "QCSIGHT_BATCH_MODEL_URI"
-    SAGEMAKER_ROLE_ARN = "QCSIGHT_SAGEMAKER_ROLE_ARN"
-    OPS_TOPIC_ARN = "QCSIGHT_OPS_TOPIC_ARN"
+    SOAK = "QCSIGHT_SOAK"
+    NEO_TARGET = "QCSIGHT_NEO_TARGET"
+    NEO_ROLE_ARN = "QCSIGHT_NEO_ROLE_ARN"
+    NEO_OUTPUT = "QCSIGHT_NEO_OUTPUT"
     # The review container (qcsight_review).
     IMAGES_BUCKET = "QCSIGHT_IMAGES_BUCKET"
     REVIEW_AUTH = "QCSIGHT_REVIEW_AUTH"
@@ -87,8 +88,8 @@ class Env:
 FUNCTION_ENV: dict[str, tuple[str, ...]] = {
     "ingest": (Env.STORE, Env.FLEET, Env.RETENTION_DAYS),
     "policy": (Env.STORE, Env.FLEET, Env.PIPELINE_NAME, Env.POLICY, Env.MANIFEST_PREFIX),
-    "deploy": (Env.STORE, Env.MODEL_PACKAGE_GROUP, Env.CANARY_GROUP_ARN, Env.FLEET_GROUP_ARN, Env.COMPONENT_BUCKET,
-               Env.COMPONENT_PREFIX, Env.BATCH_MODEL_URI, Env.SAGEMAKER_ROLE_ARN, Env.OPS_TOPIC_ARN),
+    "deploy": (Env.STORE, Env.CANARY_GROUP_ARN, Env.FLEET_GROUP_ARN, Env.COMPONENT_BUCKET, Env.COMPONENT_PREFIX,
+               Env.SOAK, Env.NEO_TARGET, Env.NEO_ROLE_ARN, Env.NEO_OUTPUT),
 }
 
 # ---------------------------------------------------------------- metrics the dashboard and alarms read
@@ -109,8 +110,11 @@ METRIC_DIMENSION_LINE = "Line"
 COMPONENT_ARTIFACT_PREFIX = "components"
 # Full-resolution alert images: each device uploads under s3://<images bucket>/<this>/<thing name>/.
 DEVICE_IMAGE_PREFIX = "devices"
-# The model Batch Transform scores with; the deploy function copies the promoted model.tar.gz here.
+# The model Batch Transform scores with (put there by hand or a release step: the deploy function does not yet
+# copy a promoted model here).
 BATCH_MODEL_KEY = "batch/current/model.tar.gz"
+# Neo's compiled models, in the pipeline bucket (the SageMaker role, which Neo assumes, writes there).
+NEO_OUTPUT_PREFIX = "neo/"
 
 # ---------------------------------------------------------------- containers
 

@@ -17,8 +17,9 @@ def _read(values: dict[str, Any]) -> AppConfig:
 def test_defaults_and_string_values_from_the_command_line() -> None:
     config = _read({"qcsight:account": "123456789012", "qcsight:region": "eu-central-1",
                     "qcsight:lines": "line-7, line-8", "qcsight:imageRetentionDays": "30",
-                    "qcsight:reviewInternetFacing": "true"})
+                    "qcsight:reviewInternetFacing": "true", "qcsight:neoTarget": "jetson_nano"})
     assert config.lines == ("line-7", "line-8") and config.image_retention_days == 30
+    assert config.neo_target == "jetson_nano"
     assert config.review_internet_facing is True and config.fleet == "qcsight"
     assert config.zones == ("eu-central-1a", "eu-central-1b")
     assert config.bucket_name("images") == "qcsight-images-123456789012-eu-central-1"
@@ -41,6 +42,7 @@ def test_account_and_region_fall_back_to_the_cli_environment() -> None:
     ("qcsight:noncurrentGlacierDays", 40, "noncurrent_glacier_days"),
     ("qcsight:reviewCertificateArn", "arn:aws:acm:eu-west-1:123456789012:certificate/x", "review_domain_name"),
     ("qcsight:availabilityZones", "eu-west-1a", "two zones"),
+    ("qcsight:neoTarget", "toaster", r"neo_target='toaster': one of .*jetson_nano"),
 ])
 def test_bad_values_name_the_key(key: str, value: Any, says: str) -> None:
     values = {"qcsight:account": "123456789012", "qcsight:region": "eu-west-1", key: value}

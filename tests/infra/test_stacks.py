@@ -224,6 +224,52 @@ def test_one_role_per_function_and_each_function_is_bounded(templates: Templates
                                "line-8": {"thing_group": "qcsight-line-line-8"}}}
 
 
+def test_the_deploy_function_reads_every_variable_it_is_given_and_may_do_only_its_rollout(
+        templates: Templates) -> None:
+    from qcsight_cloud.lambda_deploy import APPROVAL_NEEDS, TICK_NEEDS, DeploySettings
+    from qcsight_cloud.rollout import SoakSettings
+
+    class Reading(dict[str, str]):
+        """The template's variables, remembering which of them the function's reader asks for."""
+
+        def __init__(self, values: dict[str, str]) -> None:
+            super().__init__(values)
+            self.asked: set[str] = set()
+
+        def get(self, key: str, default: Any = None) -> Any:
+            self.asked.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key: str) -> str:
+            self.asked.add(key)
+            return super().__getitem__(key)
+
+    (props,) = [props for _, _, props in resources({"compute": templates["compute"]}, "AWS::Lambda::Function")
+                if props["FunctionName"] == "qcsight-deploy"]
+    env = Reading(resolve(props["Environment"]["Variables"]))
+    settings = DeploySettings.from_env(env).check(*TICK_NEEDS, *APPROVAL_NEEDS)
+    assert set(env) <= env.asked, "set but never read: " + ", ".join(sorted(set(env) - env.asked))
+    assert env.asked - set(env) == {"QCSIGHT_ARTIFACT_BASE"}  # a local override of the bucket and prefix
+    assert settings.scope == "rollout:qcsight-fleet" and settings.soak == SoakSettings()
+    assert settings.artifact_base == f"s3://qcsight-models-{B}/components"
+    assert settings.canary_group_arn == f"arn:aws:iot:{REGION}:{ACCOUNT}:thinggroup/qcsight-canary"
+    assert (settings.neo_target, settings.neo_role_arn, settings.neo_output) == (
+        "", f"arn:aws:iam::{ACCOUNT}:role/qcsight-sagemaker-execution", f"s3://qcsight-pipeline-{B}/neo/")
+
+    granted: dict[str, set[str]] = {}
+    for stack, logical_id, statement in _statements(templates):
+        if stack == "compute" and logical_id.startswith("DeployRole"):
+            for action in as_list(statement["Action"]):
+                granted.setdefault(action, set()).update(as_list(statement["Resource"]))
+    group = f"arn:aws:iot:{REGION}:{ACCOUNT}:thinggroup/qcsight-"
+    assert granted["iot:ListThingsInThingGroup"] == {group + "canary", group + "fleet"}
+    table = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/qcsight-"
+    dynamodb = {action: resources for action, resources in granted.items() if action.startswith("dynamodb:")}
+    assert dynamodb == {"dynamodb:Query": {table + "runs", table + "metrics"},
+                        "dynamodb:PutItem": {table + "runs", table + "decisions"}}
+    assert not [action for action in granted if action.startswith("sns:")]
+
+
 # ---------------------------------------------------------------- IoT, events, batch
 
 
@@ -242,7 +288,8 @@ def test_every_iot_rule_has_an_error_action_and_passes_the_connection_identity(t
         assert "Lambda" in payload["Actions"][0]
 
 
-def test_model_approval_event_goes_to_the_deploy_function(cdk_templates: dict[str, Any]) -> None:
+def test_model_approval_event_and_the_canary_check_go_to_the_deploy_function(templates: Templates,
+                                                                            cdk_templates: dict[str, Any]) -> None:
     from aws_cdk.assertions import Match
 
     cdk_templates["compute"].has_resource_properties("AWS::Events::Rule", {
@@ -250,6 +297,14 @@ def test_model_approval_event_goes_to_the_deploy_function(cdk_templates: dict[st
                          "detail": {"ModelPackageGroupName": ["qcsight-models"], "ModelApprovalStatus": ["Approved"]}},
         "Targets": [Match.object_like({"DeadLetterConfig": Match.any_value(), "RetryPolicy": Match.any_value()})],
     })
+    # The schedule sends EventBridge's own "Scheduled Event" (no Input), which the function dispatches on.
+    functions = {logical_id: props["FunctionName"]
+                 for _, logical_id, props in resources({"compute": templates["compute"]}, "AWS::Lambda::Function")}
+    (check,) = [props for _, logical_id, props in resources(templates, "AWS::Events::Rule")
+                if logical_id.startswith("CanaryCheck")]
+    assert check["ScheduleExpression"] == "rate(10 minutes)"
+    (target,) = check["Targets"]
+    assert functions[target["Arn"]["Fn::GetAtt"][0]] == "qcsight-deploy" and "Input" not in target
 
 
 def test_batch_schedule_sends_the_request_batch_submit_builds(templates: Templates) -> None:
