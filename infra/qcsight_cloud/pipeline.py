@@ -11,6 +11,13 @@ Steps::
   prints it), with its ``train`` channel on the ``BaseData`` parameter, a ``reviewed`` channel on
   the ``ReviewedManifest`` parameter (the policy function's manifest), instance type and count as
   parameters, and the model written under ``runs/<execution id>/`` of the pipeline bucket.
+  The ``reviewed`` channel is the manifest object itself (``S3Prefix``, File mode, on every host):
+  SageMaker copies it into /opt/ml/input/data/reviewed/, and training downloads the images its
+  lines name by s3:// URI (the execution role reads the images bucket), adding them to the
+  training split only (qcsight_core.review_manifest, qcsight_train.data). Not ``ManifestFile``:
+  its JSON array names objects under one prefix and carries no labels (a second object would have
+  to), and an empty one (no reviews yet) is not a manifest; not ``AugmentedManifestFile``: Pipe
+  mode only.
 - ``Evaluate``: a processing job on the training image and source tarball running ``qcsight
   evaluate`` on the fixed held-out set (``HoldoutData``) for the candidate and for the production
   model (``ProductionModel``), writing ``candidate/metrics.json`` and ``production/metrics.json``.

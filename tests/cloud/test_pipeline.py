@@ -199,3 +199,35 @@ def test_the_processing_commands_run_in_a_shell_and_leave_production_out_for_a_f
     assert evaluated == [f"{inputs}/{model}/model.tar.gz" for model in models]
     assert len(gate) == 1
     assert ("--production" in gate[0]) is (not first_model)
+
+
+def _resolved(value: Any, parameters: dict[str, Any], execution: str) -> Any:
+    """A step argument with its pipeline expressions evaluated the way SageMaker does at run time."""
+    if isinstance(value, dict) and set(value) == {"Get"}:
+        path = value["Get"]
+        return execution if path == "Execution.PipelineExecutionId" else parameters[path.removeprefix("Parameters.")]
+    if isinstance(value, dict) and set(value) == {"Std:Join"}:
+        join = value["Std:Join"]
+        return join["On"].join(str(_resolved(v, parameters, execution)) for v in join["Values"])
+    if isinstance(value, dict):
+        return {k: _resolved(v, parameters, execution) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolved(v, parameters, execution) for v in value]
+    return value
+
+
+def test_the_reviewed_channel_copies_the_policys_manifest_into_the_container_in_file_mode() -> None:
+    """The policy's manifest object reaches /opt/ml/input/data/reviewed/ on every host; training fetches its images."""
+    body = pipeline.definition(inputs())
+    train = body["Steps"][0]
+    [reviewed] = [c for c in train["Arguments"]["InputDataConfig"] if c["ChannelName"] == "reviewed"]
+    assert reviewed == {"ChannelName": "reviewed", "InputMode": "File", "DataSource": {"S3DataSource": {
+        "S3DataType": "S3Prefix", "S3Uri": {"Get": "Parameters.ReviewedManifest"},
+        "S3DataDistributionType": "FullyReplicated"}}}
+    # The request SageMaker makes once an execution the policy started resolves its parameters.
+    values = {p["Name"]: p["DefaultValue"] for p in body["Parameters"]}
+    values["ReviewedManifest"] = "s3://qcsight-pipeline/manifests/line-1/0123abcd.manifest"
+    request = _resolved(train["Arguments"], values, "exec-1")
+    assert_valid("CreateTrainingJob", {**request, "TrainingJobName": "pipelines-exec-1-train"})
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"]}
+    assert channels["reviewed"] == values["ReviewedManifest"]
