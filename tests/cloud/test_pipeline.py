@@ -126,16 +126,22 @@ def _sagemaker() -> Any:
 
 def test_upsert_creates_then_updates_and_start_checks_its_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import boto3
     from botocore.stub import ANY, Stubber
 
     client = _sagemaker()
-    monkeypatch.setattr("qcsight_cloud.aws_cli._client", lambda args, service: client)
+    s3 = boto3.client("s3", region_name="eu-west-1", aws_access_key_id="k", aws_secret_access_key="s")
+    monkeypatch.setattr("qcsight_cloud.aws_cli._client", lambda args, service: s3 if service == "s3" else client)
     (tmp_path / "inputs.json").write_text(json.dumps(inputs()))
     body = pipeline.definition(inputs())
     expected = {"PipelineName": "qcsight-retrain", "PipelineDefinition": json.dumps(body, sort_keys=True),
                 "PipelineDescription": ANY, "RoleArn": ROLE}
     arn = "arn:aws:sagemaker:eu-west-1:123456789012:pipeline/qcsight-retrain"
-    with Stubber(client) as stub:
+    with Stubber(client) as stub, Stubber(s3) as s3_stub:
+        # A run started by hand takes ReviewedManifest's default: the empty manifest is put the first time.
+        empty = {"Bucket": "qcsight-pipeline", "Key": "manifests/empty.manifest"}
+        s3_stub.add_client_error("head_object", "404", "Not Found", 404, expected_params=empty)
+        s3_stub.add_response("put_object", {}, {**empty, "Body": b"", "ContentType": "application/x-ndjson"})
         stub.add_client_error("describe_pipeline", "ResourceNotFound", "Pipeline does not exist",
                               expected_params={"PipelineName": "qcsight-retrain"})
         stub.add_response("create_pipeline", {"PipelineArn": arn}, {**expected, "ClientRequestToken": ANY})
@@ -158,6 +164,7 @@ def test_upsert_creates_then_updates_and_start_checks_its_parameters(tmp_path: P
         with pytest.raises(Exception, match="'Lines' is not declared"):
             cli.main(["pipeline", "start", "--name", "qcsight-retrain", "-p", "Lines=line-1"])
         stub.assert_no_pending_responses()
+        s3_stub.assert_no_pending_responses()
     assert f"{arn}/execution/x1" in capsys.readouterr().out
 
 
@@ -231,3 +238,18 @@ def test_the_reviewed_channel_copies_the_policys_manifest_into_the_container_in_
     assert_valid("CreateTrainingJob", {**request, "TrainingJobName": "pipelines-exec-1-train"})
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"]}
     assert channels["reviewed"] == values["ReviewedManifest"]
+
+
+def test_an_existing_default_manifest_is_left_as_it_is() -> None:
+    import boto3
+    from botocore.stub import Stubber
+
+    s3 = boto3.client("s3", region_name="eu-west-1", aws_access_key_id="k", aws_secret_access_key="s")
+    body = pipeline.definition(inputs())
+    uri = pipeline.default_value(body, "ReviewedManifest")
+    assert uri == "s3://qcsight-pipeline/manifests/empty.manifest"
+    with Stubber(s3) as stub:
+        stub.add_response("head_object", {"ContentLength": 0},
+                          {"Bucket": "qcsight-pipeline", "Key": "manifests/empty.manifest"})
+        assert pipeline.ensure_object(s3, uri) is False
+        stub.assert_no_pending_responses()
