@@ -143,3 +143,20 @@ def test_images_named_by_s3_uri_are_downloaded_into_the_cache(dataset: Path, tmp
     missing = _channel(tmp_path / "missing", [ReviewedImage("s3://qcsight-images/cam-1/nope.png", "good", FALSE_ALARM)])
     with pytest.raises(DataError, match=r"manifest:1 \(s3://qcsight-images/cam-1/nope\.png\): .*cannot download"):
         load_data(build_config({"data": str(dataset), "output": str(tmp_path), "reviewed": str(missing)}), cache)
+
+
+def test_an_anomaly_run_fits_the_false_alarms_and_not_the_confirmed_defects(tmp_path: Path) -> None:
+    from qcsight_train.anomaly.data import load_anomaly_data
+    from tests.train.synth_data import make_anomaly_dataset
+
+    data = make_anomaly_dataset(tmp_path / "data", good=12, defects=3)
+    alerts = _alerts(tmp_path / "alerts")
+    channel = _channel(tmp_path / "reviewed", [ReviewedImage(str(alerts[0]), "good", FALSE_ALARM),
+                                               ReviewedImage(str(alerts[1]), "scratch", DEFECT)])
+    base = load_anomaly_data(build_config({"data": str(data), "output": str(tmp_path), "task": "anomaly",
+                                           "arch": "resnet18"}), tmp_path / "cache")
+    cfg = build_config({"data": str(data), "output": str(tmp_path), "task": "anomaly", "arch": "resnet18",
+                        "reviewed": str(channel)})
+    splits = load_anomaly_data(cfg, tmp_path / "cache")
+    assert splits.val == base.val and splits.test == base.test
+    assert [Path(s.path).name for s in splits.train[len(base.train):]] == [alerts[0].name]
