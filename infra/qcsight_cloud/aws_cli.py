@@ -16,6 +16,7 @@ from typing import Any
 from qcsight_aws.errors import aws_errors
 from qcsight_aws.session import boto_session
 from qcsight_cloud import endpoint, pipeline
+from qcsight_cloud.lambda_policy import PARAM_MANIFEST
 from qcsight_core.cli import EXIT_OK
 from qcsight_core.errors import ConfigError
 
@@ -144,7 +145,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
     client = _client(args, "sagemaker")
     with aws_errors("DescribePipeline"):
         described = client.describe_pipeline(PipelineName=args.name)
-    pipeline.check_parameters(parameters, pipeline.declared_parameters(json.loads(described["PipelineDefinition"])))
+    body = json.loads(described["PipelineDefinition"])
+    pipeline.check_parameters(parameters, pipeline.declared_parameters(body))
+    default_manifest = pipeline.default_value(body, PARAM_MANIFEST)
+    if PARAM_MANIFEST not in parameters and isinstance(default_manifest, str):
+        with aws_errors(f"HeadObject/PutObject of {default_manifest}"):  # the reviewed channel needs an object
+            pipeline.ensure_object(_client(args, "s3"), default_manifest)
     with aws_errors("StartPipelineExecution"):
         arn = client.start_pipeline_execution(**request)["PipelineExecutionArn"]
     _print({"pipeline": args.name, "execution": arn})

@@ -13,7 +13,8 @@ An EventBridge schedule invokes it (the event's content is not read). Each invoc
    (:func:`qcsight_cloud.policy.decide`) and records the decision, fire or hold. The pipeline is
    one resource, so "one run at a time" is across lines: a run started for one line holds the next
    line's decision back in the same invocation;
-4. when a decision fires: writes the line's reviewed-alert manifest, starts the pipeline with
+4. when a decision fires: writes the line's reviewed-image manifest (qcsight_core.review_manifest, the
+   training job's ``reviewed`` channel), starts the pipeline with
    ``PIPELINE_PARAMETERS`` (idempotent on the run id), and records the run as ``running`` with its
    execution ARN. A refused start is recorded as a ``failed`` run with the error (and logged); it
    does not fail the invocation, so Lambda does not retry and record the decision twice.
@@ -40,10 +41,12 @@ from qcsight_cloud.emf import NAMESPACE, document
 from qcsight_cloud.fleet import CachedFleet, Fleet, FleetSettings, resolve
 from qcsight_cloud.lambda_ingest import Emit, emit_stdout
 from qcsight_cloud.policy import FIRE, PolicySettings, decide, explain
-from qcsight_cloud.records import GOOD, RUN_ACTIVE, Decision, DeviceStatus, Run
-from qcsight_cloud.store import Store, StoreSettings, latest_per_alert, open_store
+from qcsight_cloud.records import RUN_ACTIVE, Decision, DeviceStatus, Run
+from qcsight_cloud.reviewed import reviewed_alerts
+from qcsight_cloud.store import Store, StoreSettings, open_store
 from qcsight_cloud.trigger import gather, line_things, model_since
 from qcsight_core.errors import ConfigError
+from qcsight_core.review_manifest import manifest_bytes
 
 log = logging.getLogger(__name__)
 
@@ -147,25 +150,23 @@ class SageMakerRetrainer:
 
 
 def reviewed_manifest(store: Store, scope: str, since: datetime) -> tuple[bytes, dict[str, int]]:
-    """The line's alerts reviewed since ``since`` as a Ground-Truth-style manifest (one JSON object a line).
+    """The line's alerts reviewed since ``since`` as a reviewed-image manifest (qcsight_core.review_manifest).
 
-    Each line: ``source-ref`` (the alert image's s3:// URI), ``class`` (the operator's label, or the
-    good class for a false alarm), ``alert-id``, ``verdict``, ``thing``. Alerts whose image is not in
-    S3 (``image_ref`` missing or device-local) cannot be trained on; they are counted, not listed.
+    Selected and labelled as every manifest is (qcsight_cloud.reviewed: disputed alerts left out, a
+    false alarm as the good class). Training reads the images from S3 itself, so an alert whose image
+    is not in S3 (``image_ref`` missing or device-local) cannot be trained on: counted, not listed.
     """
-    latest = latest_per_alert([r for r in store.export_reviews(since) if r.line == scope])
-    reviewed = {alert_id: review for alert_id, review in latest.items() if review.verdict is not None}
-    lines, without_image = [], 0
-    for alert in store.get_alerts(sorted(reviewed)):
-        review = reviewed[alert.message_id]
-        if not alert.image_ref or not alert.image_ref.startswith("s3://"):
+    selection = reviewed_alerts(store, since=since, line=scope)
+    images, without_image = [], 0
+    for labelled in selection.labelled:
+        ref = labelled.alert.image_ref
+        if not ref or not ref.startswith("s3://"):
             without_image += 1
             continue
-        label = review.label or ("good" if review.verdict == GOOD else alert.label)
-        lines.append(json.dumps({"source-ref": alert.image_ref, "class": label, "alert-id": alert.message_id,
-                                 "verdict": review.verdict, "thing": alert.origin.thing}, sort_keys=True))
-    body = ("\n".join(lines) + "\n").encode() if lines else b""
-    return body, {"reviewed": len(reviewed), "listed": len(lines), "without_s3_image": without_image}
+        images.append(labelled.image(ref))
+    return manifest_bytes(images), {"reviewed": len(selection.labelled) + len(selection.disputed),
+                                    "listed": len(images), "without_s3_image": without_image,
+                                    "disputed": len(selection.disputed)}
 
 
 def sync_runs(store: Store, scopes: Sequence[str], retrainer: Retrainer) -> list[Run]:

@@ -2,15 +2,10 @@
 
 ``export_reviewed`` writes what the review export gives the training pipeline: every reviewed alert's
 image (the full image from the device's image folder when it is reachable, else the alert's
-thumbnail) and a Ground-Truth-style manifest line per image::
-
-    {"source-ref": "/abs/path.jpg", "class": "scratch",
-     "class-metadata": {"class-name": "scratch", "type": "groundtruth/image-classification",
-                        "human-annotated": "yes", "creation-date": "..."},
-     "reviewer": "op-1", "time": "...", "alert_id": "...", "thing": "cam-1"}
-
-(``qcsight train --data`` reads it as a SageMaker Ground Truth manifest: the label attribute is
-``class``.) ``LocalPipeline`` takes a run the policy requested and does what the SageMaker pipeline
+thumbnail) and a reviewed-image manifest (qcsight_core.review_manifest) naming the copies, selected
+and labelled by the rule every manifest follows (qcsight_cloud.reviewed). Training takes it as
+``qcsight train --reviewed``: the images join the training split only, beside the base data.
+``LocalPipeline`` takes a run the policy requested and does what the SageMaker pipeline
 does, as local processes (``qcsight train``, ``qcsight evaluate``), then the gate and the registry.
 ``Loop`` is ``qcsight cloud serve``: ingestion, the policy on a schedule, the pipeline, the registry
 and the rollout in one process; everything it does is in the store or the registry, so a restart
@@ -21,7 +16,6 @@ from its checkpoints).
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import shutil
@@ -29,7 +23,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,15 +34,16 @@ from qcsight_cloud.errors import CloudError
 from qcsight_cloud.fleet import Fleet
 from qcsight_cloud.gate import GateMargins, gate_files
 from qcsight_cloud.policy import PolicySettings
-from qcsight_cloud.records import GOOD, Review, Run
+from qcsight_cloud.records import Run
 from qcsight_cloud.registry import APPROVED, PENDING, Registry
+from qcsight_cloud.reviewed import reviewed_alerts
 from qcsight_cloud.rollout import Rollout
-from qcsight_cloud.store import Store, latest_per_alert
+from qcsight_cloud.store import Store
 from qcsight_cloud.trigger import evaluate
+from qcsight_core.review_manifest import SUFFIX as REVIEWED_SUFFIX
+from qcsight_core.review_manifest import read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 class PipelineError(CloudError):
@@ -58,28 +53,18 @@ class PipelineError(CloudError):
 # ---------------------------------------------------------------- the reviewed images
 
 
-def review_label(review: Review, good_class: str) -> str | None:
-    """The class an operator's current verdict gives the image (None: no verdict, e.g. all undone)."""
-    if review.verdict is None:
-        return None
-    if review.verdict == GOOD:  # a false alarm: the part is good (or the class the app passed for good)
-        return review.label or good_class
-    return review.label or review.predicted_label
-
-
 def export_reviewed(store: Store, out: Path, *, since: datetime | None = None, good_class: str = "good",
                     image_roots: Mapping[str, Path] | None = None, line: str | None = None) -> Path:
     """Write the reviewed alerts' images and their manifest into out/; returns the manifest path."""
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
-    latest = latest_per_alert([r for r in store.export_reviews(since=since) if line is None or r.line == line])
-    lines = []
-    alerts = {a.message_id: a for a in store.get_alerts(sorted(latest))}
-    for alert_id, review in sorted(latest.items()):
-        label = review_label(review, good_class)
-        alert = alerts.get(alert_id)
-        if label is None or alert is None:
-            continue
+    selection = reviewed_alerts(store, since=since, line=line, good_label=good_class)
+    if selection.disputed:
+        log.info("%d disputed alert(s) left out (reviewers disagree): %s", len(selection.disputed),
+                 ", ".join(selection.disputed[:5]))
+    rows = []
+    for labelled in selection.labelled:
+        alert, alert_id = labelled.alert, labelled.alert.message_id
         target = images / f"{alert_id}.jpg"
         source = _full_image(alert.image_ref, (image_roots or {}).get(alert.origin.thing))
         if source is not None:
@@ -91,14 +76,13 @@ def export_reviewed(store: Store, out: Path, *, since: datetime | None = None, g
         else:
             log.warning("reviewed alert %s has neither a reachable image nor a thumbnail; left out", alert_id)
             continue
-        lines.append({"source-ref": str(target.resolve()), "class": label,
-                      "class-metadata": {"class-name": label, "type": "groundtruth/image-classification",
-                                         "human-annotated": "yes", "creation-date": review.time},
-                      "reviewer": review.reviewer, "time": review.time, "alert_id": alert_id,
-                      "thing": alert.origin.thing})
-    manifest = out / "reviewed.manifest"
-    _write_lines(manifest, lines)
-    log.info("exported %d reviewed images to %s", len(lines), manifest)
+        rows.append(labelled.image(str(target.resolve())))
+    manifest = out / f"reviewed{REVIEWED_SUFFIX}"
+    tmp = manifest.with_name(manifest.name + ".part")
+    with tmp.open("w", encoding="utf-8") as handle:
+        write_manifest(handle, rows)
+    tmp.replace(manifest)
+    log.info("exported %d reviewed images to %s", len(rows), manifest)
     return manifest
 
 
@@ -110,29 +94,6 @@ def _full_image(image_ref: str | None, root: Path | None) -> Path | None:
     if root is not None:
         candidates += [root / ref, *root.rglob(Path(ref).name)]
     return next((c for c in candidates if c.is_file()), None)
-
-
-def _write_lines(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def base_manifest(data: Path) -> list[dict[str, Any]]:
-    """The base data (a folder per class) as manifest lines; a manifest file is read as it is."""
-    if data.is_file():
-        return [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = []
-    for folder in sorted(p for p in data.iterdir() if p.is_dir() and p.name != "masks"):
-        for image in sorted(folder.iterdir()):
-            if image.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append({"source-ref": str(image.resolve()), "class": folder.name,
-                             "class-metadata": {"class-name": folder.name}})
-    if not rows:
-        raise PipelineError(f"{data}: no images in class folders")
-    return rows
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -215,14 +176,14 @@ class LocalPipeline:
             production = self.registry.production(run.scope)
             reviewed = export_reviewed(self.store, work / "reviewed", since=None, good_class=s.good_class,
                                        image_roots=s.image_roots, line=run.scope)
-            reviewed_rows = [json.loads(x) for x in reviewed.read_text().splitlines() if x.strip()]
-            manifest = work / "train.manifest"
-            _write_lines(manifest, [*base_manifest(s.base_data), *reviewed_rows])
+            count = len(read_manifest(reviewed))
             version = str(max((int(v.version) for v in self.registry.versions()), default=0) + 1)
             print(f"[pipeline] run {run.run_id[:8]} ({run.scope}): training version {version} on {s.base_data} + "
-                  f"{len(reviewed_rows)} reviewed images ({reviewed}); log {logs}", flush=True)
-            self._run(["train", "--data", str(manifest), "--output", str(work / "train"), "--version", version,
-                       "--run-id", f"run-{run.run_id[:12]}", *s.train_args], "qcsight train", logs)
+                  f"{count} reviewed images ({reviewed}); log {logs}", flush=True)
+            # The reviewed images join the training split only: the base data's split stays the one it was.
+            self._run(["train", "--data", str(s.base_data), "--reviewed", str(reviewed), "--output",
+                       str(work / "train"), "--version", version, "--run-id", f"run-{run.run_id[:12]}",
+                       *s.train_args], "qcsight train", logs)
             bundle = work / "train" / "bundle"
             self._run(["evaluate", "--bundle", str(bundle), "--data", str(s.holdout), "--output",
                        str(work / "eval-candidate"), "--split", "all", *s.evaluate_args], "evaluate candidate", logs)

@@ -11,6 +11,13 @@ Steps::
   prints it), with its ``train`` channel on the ``BaseData`` parameter, a ``reviewed`` channel on
   the ``ReviewedManifest`` parameter (the policy function's manifest), instance type and count as
   parameters, and the model written under ``runs/<execution id>/`` of the pipeline bucket.
+  The ``reviewed`` channel is the manifest object itself (``S3Prefix``, File mode, on every host):
+  SageMaker copies it into /opt/ml/input/data/reviewed/, and training downloads the images its
+  lines name by s3:// URI (the execution role reads the images bucket), adding them to the
+  training split only (qcsight_core.review_manifest, qcsight_train.data). Not ``ManifestFile``:
+  its JSON array names objects under one prefix and carries no labels (a second object would have
+  to), and an empty one (no reviews yet) is not a manifest; not ``AugmentedManifestFile``: Pipe
+  mode only.
 - ``Evaluate``: a processing job on the training image and source tarball running ``qcsight
   evaluate`` on the fixed held-out set (``HoldoutData``) for the candidate and for the production
   model (``ProductionModel``), writing ``candidate/metrics.json`` and ``production/metrics.json``.
@@ -46,6 +53,10 @@ TRAIN, EVALUATE, GATE, CONDITION, REGISTER, REFUSED = "Train", "Evaluate", "Gate
 GATE_PROPERTY_FILE = "GateDecision"
 PARAM_BASE_DATA, PARAM_HOLDOUT, PARAM_PRODUCTION = "BaseData", "HoldoutData", "ProductionModel"
 PARAM_TRAIN_INSTANCE, PARAM_TRAIN_COUNT = "TrainingInstanceType", "TrainingInstanceCount"
+# ReviewedManifest's default (a run started by hand): an empty manifest. The reviewed channel is an
+# S3Prefix channel, and a training job whose prefix matches no object fails to start, so
+# `qcsight cloud pipeline start` puts this empty object when it is missing (ensure_object).
+EMPTY_MANIFEST_KEY = "manifests/empty.manifest"
 # What a pipeline needs from its deployment (CDK stack or `qcsight cloud pipeline upsert --inputs`).
 REQUIRED_INPUTS = ("role_arn", "pipeline_bucket", "model_package_group", "training_request", "scoring_image")
 OPTIONAL_INPUTS = ("data_bucket", "images_bucket", "models_bucket", "kms_key_arn", "region", "base_data",
@@ -225,7 +236,7 @@ def definition(inputs: Mapping[str, str]) -> dict[str, Any]:
         {"Name": PARAM_RUN_ID, "Type": "String", "DefaultValue": "manual"},
         {"Name": PARAM_DECISION_ID, "Type": "String", "DefaultValue": "none"},
         {"Name": PARAM_MANIFEST, "Type": "String",
-         "DefaultValue": f"s3://{given['pipeline_bucket']}/manifests/empty.manifest"},
+         "DefaultValue": f"s3://{given['pipeline_bucket']}/{EMPTY_MANIFEST_KEY}"},
         {"Name": PARAM_BASE_DATA, "Type": "String", "DefaultValue": given.get("base_data") or f"s3://{data_bucket}/train/"},
         {"Name": PARAM_HOLDOUT, "Type": "String",
          "DefaultValue": given.get("holdout_data") or f"s3://{data_bucket}/holdout/"},
@@ -295,6 +306,27 @@ def start_request(name: str, parameters: Mapping[str, str], token: str, descript
 
 def declared_parameters(body: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(p["Name"] for p in body.get("Parameters", []))
+
+
+def default_value(body: Mapping[str, Any], name: str) -> Any:
+    """A declared parameter's default (None when it is not declared or has none)."""
+    return next((p.get("DefaultValue") for p in body.get("Parameters", []) if p["Name"] == name), None)
+
+
+def ensure_object(s3: Any, uri: str, body: bytes = b"") -> bool:
+    """Put ``body`` at ``uri`` unless an object is there; returns whether it was put."""
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+        return False
+    except ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchKey", "NotFound"):
+            raise
+    s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/x-ndjson")
+    log.info("put the empty reviewed-image manifest %s (the default of %s)", uri, PARAM_MANIFEST)
+    return True
 
 
 def check_parameters(parameters: Mapping[str, str], known: tuple[str, ...]) -> None:

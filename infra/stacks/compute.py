@@ -217,7 +217,9 @@ class ComputeStack(Stack):
     def _policy_permissions(self, role: iam.IRole) -> None:
         """What qcsight_cloud.lambda_policy does: read the evidence, record decisions and runs, start the pipeline."""
         pipeline_arn = self.arns.sagemaker(f"pipeline/{self.pipeline_name}")
-        self._tables(role, "ReadEvidence", ["dynamodb:Query"], ("metrics", "runs"), indexes=(("reviews", "by_month"),))
+        # reviews itself: each reviewed alert's reviews decide its label (qcsight_cloud.reviewed: undos, disputes).
+        self._tables(role, "ReadEvidence", ["dynamodb:Query"], ("metrics", "runs", "reviews"),
+                     indexes=(("reviews", "by_month"),))
         self._tables(role, "ListDevices", ["dynamodb:Scan"], ("devices",))
         self._tables(role, "ReadReviewedAlerts", ["dynamodb:BatchGetItem"], ("alerts",))
         self._tables(role, "RecordDecisions", ["dynamodb:PutItem"], ("decisions", "runs"))

@@ -18,6 +18,7 @@ from qcsight_cloud.records import CONFIRM, FALSE_ALARM, Run
 from qcsight_cloud.sqlite_store import SqliteStore
 from qcsight_cloud.store import Store
 from qcsight_core.errors import ConfigError
+from qcsight_core.review_manifest import parse_line
 from tests.cloud import builders
 from tests.cloud.conftest import moto_client
 from tests.helpers.aws import assert_valid
@@ -85,10 +86,11 @@ def test_a_firing_line_starts_one_execution_and_the_next_decisions_are_held(
     assert parameters == {"Line": line_a, "RunId": run.run_id, "DecisionId": first[0]["decision_id"],
                           "ReviewedManifest": f"s3://{ns}-pipeline/manifests/{line_a}/{run.run_id}.manifest"}
     manifest = s3.get_object(Bucket=f"{ns}-pipeline", Key=f"manifests/{line_a}/{run.run_id}.manifest")["Body"].read()
-    rows = [json.loads(line) for line in manifest.decode().splitlines()]
-    assert sorted((r["alert-id"], r["class"], r["verdict"]) for r in rows) == sorted([
-        (alert_ids[0], "crack", "defect"), (alert_ids[1], "good", "false_alarm")]), "the local image is left out"
-    assert run.detail["manifest_counts"] == {"reviewed": 3, "listed": 2, "without_s3_image": 1}
+    rows = [(image.alert_id, image.label, image.verdict) for image in
+            (parse_line(text, f"manifest:{n}") for n, text in enumerate(manifest.decode().splitlines(), 1))]
+    assert sorted(rows) == sorted([(alert_ids[0], "crack", "defect"), (alert_ids[1], "good", "false_alarm")]), \
+        "the local image is left out"
+    assert run.detail["manifest_counts"] == {"reviewed": 3, "listed": 2, "without_s3_image": 1, "disputed": 0}
 
     # Fifteen minutes later moto reports the execution Succeeded (it never runs one): the run is finished, line A's
     # current model dates from then (no windows since, so it holds), and line B gets its turn.

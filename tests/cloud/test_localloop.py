@@ -1,17 +1,17 @@
-"""What the local pipeline trains on: reviewed alerts become a Ground Truth manifest with their images; a run a
+"""What the local pipeline trains on: reviewed alerts become a reviewed-image manifest with their images; a run a
 stopped process left behind is requested again."""
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from pathlib import Path
 
 from qcsight_cloud.fleet import Fleet
 from qcsight_cloud.ingest import Ingestor
-from qcsight_cloud.localloop import Loop, LoopSettings, base_manifest, export_reviewed
+from qcsight_cloud.localloop import Loop, LoopSettings, export_reviewed
 from qcsight_cloud.records import Run
 from qcsight_cloud.sqlite_store import SqliteStore
+from qcsight_core.review_manifest import read_manifest
 from qcsight_data.dataset import load_index
 from tests.cloud.builders import T0, alert, incoming
 
@@ -32,27 +32,15 @@ def test_reviews_become_a_manifest_the_training_data_loader_reads(tmp_path: Path
     store.add_review(a4, "op", "undo")  # taken back: no verdict, not trained on
     store.add_review(a5, "op", "confirm")  # no thumbnail and no reachable image: left out
     manifest = export_reviewed(store, tmp_path / "export", image_roots={"cam-1": full})
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    rows.sort(key=lambda r: [a1, a2, a3].index(r["alert_id"]))
-    assert [(r["alert_id"], r["class"], r["class-metadata"]["class-name"]) for r in rows] == [
-        (a1, "crack", "crack"), (a2, "scratch", "scratch"), (a3, "good", "good")]
-    assert all(r["reviewer"] == "op" and r["thing"] == "cam-1" for r in rows)
-    assert Path(rows[0]["source-ref"]).read_bytes() == b"\x00\x01\x02"  # the alert's thumbnail
-    assert Path(rows[1]["source-ref"]).read_bytes() == b"full image of part 2"  # the device's full image
-    index = load_index(manifest, check_images=False)
+    rows = sorted(read_manifest(manifest), key=lambda r: [a1, a2, a3].index(r.alert_id))
+    assert [(r.alert_id, r.label, r.verdict) for r in rows] == [
+        (a1, "crack", "defect"), (a2, "scratch", "defect"), (a3, "good", "false_alarm")]
+    assert all(r.reviewer == "op" and r.thing == "cam-1" and r.predicted == "crack" for r in rows)
+    assert Path(rows[0].source_ref).read_bytes() == b"\x00\x01\x02"  # the alert's thumbnail
+    assert Path(rows[1].source_ref).read_bytes() == b"full image of part 2"  # the device's full image
+    index = load_index(manifest, check_images=False)  # any Ground Truth reader takes it too
     assert sorted((Path(s.path).stem, s.label) for s in index.samples) == sorted(
         [(a1, "crack"), (a2, "scratch"), (a3, "good")])
-
-
-def test_base_data_folders_become_manifest_lines(tmp_path: Path) -> None:
-    for label in ("good", "scratch"):
-        (tmp_path / label).mkdir()
-        (tmp_path / label / f"{label}_0.png").write_bytes(b"png")
-    (tmp_path / "masks" / "scratch").mkdir(parents=True)
-    (tmp_path / "masks" / "scratch" / "scratch_0.png").write_bytes(b"mask")
-    rows = base_manifest(tmp_path)
-    assert [(Path(r["source-ref"]).name, r["class-metadata"]["class-name"]) for r in rows] == [
-        ("good_0.png", "good"), ("scratch_0.png", "scratch")]
 
 
 def test_a_run_left_running_by_a_stopped_process_is_requested_again(tmp_path: Path) -> None:

@@ -126,16 +126,22 @@ def _sagemaker() -> Any:
 
 def test_upsert_creates_then_updates_and_start_checks_its_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import boto3
     from botocore.stub import ANY, Stubber
 
     client = _sagemaker()
-    monkeypatch.setattr("qcsight_cloud.aws_cli._client", lambda args, service: client)
+    s3 = boto3.client("s3", region_name="eu-west-1", aws_access_key_id="k", aws_secret_access_key="s")
+    monkeypatch.setattr("qcsight_cloud.aws_cli._client", lambda args, service: s3 if service == "s3" else client)
     (tmp_path / "inputs.json").write_text(json.dumps(inputs()))
     body = pipeline.definition(inputs())
     expected = {"PipelineName": "qcsight-retrain", "PipelineDefinition": json.dumps(body, sort_keys=True),
                 "PipelineDescription": ANY, "RoleArn": ROLE}
     arn = "arn:aws:sagemaker:eu-west-1:123456789012:pipeline/qcsight-retrain"
-    with Stubber(client) as stub:
+    with Stubber(client) as stub, Stubber(s3) as s3_stub:
+        # A run started by hand takes ReviewedManifest's default: the empty manifest is put the first time.
+        empty = {"Bucket": "qcsight-pipeline", "Key": "manifests/empty.manifest"}
+        s3_stub.add_client_error("head_object", "404", "Not Found", 404, expected_params=empty)
+        s3_stub.add_response("put_object", {}, {**empty, "Body": b"", "ContentType": "application/x-ndjson"})
         stub.add_client_error("describe_pipeline", "ResourceNotFound", "Pipeline does not exist",
                               expected_params={"PipelineName": "qcsight-retrain"})
         stub.add_response("create_pipeline", {"PipelineArn": arn}, {**expected, "ClientRequestToken": ANY})
@@ -158,6 +164,7 @@ def test_upsert_creates_then_updates_and_start_checks_its_parameters(tmp_path: P
         with pytest.raises(Exception, match="'Lines' is not declared"):
             cli.main(["pipeline", "start", "--name", "qcsight-retrain", "-p", "Lines=line-1"])
         stub.assert_no_pending_responses()
+        s3_stub.assert_no_pending_responses()
     assert f"{arn}/execution/x1" in capsys.readouterr().out
 
 
@@ -199,3 +206,50 @@ def test_the_processing_commands_run_in_a_shell_and_leave_production_out_for_a_f
     assert evaluated == [f"{inputs}/{model}/model.tar.gz" for model in models]
     assert len(gate) == 1
     assert ("--production" in gate[0]) is (not first_model)
+
+
+def _resolved(value: Any, parameters: dict[str, Any], execution: str) -> Any:
+    """A step argument with its pipeline expressions evaluated the way SageMaker does at run time."""
+    if isinstance(value, dict) and set(value) == {"Get"}:
+        path = value["Get"]
+        return execution if path == "Execution.PipelineExecutionId" else parameters[path.removeprefix("Parameters.")]
+    if isinstance(value, dict) and set(value) == {"Std:Join"}:
+        join = value["Std:Join"]
+        return join["On"].join(str(_resolved(v, parameters, execution)) for v in join["Values"])
+    if isinstance(value, dict):
+        return {k: _resolved(v, parameters, execution) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolved(v, parameters, execution) for v in value]
+    return value
+
+
+def test_the_reviewed_channel_copies_the_policys_manifest_into_the_container_in_file_mode() -> None:
+    """The policy's manifest object reaches /opt/ml/input/data/reviewed/ on every host; training fetches its images."""
+    body = pipeline.definition(inputs())
+    train = body["Steps"][0]
+    [reviewed] = [c for c in train["Arguments"]["InputDataConfig"] if c["ChannelName"] == "reviewed"]
+    assert reviewed == {"ChannelName": "reviewed", "InputMode": "File", "DataSource": {"S3DataSource": {
+        "S3DataType": "S3Prefix", "S3Uri": {"Get": "Parameters.ReviewedManifest"},
+        "S3DataDistributionType": "FullyReplicated"}}}
+    # The request SageMaker makes once an execution the policy started resolves its parameters.
+    values = {p["Name"]: p["DefaultValue"] for p in body["Parameters"]}
+    values["ReviewedManifest"] = "s3://qcsight-pipeline/manifests/line-1/0123abcd.manifest"
+    request = _resolved(train["Arguments"], values, "exec-1")
+    assert_valid("CreateTrainingJob", {**request, "TrainingJobName": "pipelines-exec-1-train"})
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"]}
+    assert channels["reviewed"] == values["ReviewedManifest"]
+
+
+def test_an_existing_default_manifest_is_left_as_it_is() -> None:
+    import boto3
+    from botocore.stub import Stubber
+
+    s3 = boto3.client("s3", region_name="eu-west-1", aws_access_key_id="k", aws_secret_access_key="s")
+    body = pipeline.definition(inputs())
+    uri = pipeline.default_value(body, "ReviewedManifest")
+    assert uri == "s3://qcsight-pipeline/manifests/empty.manifest"
+    with Stubber(s3) as stub:
+        stub.add_response("head_object", {"ContentLength": 0},
+                          {"Bucket": "qcsight-pipeline", "Key": "manifests/empty.manifest"})
+        assert pipeline.ensure_object(s3, uri) is False
+        stub.assert_no_pending_responses()

@@ -33,7 +33,7 @@ from qcsight_train.sm_env import SageMakerEnv
 log = logging.getLogger(__name__)
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "data": ("data", "validation", "test", "groups", "val_fraction", "test_fraction", "defect_classes",
+    "data": ("data", "validation", "test", "reviewed", "groups", "val_fraction", "test_fraction", "defect_classes",
              "good_classes", "workers"),
     "model": ("arch", "weights", "img_size", "resize"),
     "optimisation": ("epochs", "freeze_epochs", "batch_size", "lr", "backbone_lr_scale", "weight_decay",
@@ -54,6 +54,7 @@ examples:
   qcsight train --data data.csv --groups groups.csv --epochs 8 --img-size 160 --hflip --vflip --output runs/b
   qcsight train --data strips/ --img-size 224x560 --output runs/s  # long parts: height x width
   qcsight train --data defect-types/ --good-classes none --output runs/d  # every class a defect type
+  qcsight train --data DIR --reviewed reviewed.manifest --output runs/r  # + operators' reviewed alerts (train only)
   qcsight train --data DIR --refit --threshold-source oof --output runs/e  # use every image; thresholds out of fold
   torchrun --nproc_per_node=2 -m qcsight_train.cli --data DIR --output runs/c  # DDP (gloo on CPU)
   qcsight train --sagemaker --help                          # submit a SageMaker training job instead

@@ -80,6 +80,9 @@ class TrainConfig:
         data: the dataset: a folder per class, a CSV index, a Ground Truth / Lookout manifest or s3:// prefix.
         validation: a separate validation source (SageMaker's validation channel); empty splits data.
         test: a separate test source; empty splits data (or uses validation when data is pre-split).
+        reviewed: operators' reviewed alert images: a manifest (qcsight_core.review_manifest), a folder holding
+            one (SageMaker's reviewed channel) or its s3:// URI; they join the training split only, each labelled
+            as reviewed (the confirmed defect class, or the good class for a false alarm).
         output: where the bundle, model.tar.gz, evaluation and config go.
         checkpoint_dir: per-epoch checkpoints (resumed after an interruption); default output/checkpoints.
         arch: backbone (see qcsight_train.models.ARCHITECTURES).
@@ -144,6 +147,7 @@ class TrainConfig:
     data: str = ""
     validation: str = ""
     test: str = ""
+    reviewed: str = ""
     output: str = ""
     checkpoint_dir: str = ""
     arch: str = "efficientnet_lite0"

@@ -1,5 +1,10 @@
 """Training data: sources (local or s3://) to train/val/test splits, and the torch Dataset and samplers.
 
+Reviewed alert images (``--reviewed``, SageMaker's ``reviewed`` channel: a qcsight_core.review_manifest)
+join the training split only, after the base data is split, so the base data's validation and test
+sets are the ones a run without them gets; images the manifest names by s3:// URI are downloaded
+into the data cache (the training role reads the images bucket).
+
 The per-image path is qcsight_core.imageio.read_image -> qcsight_core.preprocess.prepare_pixels
 (uint8 at model size) -> augmentation (train only) -> qcsight_core.preprocess.normalize, so the
 pixels a model is trained and measured on are the ones the device computes.
@@ -9,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +26,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from qcsight_aws.errors import AwsError
-from qcsight_aws.s3 import S3Uri, download_prefix
-from qcsight_core.errors import ConfigError, DataError
+from qcsight_aws.s3 import S3Uri, download_file, download_prefix
+from qcsight_core.bundle import sha256_file
+from qcsight_core.errors import ConfigError, DataError, ImageError
 from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import PreprocessSpec, normalize, prepare_pixels
+from qcsight_core.review_manifest import SUFFIX as REVIEWED_SUFFIX
+from qcsight_core.review_manifest import ReviewedImage, read_numbered
 from qcsight_data.dataset import DatasetIndex, Sample, fingerprint, load_index, split_index
 from qcsight_train.augment import Augment
 from qcsight_train.config import GOOD_NAMES, NO_GOOD, TrainConfig
@@ -32,6 +41,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAMES = ("index.csv",)
 MANIFEST_GLOBS = ("*.manifest", "*.jsonl")
+REVIEWED_CACHE = "reviewed"
 
 
 @dataclass(frozen=True)
@@ -43,8 +53,9 @@ class Splits:
         val: validation samples (model selection, thresholds).
         test: held-out samples for the final evaluation; may be empty.
         classes: class names in output order.
-        fingerprint: sha256 of the dataset (qcsight_data.dataset.fingerprint).
+        fingerprint: sha256 of the dataset (qcsight_data.dataset.fingerprint), reviewed images included.
         source: where the data came from.
+        reviewed: the reviewed alert images among train (each its own group).
     """
 
     train: tuple[Sample, ...]
@@ -53,6 +64,7 @@ class Splits:
     classes: tuple[str, ...]
     fingerprint: str
     source: str
+    reviewed: tuple[Sample, ...] = ()
 
     def counts(self) -> dict[str, dict[str, int]]:
         result = {}
@@ -145,9 +157,121 @@ def load_data(cfg: TrainConfig, cache_dir: Path) -> Splits:
     train = tuple(s for s in index.samples if s.split in ("", "train"))
     val = extra_val.samples if extra_val is not None else _of(index, "val")
     test = extra_test.samples if extra_test is not None else _of(index, "test")
-    splits = Splits(train, val, test, classes, fingerprint(index), cfg.data)
+    reviewed = load_reviewed(cfg.reviewed, cache_dir, classes, (*val, *test)) if cfg.reviewed else ()
+    everything = replace(index, samples=(*index.samples, *reviewed))
+    splits = Splits((*train, *reviewed), val, test, classes, fingerprint(everything), cfg.data, reviewed)
     _check(splits)
     return splits
+
+
+def reviewed_manifests(source: str, cache_dir: Path) -> list[Path]:
+    """The manifest file(s) a --reviewed value names: a file, a folder of them (a SageMaker channel), or s3://.
+
+    Raises:
+        DataError: nothing there, or a folder without a .manifest file.
+    """
+    path = _fetch_object(source, cache_dir / REVIEWED_CACHE, "reviewed") if source.startswith("s3://") else Path(source)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{source}: no such reviewed-image manifest (file or folder)")
+    found = sorted(p for p in path.rglob(f"*{REVIEWED_SUFFIX}") if p.is_file() and not p.name.startswith("."))
+    if not found:
+        files = sorted(p.name for p in path.iterdir())[:5]
+        raise DataError(f"{source}: no *{REVIEWED_SUFFIX} file in the reviewed-image folder (it holds {files})")
+    return found
+
+
+def load_reviewed(source: str, cache_dir: Path, classes: Sequence[str],
+                  held_out: Sequence[Sample] = ()) -> tuple[Sample, ...]:
+    """The reviewed images of a manifest as training samples, each image its own group, split "train".
+
+    Images named by s3:// URI are downloaded into cache_dir/reviewed/<bucket>/<key> (kept for a
+    resumed run). An image that is byte for byte one of ``held_out`` (validation or test) is left out
+    with a warning: training on it would leak into the figures the model is chosen and judged by.
+
+    Raises:
+        DataError: a malformed line, an image that is missing or cannot be decoded, a class the base
+            data does not have, or one image listed twice with different classes (each named).
+    """
+    known = set(classes)
+    chosen: dict[str, tuple[Sample, str]] = {}
+    for manifest in reviewed_manifests(source, cache_dir):
+        for line, image in read_numbered(manifest):
+            where = f"{line} ({image.source_ref})"
+            if image.label not in known:
+                raise DataError(f"{where}: class {image.label!r} is not a class of the base data {sorted(known)}; "
+                                "a false alarm is labelled with the good class, which must be named as the base "
+                                "data names it (qcsight review export --good-label)")
+            path = _reviewed_path(image, manifest.parent, cache_dir, where)
+            try:
+                read_image(str(path))
+            except ImageError as exc:
+                raise DataError(f"{where}: cannot be trained on: {exc.reason}") from None
+            key = os.path.normpath(os.path.abspath(path))
+            if key in chosen:
+                if chosen[key][0].label != image.label:
+                    raise DataError(f"{where}: listed again as {image.label!r} (first as {chosen[key][0].label!r} "
+                                    f"at {chosen[key][1]})")
+                continue
+            chosen[key] = (Sample(key, image.label, f"reviewed:{image.alert_id or key}", "train"), where)
+    samples = [sample for sample, _ in chosen.values()]
+    return _without_held_out(tuple(samples), held_out)
+
+
+def fetch_reviewed(source: str, cache_dir: Path) -> int:
+    """Download the images a reviewed-image manifest names by s3:// URI (every host needs them); returns how many."""
+    fetched = 0
+    for manifest in reviewed_manifests(source, cache_dir):
+        for line, image in read_numbered(manifest):
+            if image.source_ref.startswith("s3://"):
+                _reviewed_path(image, manifest.parent, cache_dir, f"{line} ({image.source_ref})")
+                fetched += 1
+    return fetched
+
+
+def _reviewed_path(image: ReviewedImage, base: Path, cache_dir: Path, where: str) -> Path:
+    ref = image.source_ref
+    if ref.startswith("s3://"):
+        try:
+            return _fetch_object(ref, cache_dir / REVIEWED_CACHE, "source-ref")
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+    path = Path(ref.removeprefix("file://"))
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise DataError(f"{where}: no such image file {path}")
+    return path
+
+
+def _fetch_object(uri: str, cache_dir: Path, field: str) -> Path:
+    """One s3:// object into cache_dir/<bucket>/<key>, unless a previous attempt of the run fetched it."""
+    import boto3  # only runs with s3:// sources need it
+
+    location = S3Uri.parse(uri, field, allowed="s3://bucket/key of one object", legacy_bucket=True)
+    if not location.key or location.key.endswith("/"):
+        raise ConfigError(field, uri, "s3://bucket/key of one object")
+    target = cache_dir / location.bucket / location.key
+    if not target.is_file():
+        try:
+            download_file(boto3.client("s3"), location, target)
+        except AwsError as exc:
+            raise DataError(f"{uri}: cannot download ({exc})") from None
+    return target
+
+
+def _without_held_out(reviewed: tuple[Sample, ...], held_out: Sequence[Sample]) -> tuple[Sample, ...]:
+    if not reviewed or not held_out:
+        return reviewed
+    unseen = {sha256_file(Path(s.path)): s.path for s in held_out}
+    kept = []
+    for sample in reviewed:
+        twin = unseen.get(sha256_file(Path(sample.path)))
+        if twin is not None:
+            log.warning("reviewed image %s is the held-out image %s: left out of training", sample.path, twin)
+            continue
+        kept.append(sample)
+    return tuple(kept)
 
 
 def _of(index: DatasetIndex, split: str) -> tuple[Sample, ...]:

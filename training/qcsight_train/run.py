@@ -29,7 +29,7 @@ from qcsight_core.preprocess import PreprocessSpec
 from qcsight_data.dataset import Sample
 from qcsight_train import tracking
 from qcsight_train.config import TrainConfig
-from qcsight_train.data import Splits, defect_classes, load_data, resolve_source
+from qcsight_train.data import Splits, defect_classes, fetch_reviewed, load_data, resolve_source
 from qcsight_train.distributed import DistInfo, barrier, broadcast, init_distributed, shutdown
 from qcsight_train.models import create_model, preprocess_spec
 from qcsight_train.sm_env import SageMakerEnv
@@ -254,6 +254,8 @@ def _load_splits(cfg: TrainConfig, info: DistInfo, paths: RunPaths) -> Splits:
         for source in (cfg.data, cfg.validation, cfg.test):
             if source.startswith("s3://"):
                 resolve_source(source, paths.cache)  # every host needs the files, not only rank 0's
+        if cfg.reviewed:
+            fetch_reviewed(cfg.reviewed, paths.cache)
     barrier(info)
     splits = load_data(cfg, paths.cache) if info.is_main else None
     result: Splits = broadcast(info, splits)
@@ -264,6 +266,10 @@ def _log_splits(splits: Splits, defects: tuple[str, ...]) -> None:
     for name, per_class in splits.counts().items():
         log.info("%s: %d images (%s)", name, sum(per_class.values()),
                  ", ".join(f"{c} {n}" for c, n in per_class.items()))
+    if splits.reviewed:
+        per_class = Counter(s.label for s in splits.reviewed)
+        log.info("train includes %d reviewed alert images (%s)", len(splits.reviewed),
+                 ", ".join(f"{c} {n}" for c, n in sorted(per_class.items())))
     log.info("defect classes: %s; data fingerprint %s", ", ".join(defects), splits.fingerprint[:16])
 
 
@@ -290,6 +296,7 @@ def _training_record(cfg: TrainConfig, splits: Splits, phases: Phases) -> dict[s
         "selection_val_macro_f1": selection.best_macro_f1,
         "refit": cfg.refit, "trained_on": "train+validation" if cfg.refit else "train",
         "train_images": len(splits.train) + (len(splits.val) if cfg.refit else 0),
+        "reviewed_images": len(splits.reviewed),
         "threshold_source": cfg.threshold_source, "adapted": list(cfg.adapted),
     }
     if cfg.refit:
@@ -348,6 +355,7 @@ def finish(cfg: TrainConfig, splits: Splits, defects: tuple[str, ...], phases: P
         "per_rank_images": history[-1]["per_rank_images"] if history else [],
         "splits": {name: dict(Counter(s.label for s in samples)) for name, samples in
                    (("train", splits.train), ("val", splits.val), ("test", splits.test))},
+        "reviewed_images": dict(Counter(s.label for s in splits.reviewed)),
         "evaluation": {
             "split": split_name, "images": metrics["images"],
             "accuracy": metrics["classification"]["accuracy"], "macro_f1": metrics["classification"]["macro_f1"],

@@ -88,6 +88,8 @@ class SageMakerEnv:
             result["validation"] = self.channels["validation"]
         if self.channels.get("test"):
             result["test"] = self.channels["test"]
+        if self.channels.get("reviewed"):  # the retraining pipeline's reviewed-image manifest
+            result["reviewed"] = self.channels["reviewed"]
         if self.model_dir:
             result["output"] = self.model_dir
         if self.job_name:

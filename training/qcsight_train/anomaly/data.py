@@ -8,6 +8,10 @@ then every group holding a defect that split_index put into train moves, whole, 
 validation or test (seeded per group, in the val:test proportion), so a near-duplicate of an
 evaluated image is never in the bank, and a defect image is never fitted.
 
+Reviewed alert images (--reviewed) that operators called false alarms are good parts: they join
+the fitted images; the confirmed defects among them are not fitted (and not evaluated, as they
+are not part of the frozen split).
+
 Masks: DATA/masks/<class>/<stem>.<png|jpg|...> (what `qcsight data synth` writes and the
 magnetic-tile set ships); a defect image without one is left out of the pixel metrics.
 """
@@ -25,7 +29,7 @@ from qcsight_core.errors import ConfigError, DataError
 from qcsight_core.imageio import is_image_path
 from qcsight_data.dataset import MASKS_DIR, DatasetIndex, Sample, fingerprint, load_index, split_index
 from qcsight_train.config import GOOD_NAMES, TrainConfig
-from qcsight_train.data import resolve_source
+from qcsight_train.data import load_reviewed, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +143,13 @@ def load_anomaly_data(cfg: TrainConfig, cache_dir: Path) -> AnomalySplits:
         log.warning("%d defect image(s) are preset to the train split: they are neither fitted nor evaluated", unused)
     val = extra_val.samples if extra_val is not None else tuple(s for s in index.samples if s.split == "val")
     test = extra_test.samples if extra_test is not None else tuple(s for s in index.samples if s.split == "test")
-    splits = AnomalySplits(train, val, test, good, tuple(c for c in classes if c not in good),
-                           fingerprint(index), cfg.data, unused)
+    reviewed = load_reviewed(cfg.reviewed, cache_dir, classes, (*val, *test)) if cfg.reviewed else ()
+    fitted = tuple(s for s in reviewed if s.label in good)
+    if len(fitted) < len(reviewed):
+        log.info("%d reviewed defect image(s) are not fitted: the bank holds good parts only",
+                 len(reviewed) - len(fitted))
+    splits = AnomalySplits((*train, *fitted), val, test, good, tuple(c for c in classes if c not in good),
+                           fingerprint(replace(index, samples=(*index.samples, *fitted))), cfg.data, unused)
     if not splits.train:
         raise DataError(f"{cfg.data}: no good images to fit on (classes {list(good)} in the train split)")
     if not any(s.label in good for s in splits.val):
