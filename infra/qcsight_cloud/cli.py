@@ -111,8 +111,9 @@ def get_args_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _store(args: argparse.Namespace) -> Store:
-    return open_store(StoreSettings(args.store))
+def _store(args: argparse.Namespace, *, must_exist: bool = False) -> Store:
+    """ingest writes the store (and creates it); the commands that read it refuse a file that is not there."""
+    return open_store(StoreSettings(args.store, must_exist=must_exist))
 
 
 def _fleet(path: Path | None) -> Fleet:
@@ -205,7 +206,7 @@ def print_fleet(view: FleetView, out: TextIO) -> None:
 
 
 def run_fleet(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = _store(args, must_exist=True)
     try:
         view = fleet_view(store, _fleet(args.fleet), period=args.period)
     finally:
@@ -232,7 +233,7 @@ def _policy_settings(path: Path | None) -> PolicySettings:
 
 def run_policy(args: argparse.Namespace) -> int:
     settings = _policy_settings(args.settings)
-    store = _store(args)
+    store = _store(args, must_exist=True)
     try:
         decisions = evaluate(store, _fleet(args.fleet), settings, scopes=args.line, request_runs=not args.no_runs)
     finally:
@@ -244,7 +245,7 @@ def run_policy(args: argparse.Namespace) -> int:
 
 def run_decisions(args: argparse.Namespace) -> int:
     since = timestamps.now() - args.since if args.since else None
-    store = _store(args)
+    store = _store(args, must_exist=True)
     try:
         found = store.decisions(args.line, since, args.limit)
     finally:

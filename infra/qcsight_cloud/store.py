@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -375,10 +376,13 @@ class StoreSettings:
         url: the store URL.
         retention_days: DynamoDB only: metrics windows and status events expire (TTL) after this
             many days. Alerts and reviews never expire; the local SQLite file keeps everything.
+        must_exist: SQLite only: refuse a file that is not there instead of creating an empty store
+            (commands that only read: a mistyped path would otherwise print an empty fleet).
     """
 
     url: str
     retention_days: int = 90
+    must_exist: bool = False
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.url).scheme if isinstance(self.url, str) else ""
@@ -406,6 +410,9 @@ def open_store(settings: StoreSettings) -> Store:
     if settings.kind == "sqlite":
         from qcsight_cloud.sqlite_store import SqliteStore
 
+        if settings.must_exist and not Path(settings.target).is_file():
+            raise StoreError(f"store {settings.url}: {settings.target} does not exist (nothing was ingested there): "
+                             "check the path, or give the --store that 'qcsight cloud ingest' or 'serve' writes")
         return SqliteStore(settings.target)
     try:
         from qcsight_cloud.dynamodb_store import DynamoStore

@@ -150,7 +150,7 @@ def run_export(args: argparse.Namespace) -> int:
     from qcsight_review.export import export_manifest, write_audit_log
     from qcsight_review.images import open_images
 
-    store = open_store(StoreSettings(args.store))
+    store = open_store(StoreSettings(args.store, must_exist=True))
     tmp = args.output.with_name(args.output.name + ".partial")
     try:
         with tmp.open("w") as out:

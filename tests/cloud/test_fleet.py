@@ -176,3 +176,18 @@ def test_qcsight_cloud_help_answers(capsys: pytest.CaptureFixture[str]) -> None:
         assert action in out
     assert dispatcher.main(["cloud", "policy", "--help"]) == 0
     assert "--fleet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("action", ["fleet", "decisions", "policy"])
+def test_reading_commands_refuse_a_store_that_is_not_there(action: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from qcsight_core import cli as dispatcher
+
+    missing = tmp_path / "typo" / "cloud.db"
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("lines: {line-1: [cam-1]}\n")
+    extra = ["--fleet", str(fleet)] if action == "policy" else []
+    assert dispatcher.main(["cloud", action, "--store", f"sqlite:{missing}", *extra]) == 1
+    err = capsys.readouterr().err
+    assert f"{missing} does not exist" in err and "--store" in err
+    assert not missing.parent.exists(), "a reading command must not create the store"
