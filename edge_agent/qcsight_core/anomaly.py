@@ -30,12 +30,13 @@ from typing import Any
 import cv2
 import numpy as np
 
+from qcsight_core.bundle import ANOMALY_OUTPUT
 from qcsight_core.errors import BundleSchemaError, PreprocessError
 from qcsight_core.preprocess import PreprocessSpec, letterbox_box
 
 SCORE_OUTPUT = "score"
 MAP_OUTPUT = "score_map"
-OUTPUT_KIND = "anomaly_score"
+OUTPUT_KIND = ANOMALY_OUTPUT  # the model output the manifest names for an anomaly model
 SCORE_NAME = "anomaly"
 SCORE_SCALE_KEY = "score_scale"
 # PatchCore smooths its upsampled map with sigma 4 px at input scale (Roth et al. 2022).

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qcsight_core.anomaly import OUTPUT_KIND as ANOMALY_OUTPUT
 from qcsight_core.errors import (
     BundleError,
     BundleFileMissingError,
@@ -35,7 +34,7 @@ from qcsight_core.errors import (
     BundleSchemaError,
     ConfigError,
 )
-from qcsight_core.preprocess import PreprocessSpec
+from qcsight_core.input_spec import PreprocessSpec
 
 if TYPE_CHECKING:
     from qcsight_core.signing import VerifyKey
@@ -49,6 +48,7 @@ SIGNATURE_NAME = "signature.json"
 MAX_MANIFEST_BYTES = 4 << 20  # manifests with reference histograms and metrics are tens of KB
 MAX_SIGNATURE_BYTES = 64 << 10
 TASKS = ("classification", "anomaly")
+ANOMALY_OUTPUT = "anomaly_score"  # the one output of an anomaly model (qcsight_core.anomaly scores it)
 PRECISIONS = ("fp32", "int8")
 _CHUNK = 1 << 20
 

@@ -201,6 +201,20 @@ def canary_state(run: Run) -> dict[str, Any]:
             "modelPackageArn": run.detail.get("modelPackageArn"), "runId": run.run_id}
 
 
+def component_source() -> Path:
+    """Where build_model reads the model component's recipe template and offer script from.
+
+    In AWS, the function's package: the CDK app copies greengrass/recipes and greengrass/scripts' files
+    beside the packages (infra/stacks/names.py LAMBDA_DATA), so its root is the tree. Elsewhere, the checkout.
+    """
+    package_root = Path(__file__).resolve().parents[1]
+    if (package_root / "greengrass" / "recipes").is_dir():
+        return package_root
+    from qcsight_gg.build import find_source
+
+    return find_source()
+
+
 def _split_s3(uri: str) -> tuple[str, str]:
     from qcsight_aws.s3 import S3Uri
 
@@ -257,7 +271,7 @@ def _neo(clients: Clients, settings: DeploySettings, model_url: str, bundle: Pat
 def on_approved(detail: Mapping[str, Any], settings: DeploySettings, clients: Clients, store: Store,
                 source: Path | None = None) -> dict[str, Any]:
     """Publish the approved package's model component, request Neo, deploy it to the canary group, record it."""
-    from qcsight_gg.build import build_model, find_source
+    from qcsight_gg.build import build_model
     from qcsight_gg.publish import plan, publish
     from qcsight_gg.recipes import load_recipe
 
@@ -295,7 +309,7 @@ def on_approved(detail: Mapping[str, Any], settings: DeploySettings, clients: Cl
         with tarfile.open(tarball) as archive:
             archive.extractall(bundle, filter="data")
         layout = work / "layout"
-        built = build_model(bundle, layout, source or find_source(), artifact_base=artifact_base,
+        built = build_model(bundle, layout, source or component_source(), artifact_base=artifact_base,
                             version=component)
         arns = publish(plan([load_recipe(built.recipe)], layout), clients.s3, clients.greengrass)
         neo = _neo(clients, settings, model_url, bundle, str(detail.get("ModelPackageGroupName") or "qcsight"))

@@ -43,12 +43,25 @@ DEPLOY = FunctionSpec(
 )
 FUNCTIONS = (INGEST, POLICY, DEPLOY)
 
-# Packages copied into every Lambda package, as (source root relative to the repository, package).
-LAMBDA_PACKAGES = (("edge_agent", "qcsight_core"), ("infra", "qcsight_cloud"))
-# Third-party requirements installed into the Lambda package for the Lambda platform. boto3 is in
-# the Lambda runtime already; qcsight_core's messages, topics and errors use the standard library
-# only. Add here what qcsight_cloud's handlers import (never torch).
-LAMBDA_REQUIREMENTS: tuple[str, ...] = ()
+# What the functions' handlers reach, every import followed (lazy ones inside functions too), copied into the
+# Lambda package as (source root relative to the repository, package path below it). The deploy function
+# builds and publishes the model component (qcsight_gg), parses S3 URIs (qcsight_aws) and applies Neo's
+# version policy (qcsight_train.launch.neo): only that subpackage of qcsight_train ships, with its parent's
+# __init__, because the rest of qcsight_train imports torch. tests/infra/test_packaging.py runs each
+# handler's code paths from the synthesized package alone.
+LAMBDA_PACKAGES = (("edge_agent", "qcsight_core"), ("infra", "qcsight_cloud"), ("infra", "qcsight_aws"),
+                   ("greengrass", "qcsight_gg"), ("training", "qcsight_train/launch"))
+# Files read at run time, copied to the same path inside the package: qcsight_gg.build_model reads the model
+# component's recipe template and offer script from a source tree, and the deploy function passes it the
+# package's root (qcsight_cloud.lambda_deploy.component_source).
+LAMBDA_DATA = ("greengrass/recipes/com.qcsight.Model.yaml", "greengrass/scripts/offer_model.sh")
+# Third-party distributions installed into the Lambda package for the Lambda platform, each pinned to the
+# version installed where the app is synthesized (the one the tests ran against). boto3 is in the Lambda
+# runtime already. qcsight_gg's recipes and templates are YAML (PyYAML) and a recipe is checked against its
+# JSON Schema before it is published (jsonschema, with its dependencies: rpds-py is compiled, so no copy of
+# the build machine's packages would do; typing-extensions is needed below Python 3.13 only). Never torch.
+LAMBDA_REQUIREMENTS: tuple[str, ...] = ("PyYAML", "jsonschema", "jsonschema-specifications", "referencing",
+                                        "rpds-py", "attrs")
 LAMBDA_PYTHON = "3.14"
 
 # ---------------------------------------------------------------- environment the stacks set
