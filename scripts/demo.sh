@@ -55,9 +55,10 @@ step "5/5 the loop: agents on local nuclei, the broker, qcsight cloud serve, a d
 # Settings of this demo, not defaults (said here because they decide what the loop does):
 cat <<TXT
   drift threshold PSI 1.5: model 1's reference holds its 36 validation images, and an 80-frame window
-    drawn from unchanged parts reads PSI 0.4-1.0 against it (sampling noise, about (bins-1)*(1/80+1/36));
+    drawn from unchanged parts reads PSI 0.4-1.1 against it (sampling noise, about (bins-1)*(1/80+1/36));
     the dark camera reads 2-3. With a reference of a few hundred images the default 0.25 applies.
-  120 reviewed alerts before retraining (about 8 s of the drifted line): the dark examples it learns from.
+  at least 120 reviewed alerts before retraining (the operator reviews all there are once 120 are in,
+    about 8-12 s of the drifted line): the dark examples it learns from.
   held-out set: 40 unseen parts per class, each as the line saw it before the drift and after (480 images).
   the gate keeps its default margins (macro-F1 0.01, defect recall 0, any class's recall 0.05).
 TXT
