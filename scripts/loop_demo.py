@@ -91,6 +91,10 @@ def write_dev_agent(layout: Path) -> None:
     (layout / "recipes" / f"{AGENT}-{AGENT_VERSION}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def darken(image: np.ndarray) -> np.ndarray:
     return np.clip(image.astype(np.float32) * DARKEN, 0, 255).astype(np.uint8)
 
@@ -336,7 +340,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         say(f"retrained, candidate and production evaluated on the held-out set {hold}; gate PASSED "
             f"({candidate.path / 'gate.json'}" + (f", margins {margins} set by --gate" if margins else
                                                    ", the default margins") + "):\n    "
-            + "\n    ".join(gate["reasons"]))
+            + "\n    ".join(gate["reasons"]) + "\n    good parts rejected at the operating point (not a check): "
+            f"candidate {_share(gate['candidate'].get('false_reject_rate'))}, production "
+            f"{_share((gate.get('production') or {}).get('false_reject_rate'))}")
         say(f"model {version} is {PENDING} in the registry: {candidate.path}")
         qc("cloud", "models", "--registry", str(registry.root), "approve", version, "--by", "lead-engineer",
            "--reason", "demo")
