@@ -91,6 +91,10 @@ def write_dev_agent(layout: Path) -> None:
     (layout / "recipes" / f"{AGENT}-{AGENT_VERSION}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def darken(image: np.ndarray) -> np.ndarray:
     return np.clip(image.astype(np.float32) * DARKEN, 0, 255).astype(np.uint8)
 
@@ -162,7 +166,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", type=Path, required=True, help="the base training data (class folders)")
     parser.add_argument("--bundle", type=Path, required=True, help="the first model's bundle (production)")
     parser.add_argument("--img-size", type=int, default=64, help="synthetic part size for the line and hold-out")
-    parser.add_argument("--parts", type=int, default=30, help="synthetic parts per class for the line's pool")
+    # The line draws parts from the pool at random, and each alert an operator reviews becomes a training image:
+    # with 12 parts per class the 120 reviewed images held ~70 distinct parts, copies fell on both sides of the
+    # retraining's train/validation split, and its threshold was chosen on images it had trained on.
+    parser.add_argument("--parts", type=int, default=60,
+                        help="distinct synthetic parts per class in the line's pool (a line rarely sees a part twice)")
     parser.add_argument("--holdout-parts", type=int, default=20,
                         help="held-out parts per class (each also darkened: the set covers both conditions)")
     parser.add_argument("--classes", default="good,scratch,crack,spot,dent,missing", help="the model's classes")
@@ -171,6 +179,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # drift check fired before any drift (PSI 1.4-5.9 on unchanged parts); 80 frames keep it near 0.1.
     parser.add_argument("--window-s", type=float, default=10.0, help="the agents' metrics window")
     parser.add_argument("--reviews", type=int, default=24, help="reviewed alerts the policy waits for")
+    # A window's PSI against the bundle's reference carries sampling noise of about (occupied bins - 1) *
+    # (1/frames + 1/reference images) even when nothing changed (qcsight_core.drift.psi).
+    parser.add_argument("--drift-psi", type=float, default=0.25,
+                        help="the policy's drift threshold (PSI of confidence or brightness, 2 windows in a row)")
     parser.add_argument("--train-args", default="--epochs 3 --freeze-epochs 1 --batch-size 32 --workers 0",
                         help="extra `qcsight train` arguments for the retraining")
     parser.add_argument("--review-from", choices=("drift", "start"), default="drift",
@@ -178,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--gate", default="{}", help="the gate's margins (JSON of GateMargins fields)")
     parser.add_argument("--soak-s", type=float, default=12.0)
     parser.add_argument("--soak", default="{}", help="more SoakSettings fields as JSON (override the demo's)")
-    parser.add_argument("--before-drift-s", type=float, default=22.0)
+    parser.add_argument("--before-drift-s", type=float, default=15.0,
+                        help="how long the line runs undrifted after the first windows are stored")
     parser.add_argument("--timeout-s", type=float, default=900.0)
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
@@ -254,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         store_path = out / "cloud.sqlite"
         policy = out / "policy.yaml"
         policy.write_text(yaml.safe_dump({
-            "drift_windows": 2, "drift_min_frames": max(4, int(args.fps * args.window_s * 0.75)), "drift_psi": 0.25,
+            "drift_windows": 2, "drift_min_frames": max(4, int(args.fps * args.window_s * 0.75)),
+            "drift_psi": args.drift_psi,
             "rate_min_frames": 100_000, "false_alarm_min_reviews": 100_000, "new_reviews_to_fire": 100_000,
             "min_new_reviews": args.reviews, "cooldown_hours": 1.0, "weekly_cap": 5}))
         soak = {"soak_s": args.soak_s, "min_windows": 2, "min_frames": max(4, int(args.fps * args.window_s)),
@@ -274,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "--cert", str(cloud.cert), "--key", str(cloud.key), "--ca", str(pki.ca)],
             stdout=handles[-1], stderr=subprocess.STDOUT, start_new_session=True))
         say(f"qcsight cloud serve: ingestion, policy every 3 s, pipeline, registry, rollout; log {serve_log}")
+        say(f"a retraining will run `qcsight train --data <base + reviewed manifest> --img-size {args.img_size} "
+            f"{args.train_args}` in {out / 'runs'}/<run>/")
         store = SqliteStore(store_path)
 
         line = Line(out / "pool", inboxes, args.fps)
@@ -283,6 +299,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             since=timestamps.parse("2000-01-01T00:00:00.000Z"), line=LINE)) >= 2, 120)
         say(f"alerts and metrics flowing (`qcsight cloud fleet --store sqlite:{store_path} --fleet {fleet}`)")
         time.sleep(args.before_drift_s)  # the line runs normally for a while: the policy holds (no drift)
+        calm = store.windows(since=timestamps.parse(line_start), line=LINE)
+        calm_psi = max((max(w.confidence_psi or 0, w.brightness_psi or 0) for w in calm), default=0.0)
+        say(f"{len(calm)} windows before the drift: PSI up to {calm_psi:.2f} (confidence or "
+            f"brightness; the policy's drift threshold {args.drift_psi:g} in {policy}); the policy holds")
 
         # -------------------------------------------------------------- the drift
         drift_at = timestamps.iso(timestamps.now())
@@ -291,12 +311,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def drifted() -> str | None:
             for w in store.windows(since=timestamps.parse(drift_at), line=LINE):
-                if (w.brightness_psi or 0) > 0.25 or (w.confidence_psi or 0) > 0.25:
+                if (w.brightness_psi or 0) > args.drift_psi or (w.confidence_psi or 0) > args.drift_psi:
                     return w.origin.received
             return None
 
         first_drifted = wait_for("a drifted window", drifted, 120)
-        say(f"first drifted window stored at {first_drifted} (PSI > 0.25); the policy fires on drift but holds "
+        say(f"first drifted window stored at {first_drifted} (PSI > {args.drift_psi:g}); the policy fires on drift "
+            "after 2 such windows but holds "
             f"for reviewed images (`qcsight cloud decisions --store sqlite:{store_path}`)")
         reviewed: set[str] = set()
         review_since = drift_at if args.review_from == "drift" else line_start
@@ -315,8 +336,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         version = wait_for("a candidate in the registry", pending, args.timeout_s, poll_s=1.0)
         candidate = registry.get(version)
         gate = json.loads((candidate.path / "gate.json").read_text())
-        say(f"retrained, evaluated against production on {hold}, gate PASSED ({gate['reasons'][0]}); "
-            f"model {version} is {PENDING}: {candidate.path}")
+        margins = json.loads(args.gate)
+        say(f"retrained, candidate and production evaluated on the held-out set {hold}; gate PASSED "
+            f"({candidate.path / 'gate.json'}" + (f", margins {margins} set by --gate" if margins else
+                                                   ", the default margins") + "):\n    "
+            + "\n    ".join(gate["reasons"]) + "\n    good parts rejected at the operating point (not a check): "
+            f"candidate {_share(gate['candidate'].get('false_reject_rate'))}, production "
+            f"{_share((gate.get('production') or {}).get('false_reject_rate'))}")
+        say(f"model {version} is {PENDING} in the registry: {candidate.path}")
         qc("cloud", "models", "--registry", str(registry.root), "approve", version, "--by", "lead-engineer",
            "--reason", "demo")
         say(f"model {version} APPROVED (`qcsight cloud models approve {version}`): canary {THINGS[0]} first")

@@ -27,8 +27,11 @@ import numpy as np
 
 from qcsight_core.errors import BundleSchemaError
 
-# A bin with no samples on one side would make PSI infinite; proportions are floored here.
-PSI_FLOOR = 1e-4
+# An empty bin would make PSI infinite, so proportions are floored. The floor was a fixed 1e-4: then every
+# bin that a short window missed by chance cost e*ln(e/1e-4) (0.4 for e=0.05), and 80 frames drawn from the
+# reference itself read as drift (PSI 0.6-2.0 in the demo, threshold 0.25). Now the floor is half a sample
+# of the smaller histogram, 0.5/min(n, m): below what either side can resolve, a bin is "empty" on both.
+PSI_FLOOR_SAMPLES = 0.5
 REFERENCE_KEYS = ("confidence", "brightness")
 
 
@@ -98,16 +101,28 @@ def histogram(values: Sequence[float] | np.ndarray, edges: Sequence[float]) -> H
 
 
 def psi(expected: Sequence[float] | np.ndarray, actual: Sequence[float] | np.ndarray,
-        floor: float = PSI_FLOOR) -> float:
+        floor_samples: float = PSI_FLOOR_SAMPLES) -> float:
     """Population stability index of actual counts against expected counts over the same bins.
 
-    PSI = sum((a_i - e_i) * ln(a_i / e_i)) over bin proportions, each floored at `floor`.
-    Rule of thumb: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 a real shift.
+    PSI = sum((a_i - e_i) * ln(a_i / e_i)) over bin proportions. Both arguments are counts, not
+    proportions: each proportion is floored at floor_samples / min(n_expected, n_actual), half a sample
+    of the smaller side, because a proportion finer than one sample is not measured (a window of 80
+    frames that missed a bin holding 5 % of the reference says "under 1/80", not "1e-4").
+
+    Rule of thumb: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 a real shift. Sampling noise alone
+    still gives about (occupied bins - 1) * (1/n + 1/m) on average (a chi-square): 80 frames drawn
+    from the demo's 36-image confidence reference (11 occupied bins of 20) read over 0.25 in about 1 %
+    of windows (tests/edge/test_metrics.py; 24 % with the old floor), and the policy wants several such
+    windows in a row. A reference of m images is itself a sample: it adds (bins - 1) / m, 10/36 = 0.28
+    for a 36-image one, so a reference should hold a few hundred images.
     """
     e = np.asarray(expected, dtype=np.float64)
     a = np.asarray(actual, dtype=np.float64)
     if e.shape != a.shape or e.sum() <= 0 or a.sum() <= 0:
         raise ValueError("psi needs two non-empty histograms over the same bins")
+    if floor_samples <= 0:
+        raise ValueError(f"psi floor_samples={floor_samples!r}: must be above 0 (an empty bin has no logarithm)")
+    floor = floor_samples / min(e.sum(), a.sum())
     e = np.maximum(e / e.sum(), floor)
     a = np.maximum(a / a.sum(), floor)
     value = float(np.sum((a - e) * np.log(a / e)))

@@ -19,13 +19,54 @@ REFERENCE = {
 
 
 def test_psi_matches_a_hand_computed_case() -> None:
-    # Reference: 4 equal bins (0.25 each). Observed counts 2,1,1,0 -> 0.5, 0.25, 0.25, 0 (floored to 1e-4).
-    expected = 0.25 * math.log(0.5 / 0.25) + 0.0 + 0.0 + (1e-4 - 0.25) * math.log(1e-4 / 0.25)
+    # Reference: 4 equal bins (0.25 each). Observed counts 2,1,1,0 -> 0.5, 0.25, 0.25, 0, the empty bin floored
+    # at half a sample of the smaller side: 0.5 / min(4, 4) = 0.125.
+    expected = 0.25 * math.log(0.5 / 0.25) + 0.0 + 0.0 + (0.125 - 0.25) * math.log(0.125 / 0.25)
     assert psi([1, 1, 1, 1], [2, 1, 1, 0]) == pytest.approx(expected, rel=1e-9)
-    assert expected == pytest.approx(2.128516, abs=1e-6)
+    assert expected == pytest.approx(0.375 * math.log(2), rel=1e-12)
     assert psi([5, 5], [50, 50]) == pytest.approx(0.0)
+    # The floor follows the smaller histogram: a reference of 1,000 with an empty bin against 100 frames.
+    e, a = [0.5 / 100, 0.505, 0.495], [0.01, 0.49, 0.5]
+    by_hand = sum((ai - ei) * math.log(ai / ei) for ai, ei in zip(a, e, strict=True))
+    assert psi([0, 505, 495], [1, 49, 50]) == pytest.approx(by_hand, rel=1e-9)
     with pytest.raises(ValueError):
         psi([1, 1], [0, 0])
+    with pytest.raises(ValueError, match="floor_samples"):
+        psi([1, 1], [1, 1], floor_samples=0)
+
+
+# The demo bundle's reference (20 bins over 0..1 and 0..255, its 36 validation images); 8 and 10 bins occupied.
+DEMO_CONFIDENCE = [0, 0, 0, 3, 13, 6, 3, 2, 2, 0, 1, 0, 0, 1, 1, 0, 3, 0, 1, 0]
+DEMO_BRIGHTNESS = [0, 0, 0, 0, 4, 4, 5, 4, 0, 4, 2, 5, 2, 3, 3, 0, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize(("reference", "frames", "share"), [
+    # Sampling noise alone is about a chi-square with (occupied bins - 1) degrees of freedom over n: mean
+    # 10/80 = 0.125 for the confidence reference's 11 occupied bins, 9/100 for the brightness one's 10;
+    # 95th percentiles 18.3/80 = 0.23 and 16.9/100 = 0.17. Measured with these draws: 1.4 % and 0.5 % of
+    # windows over 0.25 (the policy then wants more windows in a row); with the old floor of 1e-4, 24 % and 1.5 %.
+    (DEMO_CONFIDENCE, 80, 0.98),
+    (DEMO_BRIGHTNESS, 100, 0.99),
+])
+def test_psi_of_a_window_drawn_from_the_reference_stays_under_the_threshold(reference: list[int], frames: int,
+                                                                           share: float) -> None:
+    p = np.asarray(reference, dtype=np.float64) / sum(reference)
+    rng = np.random.default_rng(0)
+    values = np.array([psi(reference, rng.multinomial(frames, p)) for _ in range(1000)])
+    assert np.mean(values < 0.25) >= share
+
+
+def test_psi_still_sees_a_real_shift_in_one_short_window() -> None:
+    rng = np.random.default_rng(1)
+    # The demo's drift: the lighting drops to 45 %, moving every part's brightness 3-10 bins down.
+    edges = np.linspace(0.0, 255.0, 21)
+    centres = (edges[:-1] + edges[1:]) / 2
+    parts = rng.choice(centres, size=80, p=np.asarray(DEMO_BRIGHTNESS) / sum(DEMO_BRIGHTNESS))
+    assert psi(DEMO_BRIGHTNESS, histogram(parts * 0.45, edges).counts) > 2.0
+    # A histogram moved by one bin, drawn 80 times: still far over 0.25 every time.
+    shifted = np.roll(np.asarray(DEMO_CONFIDENCE, dtype=np.float64), 1)
+    draws = [psi(DEMO_CONFIDENCE, rng.multinomial(80, shifted / shifted.sum())) for _ in range(200)]
+    assert min(draws) > 0.25
 
 
 def test_binning_follows_numpy_histogram_and_clips_outliers() -> None:
@@ -71,9 +112,9 @@ def test_window_contents_by_hand() -> None:
     assert body["latency_ms"] == pytest.approx({"p50": 25.0, "p95": 38.5, "p99": 39.7})
     assert body["input"] == {"brightness": 150.0, "contrast": 10.0, "sharpness": 100.0}
     # confidence: counts 2,1,1,0 over 4 equal reference bins -> the hand-computed PSI above.
-    assert body["drift"]["confidence_psi"] == pytest.approx(2.128516, abs=1e-6)
-    # brightness: reference 0, .5, .5; observed 1, 2, 1 -> .25, .5, .25.
-    e = [1e-4, 0.5, 0.5]
+    assert body["drift"]["confidence_psi"] == pytest.approx(0.375 * math.log(2), abs=1e-6)
+    # brightness: reference 0, 5, 5; observed 1, 2, 1 -> .25, .5, .25; the floor is 0.5 / min(10, 4).
+    e = [0.125, 0.5, 0.5]
     a = [0.25, 0.5, 0.25]
     by_hand = sum((ai - ei) * math.log(ai / ei) for ai, ei in zip(a, e, strict=True))
     assert body["drift"]["brightness_psi"] == pytest.approx(by_hand, abs=1e-6)
