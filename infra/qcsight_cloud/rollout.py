@@ -55,7 +55,9 @@ class SoakSettings:
         max_wait_s: no such evidence this long after the canary deployment: roll back (a silent canary
             proves nothing).
         rate_alpha: the canary's defect rate above the fleet's at this significance is a regression
-            (one-sided; rates.compare_rates' score or Fisher test).
+            (one-sided; rates.compare_rates' score or Fisher test). 0 turns the check off: a change meant to
+            move the defect rate (a model for a new defect) is judged on errors and latency alone; a tiny
+            alpha is no substitute, since a p-value of a lopsided count underflows to 0.
         max_latency_ratio: the canary's worst p95 latency above this multiple of the fleet's is one.
         max_errors: frame errors the canary may report during the soak.
     """
@@ -72,8 +74,8 @@ class SoakSettings:
         for name in ("soak_s", "max_wait_s", "max_latency_ratio"):
             if getattr(self, name) <= 0:
                 raise CloudError(f"soak setting {name}={getattr(self, name)!r}: must be above 0")
-        if not 0 < self.rate_alpha < 1:
-            raise CloudError(f"soak setting rate_alpha={self.rate_alpha!r}: must be in (0, 1)")
+        if not 0 <= self.rate_alpha < 1:
+            raise CloudError(f"soak setting rate_alpha={self.rate_alpha!r}: must be in [0, 1) (0: no rate check)")
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,11 @@ def soak_decision(settings: SoakSettings, canary: GroupStats, fleet: GroupStats,
     if canary.frames and fleet.frames:
         test = compare_rates(fleet.defect, fleet.frames, canary.defect, canary.frames)
         higher = (canary.defect / canary.frames) > (fleet.defect / fleet.frames)
-        regressed = higher and test.p_value / 2 < settings.rate_alpha
+        regressed = settings.rate_alpha > 0 and higher and test.p_value / 2 < settings.rate_alpha
         text = (f"defect rate {canary.defect}/{canary.frames} on the canary vs {fleet.defect}/{fleet.frames} on "
                 f"the fleet: one-sided p = {test.p_value / 2 if higher else 1 - test.p_value / 2:.3g} "
-                f"({test.method} test), alpha {settings.rate_alpha:g}")
+                f"({test.method} test), "
+                + (f"alpha {settings.rate_alpha:g}" if settings.rate_alpha else "not checked"))
         if regressed:
             bad.append("canary defect rate significantly above the fleet's: " + text)
         checks.append(Check("defect_rate", regressed, text, {"canary_defect": canary.defect,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qcsight_cloud.errors import CloudError
 from qcsight_cloud.ingest import Ingestor
 from qcsight_cloud.registry import (
     APPROVED,
@@ -116,6 +117,23 @@ def test_soak_table(name: str, canary: GroupStats, fleet: GroupStats, elapsed: f
     decision = soak_decision(SOAK, canary, fleet, elapsed)
     assert decision.action == action, decision.reasons
     assert any(reason in r for r in decision.reasons), decision.reasons
+
+
+def test_rate_alpha_zero_turns_the_rate_check_off_where_a_tiny_alpha_cannot() -> None:
+    # Every frame a defect on the canary, none on the fleet: the score test's p-value underflows to 0.
+    lopsided = GroupStats(windows=5, frames=500, defect=500, errors=0, latency_p95_ms=8.0)
+    clean_fleet = GroupStats(windows=10, frames=1000, defect=0, errors=0, latency_p95_ms=7.5)
+    tiny = SoakSettings(soak_s=300, min_windows=3, min_frames=300, rate_alpha=1e-300)
+    assert soak_decision(tiny, lopsided, clean_fleet, 400).action == ROLLBACK
+    off = SoakSettings(soak_s=300, min_windows=3, min_frames=300, rate_alpha=0)
+    decision = soak_decision(off, lopsided, clean_fleet, 400)
+    assert decision.action == PROMOTE, decision.reasons
+    assert any("not checked" in check.summary for check in decision.checks), decision.checks
+    # ... and the other checks still hold with it off.
+    slow = GroupStats(windows=5, frames=500, defect=500, errors=0, latency_p95_ms=30.0)
+    assert soak_decision(off, slow, clean_fleet, 400).action == ROLLBACK
+    with pytest.raises(CloudError, match="rate_alpha"):
+        SoakSettings(rate_alpha=1.0)
 
 
 # ---------------------------------------------------------------- the rollout
