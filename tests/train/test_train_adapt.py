@@ -23,7 +23,9 @@ def _resolve(argv: list[str]) -> TrainConfig:
 
 # (flags, expected resolved values, substrings the adapted notes must hold)
 WORKS = [
-    ([], {"epochs": 8, "freeze_epochs": 0, "img_size": "auto", "select": "last"}, []),
+    ([], {"epochs": 8, "freeze_epochs": 0, "img_size": "auto", "select": "last", "refit": True}, []),
+    (["--refit", "false"], {"refit": False}, []),
+    (["--task", "anomaly"], {"refit": False}, ["refit True -> False: task=anomaly"]),
     (["--epochs", "1"], {"epochs": 1, "freeze_epochs": 0, "warmup_epochs": 0.5}, ["warmup_epochs 1.0 -> 0.5"]),
     (["--epochs", "1", "--freeze-epochs", "0"], {"freeze_epochs": 0}, ["warmup_epochs"]),
     (["--freeze-epochs", "1"], {"epochs": 8, "freeze_epochs": 1}, []),
@@ -65,6 +67,7 @@ FAILS = [
     (["--select", "median"], "select", "best, last"),
     (["--threshold-source", "test"], "threshold_source", "validation, oof"),
     (["--threshold-folds", "1"], "threshold_folds", "from 2"),
+    (["--task", "anomaly", "--refit"], "refit", "drop --refit"),
 ]
 
 

@@ -88,7 +88,10 @@ def test_two_epochs_on_cpu_write_a_bundle_that_onnx_runtime_runs(dataset: Path, 
     assert len(json.loads((out / "history.json").read_text())) == 2
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["img_size"] == "64" and saved["epochs"] == 2 and saved["augment"]["hflip"] is False
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt", "run_id.txt"]
+    # The refit is on by default: the shipped model trained again on train+validation (the test never).
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt", "refit", "run_id.txt"]
+    training = manifest.extra["training"]
+    assert training["refit"] is True and training["trained_on"] == "train+validation" and training["train_images"] == 21
 
 
 def test_resumed_run_continues_exactly_where_the_interrupted_one_stopped(dataset: Path, tmp_path: Path,  # noqa: F811
@@ -151,7 +154,7 @@ def test_torchrun_two_processes_train_together_and_only_rank_0_writes(dataset: P
     assert summary["world_size"] == 2
     per_rank = summary["per_rank_images"]
     assert len(per_rank) == 2 and per_rank[0] == per_rank[1] > 0  # both ranks trained equal shards
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt", "run_id.txt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt", "refit", "run_id.txt"]
     assert len(checkpoint.load(out / "checkpoints" / checkpoint.LAST)["rng"]) == 2  # type: ignore[index]
     load_bundle(out / "bundle")
 
@@ -190,7 +193,7 @@ def test_sagemaker_environment_is_honoured(dataset: Path, tmp_path: Path) -> Non
     # A folder per training job: the jobs of a tuning job share the synced prefix, a spot restart keeps its name.
     assert sorted(p.name for p in checkpoints.iterdir()) == ["qcsight-train-test-1"]
     job_dir = checkpoints / "qcsight-train-test-1"
-    assert sorted(p.name for p in job_dir.iterdir()) == ["best.pt", "last.pt", "run_id.txt"]
+    assert sorted(p.name for p in job_dir.iterdir()) == ["best.pt", "last.pt", "refit", "run_id.txt"]
     config = yaml.safe_load((data_dir / "config.yaml").read_text())
     assert (config["data"], config["validation"], config["output"]) == (str(dataset), str(validation),
                                                                         str(model_dir))

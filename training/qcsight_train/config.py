@@ -124,7 +124,8 @@ class TrainConfig:
         select: which epoch's weights are kept: best (validation macro-F1) or last.
         refit: after selection, train again from the start on train+validation for the selected number of
             epochs and export that model (the test split stays untouched; thresholds then come from the
-            selection run's validation scores, or out of fold).
+            selection run's validation scores, or out of fold). On by default: the shipped model learns
+            from the validation share too; it costs a second training (false halves the time).
         threshold_source: validation (the exported model's validation defect scores) or oof (out-of-fold
             scores of threshold_folds models trained on train+validation: every defect counts, for scarce defects).
         threshold_folds: folds for threshold_source oof.
@@ -191,7 +192,7 @@ class TrainConfig:
     false_reject_rate: float = 0.01
     max_bundle_mb: float = 50.0
     select: str = "last"
-    refit: bool = False
+    refit: bool = True
     threshold_source: str = "validation"
     threshold_folds: int = 5
     tracking_uri: str = ""
@@ -452,6 +453,8 @@ def adapt(given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
                    f"epochs={epochs} leaves no epoch for the whole network after the head-only one")
         if "warmup_epochs" not in given and value("warmup_epochs") >= epochs:
             change("warmup_epochs", epochs / 2, f"epochs={epochs}: half the run warms up, the rest decays")
+    if value("task") == "anomaly" and "refit" not in given and value("refit"):
+        change("refit", False, "task=anomaly: the memory bank is fitted once, on train")
     val, test = value("val_fraction"), value("test_fraction")
     if isinstance(val, float) and isinstance(test, float) and val + test >= 0.9:
         if "test_fraction" not in given and "val_fraction" in given:
