@@ -72,11 +72,9 @@ def pooled_figures(labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ..
 
 
 def macro_f1(labels: np.ndarray, pred: np.ndarray, k: int) -> float:
-    matrix = np.zeros((k, k))
-    np.add.at(matrix, (labels, pred), 1)
-    tp = np.diag(matrix)
-    denom = matrix.sum(axis=0) + matrix.sum(axis=1)
-    return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))
+    from qcsight_train.metrics import classification_metrics
+
+    return float(classification_metrics(labels, pred, [str(i) for i in range(k)])["macro_f1"])
 
 
 def paired_difference(labels: np.ndarray, base: np.ndarray, other: np.ndarray, groups: list[str], k: int,
