@@ -27,6 +27,10 @@ TUNING = JobStatus("HyperParameterTuningJobStatus", ("Completed",), ("Failed", "
 COMPILATION = JobStatus("CompilationJobStatus", ("COMPLETED",), ("FAILED", "STOPPED"))
 TRANSFORM = JobStatus("TransformJobStatus", ("Completed",), ("Failed", "Stopped"))
 
+# The training code as one object: `qcsight train launch` uploads it as a training job's code channel,
+# and the retraining pipeline's processing steps unpack the same file to evaluate with that code.
+SOURCE_TARBALL = "sourcedir.tar.gz"
+
 
 def wait_for_job(describe: Callable[[], Mapping[str, Any]], status: JobStatus, timeout_s: float, poll_s: float,
                  clock: Callable[[], float] = time.monotonic,

@@ -42,6 +42,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from qcsight_aws.jobs import SOURCE_TARBALL
 from qcsight_cloud.errors import CloudError
 from qcsight_cloud.lambda_policy import PARAM_DECISION_ID, PARAM_LINE, PARAM_MANIFEST, PARAM_RUN_ID
 from qcsight_core.errors import ConfigError
@@ -61,7 +62,6 @@ EMPTY_MANIFEST_KEY = "manifests/empty.manifest"
 REQUIRED_INPUTS = ("role_arn", "pipeline_bucket", "model_package_group", "training_request", "scoring_image")
 OPTIONAL_INPUTS = ("data_bucket", "images_bucket", "models_bucket", "kms_key_arn", "region", "base_data",
                    "holdout_data", "production_model", "evaluation_instance_type")
-SOURCE_TARBALL = "sourcedir.tar.gz"
 PROCESSING = "/opt/ml/processing"
 # Each processing command is one ContainerArguments item (at most 256 characters): the paths live in
 # the step's environment. The source tarball is the one the training job unpacks (`qcsight train

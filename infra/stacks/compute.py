@@ -25,12 +25,13 @@ from aws_cdk import aws_scheduler as scheduler
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from qcsight_aws.jobs import SOURCE_TARBALL
 from qcsight_aws.s3 import S3Uri
 from qcsight_batch.submit import ScheduleSpec, TransformJobSpec, model_request, schedule_request
 from qcsight_cloud.lambda_ingest import RULE_SQL, RULE_SQL_VERSION
 from qcsight_core import topics
 from qcsight_train.launch.cli import default_image_uri
-from qcsight_train.launch.job_requests import SOURCE_TARBALL, training_request
+from qcsight_train.launch.job_requests import training_request
 from qcsight_train.launch.plan import AwsSpec, ComputeSpec, TrainingJobSpec, TrainingPlan
 from stacks import names, packaging
 from stacks.arns import Arns

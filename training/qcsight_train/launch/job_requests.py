@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from qcsight_aws.jobs import SOURCE_TARBALL
 from qcsight_aws.s3 import S3Uri
 from qcsight_train.launch.plan import (
     CHECKPOINT_LOCAL_PATH,
@@ -29,7 +30,6 @@ from qcsight_train.launch.plan import (
 
 log = logging.getLogger(__name__)
 
-SOURCE_TARBALL = "sourcedir.tar.gz"
 CODE_CHANNEL = "code"
 # The working directory of every node; the code channel holds the tarball at /opt/ml/input/data/code/.
 NODE_COMMAND = ("set -e; mkdir -p /opt/ml/code; cd /opt/ml/code; "
