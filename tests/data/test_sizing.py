@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from qcsight_core.preprocess import PreprocessSpec
-from qcsight_data.sizing import ImageSizes, defect_sides, largest_region_box, measure, recommend, report
+from qcsight_data.sizing import MIN_DEFECT_PX, ImageSizes, defect_sides, largest_region_box, measure, recommend, report
 
 
 def test_largest_region_box_ignores_the_smaller_blobs() -> None:
@@ -34,12 +34,19 @@ def test_recommendation_keeps_a_long_part_long_and_grows_for_thin_defects() -> N
     strips = ImageSizes(tuple((500, 1254) for _ in range(10)))
     choice = recommend(strips)
     assert (choice.height, choice.width) == (224, 576) and choice.resize == "stretch"
-    # Square images whose defects are 6 px wide in 600 px: at 224 they are 2.2 px, so the side grows
-    # until the 10th percentile reaches 4 px (6 * s / 600 >= 4 -> s >= 400 -> 416).
-    squares = ImageSizes(tuple((600, 600) for _ in range(10)), tuple((600, 600, 6, 80) for _ in range(10)))
+    # Square images whose defects are 10 px wide in 600 px: at 224 they are 3.7 px, so the side grows
+    # until the 10th percentile reaches MIN_DEFECT_PX = 7 (10 * s / 600 >= 7 -> s >= 420 -> 448).
+    squares = ImageSizes(tuple((600, 600) for _ in range(10)), tuple((600, 600, 10, 80) for _ in range(10)))
     grown = recommend(squares)
-    assert (grown.height, grown.width) == (416, 416)
-    assert grown.defect_px["p10"] >= 4.0
+    assert (grown.height, grown.width) == (448, 448)
+    assert grown.defect_px["p10"] >= MIN_DEFECT_PX == 7.0
+    # 6 px defects would need 700: the side stops at MAX_SIDE 512, and the reasons say the aim was not reached.
+    # Thin defects in small images grow the input past the images' own size (no masks: never past it, below).
+    small = recommend(ImageSizes(tuple((260, 260) for _ in range(10)), tuple((260, 260, 6, 80) for _ in range(10))))
+    assert (small.height, small.width) == (320, 320)  # 6 * 320 / 260 = 7.4 px; 288 gives 6.6
+    tiny = recommend(ImageSizes(tuple((600, 600) for _ in range(10)), tuple((600, 600, 6, 80) for _ in range(10))))
+    assert (tiny.height, tiny.width) == (512, 512)
+    assert any("not reached" in reason for reason in tiny.reasons)
     # Never above the images' own size: 100 px images stay at most 96 (the floor).
     assert recommend(ImageSizes(tuple((100, 100) for _ in range(4)))).height == 96
     # Wildly mixed shapes around a wide median letterbox.
@@ -59,4 +66,5 @@ def test_measure_reads_images_and_masks_from_a_folder(tmp_path: Path) -> None:
     sizes = measure(samples, tmp_path)
     assert sizes.shapes == ((40, 80),) * 3 and sizes.defects == ((40, 80, 2, 40),) * 3
     lines = report(sizes, recommend(sizes))
-    assert any(line.startswith("recommended input: --img-size 96x192") for line in lines)
+    # 2 px defects in 40 px images: grown past the images' size until they are 7 px (2 * 160 / 40 = 8).
+    assert any(line.startswith("recommended input: --img-size 160x320") for line in lines)
