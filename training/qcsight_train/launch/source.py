@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qcsight_aws.jobs import SOURCE_TARBALL
+
 log = logging.getLogger(__name__)
 
 # What the container needs from a checkout; everything else (venv, .git, data, runs) stays home.
@@ -95,7 +97,7 @@ def package_source(source_dir: Path, work_dir: Path) -> SourcePackage:
     """
     files = _source_files(source_dir)
     requirements = image_requirements(source_dir / "pyproject.toml")
-    tar_path = work_dir / "sourcedir.tar.gz"
+    tar_path = work_dir / SOURCE_TARBALL
     with tar_path.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in files:
