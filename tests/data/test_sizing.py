@@ -40,10 +40,10 @@ def test_recommendation_keeps_a_long_part_long_and_grows_for_thin_defects() -> N
     grown = recommend(squares)
     assert (grown.height, grown.width) == (448, 448)
     assert grown.defect_px["p10"] >= MIN_DEFECT_PX == 7.0
-    # 6 px defects would need 700: the side stops at MAX_SIDE 512, and the reasons say the aim was not reached.
     # Thin defects in small images grow the input past the images' own size (no masks: never past it, below).
     small = recommend(ImageSizes(tuple((260, 260) for _ in range(10)), tuple((260, 260, 6, 80) for _ in range(10))))
     assert (small.height, small.width) == (320, 320)  # 6 * 320 / 260 = 7.4 px; 288 gives 6.6
+    # 6 px defects in 600 px images would need 700: the side stops at MAX_SIDE 512, and the reasons say so.
     tiny = recommend(ImageSizes(tuple((600, 600) for _ in range(10)), tuple((600, 600, 6, 80) for _ in range(10))))
     assert (tiny.height, tiny.width) == (512, 512)
     assert any("not reached" in reason for reason in tiny.reasons)
