@@ -229,6 +229,47 @@ def test_thresholds_come_from_validation_defect_scores(exported: Exported) -> No
     assert m.metrics["validation"]["classification"]["accuracy"] == pytest.approx(1.0)
 
 
+def test_a_recall_threshold_among_the_good_parts_rises_to_the_false_reject_budget(
+        exported: Exported, tmp_path: Path) -> None:
+    # One defect the model scores like a good part (a grey part labelled scratch): recall 0.99 needs
+    # every defect caught, so its threshold sits among the good parts' scores.
+    hidden = _part(tmp_path / "val" / "scratch" / "grey.png", "good", seed=4242)
+    validation = [*_readable(exported.validation, exported.broken), (hidden, "scratch")]
+    pairs = [(p, label) for p, label in validation]
+    probs = OnnxRunner(exported.bundle).run(preprocess_batch([read_image(p) for p, _ in pairs], SPEC))
+    scores = Decider(exported.bundle.manifest).defect_scores(probs)
+    is_defect = np.array([label in DEFECTS for _, label in pairs])
+    recall_threshold, recall_frr = threshold_for_recall(is_defect, scores, 0.99)
+    assert recall_frr > 0.2
+
+    def export(name: str, options: ExportOptions) -> Bundle:
+        return export_bundle(exported.model, output_dir=tmp_path / name, spec=SPEC, classes=CLASSES,
+                             defect_classes=DEFECTS, architecture="tiny-conv", name="parts", version=name,
+                             run_id="run-5", data_fingerprint="abc", calibration_paths=[], validation=validation,
+                             int8=False, torchscript=False, options=options)
+
+    bounded = export("bounded", ExportOptions(pack=False))  # the default budget, 0.2
+    record, decision = bounded.manifest.metrics["threshold"], bounded.manifest.decision
+    good = scores[~is_defect]
+    assert decision.defect_threshold > recall_threshold
+    assert np.mean(good >= decision.defect_threshold) <= 0.2
+    assert record["false_reject_rate"] == pytest.approx(np.mean(good >= decision.defect_threshold))
+    assert record["max_false_reject"] == 0.2 and record["chosen"].startswith("lowest threshold rejecting at most 0.2")
+    assert record["recall_target_threshold"] == {"threshold": pytest.approx(recall_threshold),
+                                                 "false_reject_rate": pytest.approx(recall_frr)}
+    # The grey "scratch" is given up, and the recall says so; the warning names the flag.
+    caught = int(np.sum(scores[is_defect] >= decision.defect_threshold))
+    assert caught == int(is_defect.sum()) - 1
+    assert record["defect_recall"] == pytest.approx(caught / is_defect.sum())
+    assert any("--max-false-reject" in w and f"catches {caught} of" in w for w in bounded.manifest.metrics["warnings"])
+
+    kept = export("kept", ExportOptions(max_false_reject=1.0, pack=False))
+    assert kept.manifest.decision.defect_threshold == pytest.approx(recall_threshold, abs=1e-6)
+    assert kept.manifest.metrics["threshold"]["defect_recall"] == 1.0
+    assert "recall_target_threshold" not in kept.manifest.metrics["threshold"]
+    assert not any("--max-false-reject" in w for w in kept.manifest.metrics["warnings"])
+
+
 def _bgr_preprocess(image: np.ndarray) -> torch.Tensor:
     """A training pipeline that forgot OpenCV decodes BGR."""
     bgr = prepare_pixels(image, PreprocessSpec(height=32, width=32, color="BGR"))

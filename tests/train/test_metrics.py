@@ -15,6 +15,7 @@ from qcsight_train.metrics import (
     rates_at_threshold,
     review_band,
     threshold_for_recall,
+    threshold_within_false_reject,
 )
 
 CLASSES = ("good", "scratch", "spot")
@@ -134,6 +135,33 @@ def test_review_band_stays_within_the_good_part_budget() -> None:
     assert int(((tied[:20] >= band) & (tied[:20] < 0.5)).sum()) <= 2
     with pytest.raises(EvaluationError, match="review fraction"):
         review_band(is_defect, scores, 0.5, 1.5, floor=0.0)
+
+
+def test_threshold_within_false_reject_keeps_the_good_parts_rejected_within_the_budget() -> None:
+    # 20 good parts scoring 0.00 .. 0.19 and one defect scored like a good part (0.05): the threshold for
+    # recall 1.0 sits at 0.05 and rejects 15 of 20 good parts.
+    good = np.arange(20) / 100.0
+    scores = np.concatenate([good, [0.05, 0.9]])
+    is_defect = np.array([False] * 20 + [True, True])
+    assert threshold_for_recall(is_defect, scores, 1.0) == pytest.approx((0.05, 15 / 20))
+    # A budget of 10 % (2 of 20): just above the third-highest good score, 0.17.
+    threshold = threshold_within_false_reject(is_defect, scores, 0.10)
+    assert 0.17 < threshold <= 0.18
+    rates = rates_at_threshold(is_defect, scores, threshold)
+    assert rates["false_reject_rate"] == pytest.approx(2 / 20) and rates["defect_recall"] == pytest.approx(1 / 2)
+    # Nothing rejected at a zero budget; at 1 the lowest score present (everything is a defect).
+    zero = threshold_within_false_reject(is_defect, scores, 0.0)
+    assert 0.19 < zero < 0.2 and rates_at_threshold(is_defect, scores, zero)["false_reject_rate"] == 0.0
+    assert threshold_within_false_reject(is_defect, scores, 1.0) == 0.0
+    # Ties never overflow the budget: five good parts at 0.2, budget 2 of 20.
+    tied = np.array([0.2] * 5 + [0.1] * 15 + [0.9])
+    flags = np.array([False] * 20 + [True])
+    within = threshold_within_false_reject(flags, tied, 0.10)
+    assert rates_at_threshold(flags, tied, within)["false_reject_rate"] <= 0.10
+    with pytest.raises(EvaluationError, match="no good images"):
+        threshold_within_false_reject(np.ones(3, dtype=bool), np.array([0.1, 0.2, 0.3]), 0.2)
+    with pytest.raises(EvaluationError, match="false-reject budget"):
+        threshold_within_false_reject(is_defect, scores, -0.1)
 
 
 def test_threshold_for_recall_refuses_degenerate_input() -> None:

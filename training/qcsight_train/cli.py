@@ -40,7 +40,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "warmup_epochs", "min_lr_ratio", "label_smoothing", "balance", "balance_power", "seed", "amp",
                      "channels_last", "threads", "select", "refit"),
     "augmentation (train only)": tuple(AUGMENT_FIELDS),
-    "thresholds": ("target_recall", "review_fraction", "threshold_source", "threshold_folds"),
+    "thresholds": ("target_recall", "max_false_reject", "review_fraction", "threshold_source", "threshold_folds"),
     "outputs": ("output", "checkpoint_dir", "resume", "name", "version", "run_id", "int8", "torchscript", "neo_onnx",
                 "calibration_images"),
     "experiment tracking (MLflow)": ("tracking_uri", "experiment"),

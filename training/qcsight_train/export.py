@@ -56,6 +56,7 @@ from qcsight_core.imageio import read_image
 from qcsight_core.preprocess import PreprocessSpec, normalize, prepare_pixels, preprocess
 from qcsight_core.runner import OnnxRunner, RunnerOptions
 from qcsight_core.verdict import Decider
+from qcsight_train.config import MAX_FALSE_REJECT
 from qcsight_train.errors import EvaluationError, ExportError, ParityError
 from qcsight_train.evaluate import ScoredImages, check_labels, labelled_pairs, score_images, summarise
 from qcsight_train.metrics import (
@@ -64,6 +65,7 @@ from qcsight_train.metrics import (
     review_band,
     threshold_for_recall,
     threshold_warning,
+    threshold_within_false_reject,
 )
 
 if TYPE_CHECKING:
@@ -128,6 +130,8 @@ class ExportOptions:
             of the validation good images in it. 0: a band holding no validation good image.
         uncertain_floor: the band never reaches below uncertain_floor x defect_threshold. 1.0: no band.
         default_threshold: the defect threshold used when validation holds no defect image.
+        max_false_reject: the share of validation good images the defect threshold may reject; when the
+            threshold for the recall target rejects more, it rises to this budget (with a warning).
         opset: ONNX opset requested from the exporter.
         batch_size: images per inference call during validation and calibration.
         tar_path: where to pack the bundle; None: output_dir.parent / "model.tar.gz".
@@ -141,6 +145,7 @@ class ExportOptions:
     review_fraction: float = 0.05
     uncertain_floor: float = 0.5
     default_threshold: float = 0.5
+    max_false_reject: float = MAX_FALSE_REJECT
     opset: int = 18
     batch_size: int = 32
     tar_path: Path | None = None
@@ -150,7 +155,7 @@ class ExportOptions:
         check_number("export.parity_tolerance", self.parity_tolerance, 0.0, 1.0, open_low=True, open_high=True)
         for name in ("parity_images", "calibration_images", "batch_size"):
             check_int(f"export.{name}", getattr(self, name), 1)
-        for name in ("review_fraction", "uncertain_floor", "default_threshold"):
+        for name in ("review_fraction", "uncertain_floor", "default_threshold", "max_false_reject"):
             check_number(f"export.{name}", getattr(self, name), 0.0, 1.0)
         check_int("export.opset", self.opset, 13, 23)
 
@@ -478,7 +483,8 @@ class _Export:
         record: dict[str, Any] = {"target_defect_recall": target_recall, "source": source,
                                   "uncertain_rule": UNCERTAIN_RULE,
                                   "review_fraction": self.options.review_fraction,
-                                  "uncertain_floor": self.options.uncertain_floor}
+                                  "uncertain_floor": self.options.uncertain_floor,
+                                  "max_false_reject": self.options.max_false_reject}
         if not is_defect.any():
             threshold, false_reject = self.options.default_threshold, None
             self._warn(f"validation holds no defect image: defect threshold set to the default {threshold}, "
@@ -492,6 +498,9 @@ class _Export:
             if false_reject is None:
                 self._warn("validation holds no good image: the false-reject rate at the threshold is unknown")
             record["chosen"] = f"lowest threshold keeping defect recall >= {target_recall} on validation"
+            if false_reject is not None and false_reject > self.options.max_false_reject:
+                threshold, false_reject = self._within_budget(is_defect, scores, threshold, false_reject,
+                                                              target_recall, record)
         floor = threshold * self.options.uncertain_floor
         # Without validation good images the band is the floor (nothing to budget).
         uncertain = review_band(is_defect, scores, threshold, self.options.review_fraction, floor)
@@ -508,6 +517,28 @@ class _Export:
                 record["warning"] = warning
         return DecisionPolicy(defect_threshold=threshold, uncertain_threshold=uncertain,
                               target_defect_recall=target_recall), record
+
+    def _within_budget(self, is_defect: np.ndarray, scores: np.ndarray, recall_threshold: float,
+                       recall_false_reject: float, target_recall: float,
+                       record: dict[str, Any]) -> tuple[float, float]:
+        """Raise a recall threshold that rejects more good parts than max_false_reject to the budget; warn."""
+        budget = self.options.max_false_reject
+        threshold = float(np.clip(threshold_within_false_reject(is_defect, scores, budget), 0.0, 1.0))
+        at = rates_at_threshold(is_defect, scores, threshold)
+        caught = round(at["defect_recall"] * at["defect_images"])
+        warning = (f"the defect threshold for recall {target_recall} ({recall_threshold:.3f}) would reject "
+                   f"{recall_false_reject:.0%} of the {at['good_images']} validation good images, over the budget "
+                   f"of {budget:.0%} (--max-false-reject): it is {threshold:.3f} instead, which catches "
+                   f"{caught} of {at['defect_images']} validation defects (recall {at['defect_recall']:.3f}) and "
+                   f"rejects {at['false_reject_rate']:.0%} of good ones. Look at the defects scored like good "
+                   "parts; --max-false-reject 1 keeps the recall target whatever it rejects")
+        self._warn(warning)
+        record.update(chosen=f"lowest threshold rejecting at most {budget} of validation good images: the one for "
+                             f"recall {target_recall} rejected {recall_false_reject:.3f}",
+                      false_reject_warning=warning,
+                      recall_target_threshold={"threshold": recall_threshold,
+                                               "false_reject_rate": recall_false_reject})
+        return threshold, float(at["false_reject_rate"])
 
     def _int8_verdict(self, decided: Manifest, scored: ScoredImages, fp32_summary: Mapping[str, Any],
                       entry: ModelFile, record: dict[str, Any],

@@ -165,6 +165,31 @@ def threshold_for_recall(is_defect: np.ndarray, defect_score: np.ndarray, target
     return threshold, false_reject
 
 
+def threshold_within_false_reject(is_defect: np.ndarray, defect_score: np.ndarray, max_false_reject: float) -> float:
+    """The lowest threshold that calls at most max_false_reject of the good images a defect.
+
+    An image is a defect when its score is >= the threshold, so with k = floor(max_false_reject x
+    goods) the threshold sits just above the (k+1)-th highest good score. Ties at that score all
+    fall below it, so the rate can come out under the budget, never over.
+
+    Returns:
+        The threshold; the lowest score present when the budget allows every good image.
+
+    Raises:
+        EvaluationError: no good images, or max_false_reject outside [0, 1].
+    """
+    if not 0.0 <= max_false_reject <= 1.0:
+        raise EvaluationError(f"false-reject budget {max_false_reject!r} must be in [0, 1]")
+    labels, scores = _binary_inputs(is_defect, defect_score)
+    good = np.sort(scores[~labels])[::-1]
+    if good.size == 0:
+        raise EvaluationError("no good images: a threshold for a false-reject rate cannot be chosen")
+    allowed = math.floor(max_false_reject * good.size + _COUNT_EPS)
+    if allowed >= good.size:
+        return float(scores.min())
+    return float(np.nextafter(good[allowed], np.inf))
+
+
 def review_band(is_defect: np.ndarray, defect_score: np.ndarray, threshold: float, review_fraction: float,
                 floor: float) -> float:
     """The uncertain threshold below a defect threshold: the widest band that stays within a review budget.

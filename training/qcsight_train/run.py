@@ -333,7 +333,8 @@ def finish(cfg: TrainConfig, splits: Splits, defects: tuple[str, ...], phases: P
         data_fingerprint=splits.fingerprint, calibration_paths=calibration_paths(splits.train, cfg.calibration_images),
         validation=[(s.path, s.label) for s in splits.val], target_defect_recall=cfg.target_recall,
         int8=cfg.int8, torchscript=cfg.torchscript, config=cfg.to_dict(),
-        options=ExportOptions(review_fraction=cfg.review_fraction, pack=not paths.bundle_at_root),
+        options=ExportOptions(review_fraction=cfg.review_fraction, max_false_reject=cfg.max_false_reject,
+                              pack=not paths.bundle_at_root),
         threshold_scores=phases.threshold_scores, neo_onnx=cfg.neo_onnx,
         extra={"training": _training_record(cfg, splits, phases)})
     export_seconds = time.perf_counter() - start
