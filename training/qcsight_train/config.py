@@ -140,7 +140,7 @@ class TrainConfig:
         threshold_source: validation (the exported model's validation defect scores) or oof (out-of-fold
             scores of threshold_folds models trained on train+validation: every defect counts, for scarce defects).
         threshold_folds: folds for threshold_source oof.
-        tracking_uri: MLflow tracking: empty = a local mlruns/ store beside the output (sqlite + artefacts),
+        tracking_uri: MLflow tracking: empty = a local mlruns/ store in the working directory (sqlite + artefacts),
             a path or sqlite:/// or http(s):// URI, a SageMaker MLflow tracking server ARN, or none.
         experiment: MLflow experiment name.
         neo_onnx: also export model.neo.onnx (ONNX IR 7, opset 12: what SageMaker Neo accepts) for --neo-target.
