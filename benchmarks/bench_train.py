@@ -202,6 +202,8 @@ def figures(output: Path, evaluation: str = "evaluation") -> dict[str, Any]:
     metrics = json.loads((output / evaluation / "metrics.json").read_text())
     history = json.loads((output / "history.json").read_text())
     at = metrics["at_bundle_threshold"]
+    # How the bundle's threshold was chosen, and what it rejected on validation (the test never chose it).
+    chosen = json.loads((output / "bundle" / "manifest.json").read_text())["metrics"].get("threshold", {})
     reached_epoch, reached_seconds = epochs_to_final(history)
     return {
         "split": summary["evaluation"]["split"] if evaluation == "evaluation" else "held-out test",
@@ -219,6 +221,8 @@ def figures(output: Path, evaluation: str = "evaluation") -> dict[str, Any]:
         "uncertain_rate": at.get("uncertain_rate"),
         "good_to_review_rate": at.get("good_to_review_rate"),
         "defect_threshold": at["threshold"], "uncertain_threshold": at["uncertain_threshold"],
+        "threshold_chosen": chosen.get("chosen"), "val_false_reject_rate": chosen.get("false_reject_rate"),
+        "val_defect_recall": chosen.get("defect_recall"),
         "roc_auc": metrics["binary"].get("roc_auc"),
         "best_epoch": summary["best_epoch"], "best_val_macro_f1": round(summary["best_val_macro_f1"], 4),
         "epochs": summary["epochs"], "resumed_from": summary["resumed_from"], "world_size": summary["world_size"],
