@@ -235,10 +235,9 @@ def test_a_recall_threshold_among_the_good_parts_rises_to_the_false_reject_budge
     # every defect caught, so its threshold sits among the good parts' scores.
     hidden = _part(tmp_path / "val" / "scratch" / "grey.png", "good", seed=4242)
     validation = [*_readable(exported.validation, exported.broken), (hidden, "scratch")]
-    pairs = [(p, label) for p, label in validation]
-    probs = OnnxRunner(exported.bundle).run(preprocess_batch([read_image(p) for p, _ in pairs], SPEC))
+    probs = OnnxRunner(exported.bundle).run(preprocess_batch([read_image(p) for p, _ in validation], SPEC))
     scores = Decider(exported.bundle.manifest).defect_scores(probs)
-    is_defect = np.array([label in DEFECTS for _, label in pairs])
+    is_defect = np.array([label in DEFECTS for _, label in validation])
     recall_threshold, recall_frr = threshold_for_recall(is_defect, scores, 0.99)
     assert recall_frr > 0.2
 

@@ -184,10 +184,8 @@ def threshold_within_false_reject(is_defect: np.ndarray, defect_score: np.ndarra
     good = np.sort(scores[~labels])[::-1]
     if good.size == 0:
         raise EvaluationError("no good images: a threshold for a false-reject rate cannot be chosen")
-    allowed = math.floor(max_false_reject * good.size + _COUNT_EPS)
-    if allowed >= good.size:
-        return float(scores.min())
-    return float(np.nextafter(good[allowed], np.inf))
+    above = _above_all_but(good, max_false_reject)
+    return float(scores.min()) if above is None else above
 
 
 def review_band(is_defect: np.ndarray, defect_score: np.ndarray, threshold: float, review_fraction: float,
@@ -206,13 +204,22 @@ def review_band(is_defect: np.ndarray, defect_score: np.ndarray, threshold: floa
     floor = min(floor, threshold)
     labels, scores = _binary_inputs(is_defect, defect_score)
     good = scores[~labels]
-    below = np.sort(good[good < threshold])[::-1]
-    allowed = math.floor(review_fraction * good.size + _COUNT_EPS)
-    if allowed >= below.size:
+    above = _above_all_but(np.sort(good[good < threshold])[::-1], review_fraction, of=good.size)
+    if above is None:
         return float(floor)
-    # Strictly above the (allowed+1)-th highest good score below the threshold: at most `allowed` in the band.
-    above_next = float(np.nextafter(below[allowed], np.inf))
-    return float(min(threshold, max(floor, above_next)))
+    return float(min(threshold, max(floor, above)))
+
+
+def _above_all_but(descending: np.ndarray, share: float, of: int | None = None) -> float | None:
+    """The lowest score with at most floor(share x of) of `descending` at or above it; None when all may be.
+
+    Strictly above the (k+1)-th highest score, so ties there all fall below it: the count can come
+    out under k, never over. `of` is the count the share is of (default: len(descending)).
+    """
+    allowed = math.floor(share * (descending.size if of is None else of) + _COUNT_EPS)
+    if allowed >= descending.size:
+        return None
+    return float(np.nextafter(descending[allowed], np.inf))
 
 
 def rates_at_threshold(is_defect: np.ndarray, defect_score: np.ndarray, threshold: float) -> dict[str, Any]:
