@@ -345,3 +345,11 @@ def test_classifier_only_settings_are_refused_for_anomaly_by_name(tmp_path: Path
     with pytest.raises(ConfigError, match=named):
         build_config({"data": "d", "output": str(tmp_path), "task": "anomaly", setting: value})
 
+
+
+def test_the_false_reject_budget_reaches_the_anomaly_export_and_is_checked() -> None:
+    from qcsight_core.errors import ConfigError
+
+    assert anomaly_export.AnomalyExportOptions().max_false_reject == 0.2
+    with pytest.raises(ConfigError, match="max_false_reject"):
+        anomaly_export.AnomalyExportOptions(max_false_reject=1.5)

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from qcsight_train.anomaly.metrics import image_figures, pro_auc, pro_curve, roc_auc
-from qcsight_train.anomaly.threshold import binomial_upper_bound, choose_threshold, threshold_at_false_reject
+from qcsight_train.anomaly.threshold import (
+    AnomalyThreshold,
+    binomial_upper_bound,
+    choose_threshold,
+    threshold_at_false_reject,
+)
 from qcsight_train.errors import EvaluationError
 from qcsight_train.metrics import binary_curves
 
@@ -89,6 +94,33 @@ def test_choose_threshold_by_recall_falls_back_without_defects_and_sizes_the_ban
     # No review budget: the band holds no good image (the classifiers' rule).
     normal = scores[:20] / fallback.raw
     assert not np.any((normal >= fallback.uncertain) & (normal < 1.0))
+
+
+def test_the_recall_rule_rises_to_the_false_reject_budget_and_says_what_it_gave_up() -> None:
+    # 20 good images scoring 1..20, 10 defects scoring 25..34 and one scored like the lowest good part.
+    good = np.arange(1.0, 21.0)
+    scores = np.r_[good, np.arange(25.0, 35.0), 0.5]
+    is_defect = np.r_[np.zeros(20, bool), np.ones(11, bool)]
+
+    def pick(scores: np.ndarray, is_defect: np.ndarray, budget: float = 1.0) -> AnomalyThreshold:
+        return choose_threshold(scores, is_defect, rule="defect_recall", false_reject_rate=0.01, target_recall=1.0,
+                                review_fraction=0.0, uncertain_floor=0.5, max_false_reject=budget)
+
+    unbounded = pick(scores, is_defect)
+    assert unbounded.raw == 0.5 and unbounded.record["false_reject_rate"] == 1.0
+    assert "false_reject_warning" not in unbounded.record
+    bounded = pick(scores, is_defect, 0.2)
+    # At most 4 of 20 good images may be flagged: the threshold sits just above the 5th highest (16).
+    assert 16.0 < bounded.raw <= 17.0
+    assert int(np.sum(good >= bounded.raw)) == 4 and bounded.record["false_reject_rate"] == 0.2
+    assert bounded.record["recall_target_threshold"] == {"raw_threshold": 0.5, "false_reject_rate": 1.0}
+    assert bounded.record["at_threshold"]["defect_recall"] == pytest.approx(10 / 11)
+    warning = bounded.record["false_reject_warning"]
+    assert "--max-false-reject" in warning and "catches 10 of 11" in warning and "100%" in warning
+    # Within the budget nothing moves; a budget of 1 keeps the recall target.
+    assert pick(scores, is_defect, 1.0).raw == 0.5
+    easy = pick(scores[:30], is_defect[:30], 0.2)
+    assert easy.raw == 25.0 and "false_reject_warning" not in easy.record
 
 
 def test_image_figures_at_the_threshold() -> None:

@@ -120,7 +120,7 @@ class TrainConfig:
         review_fraction: share of good parts the uncertain band may send to an operator (on validation).
         max_false_reject: share of good parts the operating threshold may reject (on validation): when the
             threshold for target_recall rejects more, it rises to this budget, with a warning naming the recall
-            given up. 1 keeps the recall target whatever it costs.
+            given up (anomaly: under threshold_rule defect_recall). 1 keeps the recall target whatever it costs.
         workers: DataLoader worker processes per training process.
         amp: mixed precision on CUDA: auto (bf16 where supported, else fp16), bf16, fp16 or off.
         channels_last: NHWC memory format (about 1.6x faster convolutions on CPU, and on tensor cores).

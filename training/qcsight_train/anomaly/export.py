@@ -50,6 +50,7 @@ from qcsight_train.anomaly.features import PatchEmbedding
 from qcsight_train.anomaly.metrics import roc_auc
 from qcsight_train.anomaly.model import FitResult, MemoryBankModel, build_model, raw_scores
 from qcsight_train.anomaly.threshold import RULES, AnomalyThreshold, choose_threshold
+from qcsight_train.config import MAX_FALSE_REJECT
 from qcsight_train.errors import ExportError, ParityError
 from qcsight_train.evaluate import Unreadable, decode_batches
 from qcsight_train.export import (
@@ -96,6 +97,8 @@ class AnomalyExportOptions:
         threshold_rule: false_reject (on good validation images) or defect_recall.
         false_reject_rate: the share of good validation images allowed over the threshold.
         target_recall: the defect recall for threshold_rule defect_recall.
+        max_false_reject: under defect_recall, the share of good validation images the threshold may
+            flag; a recall threshold over it rises to it, with a warning (1 keeps the recall target).
         review_fraction: the share of good validation images the uncertain band may hold.
         uncertain_floor: the band never reaches below this x the threshold.
         opset: ONNX opset.
@@ -111,6 +114,7 @@ class AnomalyExportOptions:
     threshold_rule: str = "false_reject"
     false_reject_rate: float = 0.01
     target_recall: float = 0.99
+    max_false_reject: float = MAX_FALSE_REJECT
     review_fraction: float = 0.05
     uncertain_floor: float = 0.5
     opset: int = 18
@@ -126,6 +130,8 @@ class AnomalyExportOptions:
             raise ConfigError("threshold_rule", self.threshold_rule, f"one of {', '.join(RULES)}")
         if not 0.0 <= self.false_reject_rate < 1.0:
             raise ConfigError("false_reject_rate", self.false_reject_rate, "a fraction from 0 to below 1")
+        if not 0.0 <= self.max_false_reject <= 1.0:
+            raise ConfigError("max_false_reject", self.max_false_reject, "a number from 0.0 to 1.0")
         for name in ("parity_images", "calibration_images", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"export.{name}", getattr(self, name), "at least 1")
@@ -496,9 +502,10 @@ class _AnomalyExport:
         o = self.options
         threshold = choose_threshold(raw, is_defect, rule=o.threshold_rule, false_reject_rate=o.false_reject_rate,
                                      target_recall=o.target_recall, review_fraction=o.review_fraction,
-                                     uncertain_floor=o.uncertain_floor)
-        if "fallback" in threshold.record:
-            self._warn(threshold.record["fallback"])
+                                     uncertain_floor=o.uncertain_floor, max_false_reject=o.max_false_reject)
+        for key in ("fallback", "false_reject_warning"):
+            if key in threshold.record:
+                self._warn(threshold.record[key])
         log.info("threshold: raw %.4g (%s); normalised uncertain band from %.3f", threshold.raw,
                  threshold.record["rule"], threshold.uncertain)
         return threshold

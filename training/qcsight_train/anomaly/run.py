@@ -85,8 +85,8 @@ def _fit_export_evaluate(cfg: TrainConfig, splits: AnomalySplits, paths: RunPath
     described = describe(cfg, splits)
     options = AnomalyExportOptions(max_bundle_mb=cfg.max_bundle_mb, calibration_images=cfg.calibration_images,
                                    threshold_rule=cfg.threshold_rule, false_reject_rate=cfg.false_reject_rate,
-                                   target_recall=cfg.target_recall, review_fraction=cfg.review_fraction,
-                                   pack=not paths.bundle_at_root)
+                                   target_recall=cfg.target_recall, max_false_reject=cfg.max_false_reject,
+                                   review_fraction=cfg.review_fraction, pack=not paths.bundle_at_root)
     start = time.perf_counter()
     bundle = export_into_place(
         embedding, paths, export_anomaly_bundle, fit=fit, spec=spec, architecture=cfg.arch, name=cfg.name,

@@ -86,6 +86,25 @@ def threshold_at_false_reject(good_scores: np.ndarray, rate: float) -> tuple[flo
     }
 
 
+def _within_budget(scores: np.ndarray, is_defect: np.ndarray, recall_raw: float, target_recall: float,
+                   budget: float, record: dict[str, Any]) -> float:
+    """Raise a recall threshold past the false-reject budget to the budget's threshold; record why."""
+    good = scores[~is_defect]
+    recall_rate = float(np.mean(good >= recall_raw))
+    raw, frr_record = threshold_at_false_reject(good, budget)
+    caught, defects = int(np.sum(scores[is_defect] >= raw)), int(is_defect.sum())
+    warning = (f"the anomaly threshold for defect recall {target_recall} ({recall_raw:.4g}) would flag "
+               f"{recall_rate:.0%} of the {good.size} validation good images, over the budget of {budget:.0%} "
+               f"(--max-false-reject): it is {raw:.4g} instead, which catches {caught} of {defects} validation "
+               f"defects and flags {frr_record['false_reject_rate']:.0%} of good ones. --max-false-reject 1 "
+               "keeps the recall target whatever it flags")
+    record.update(frr_record, rule=f"lowest score flagging at most {budget:g} of the validation good images: "
+                                   f"the one for defect recall {target_recall} flagged {recall_rate:.3f}",
+                  max_false_reject=budget, false_reject_warning=warning,
+                  recall_target_threshold={"raw_threshold": recall_raw, "false_reject_rate": recall_rate})
+    return raw
+
+
 @dataclass(frozen=True)
 class AnomalyThreshold:
     """A chosen threshold on the raw scores and the band below it.
@@ -102,8 +121,13 @@ class AnomalyThreshold:
 
 
 def choose_threshold(scores: np.ndarray, is_defect: np.ndarray, *, rule: str, false_reject_rate: float,
-                     target_recall: float, review_fraction: float, uncertain_floor: float) -> AnomalyThreshold:
+                     target_recall: float, review_fraction: float, uncertain_floor: float,
+                     max_false_reject: float = 1.0) -> AnomalyThreshold:
     """The threshold by rule over validation raw scores (falling back to false_reject without defects).
+
+    Under defect_recall, a threshold that rejects more than max_false_reject of the validation good
+    images rises to the lowest one within that budget (the classifiers' --max-false-reject rule); the
+    record then keeps the recall target's threshold and a warning naming what the budget gave up.
 
     Raises:
         EvaluationError: no good image to measure the false-reject rate on.
@@ -121,6 +145,8 @@ def choose_threshold(scores: np.ndarray, is_defect: np.ndarray, *, rule: str, fa
                       target_defect_recall=target_recall, false_reject_rate=None if np.isnan(frr) else frr,
                       good_images=int(good.size), good_over_threshold=over,
                       false_reject_rate_upper_95=binomial_upper_bound(over, int(good.size)) if good.size else None)
+        if good.size and max_false_reject < 1.0 and over / good.size > max_false_reject:
+            raw = _within_budget(scores, is_defect, raw, target_recall, max_false_reject, record)
     else:
         if rule == "defect_recall":
             record["fallback"] = "validation holds no defect image: threshold at the false-reject rate instead"
