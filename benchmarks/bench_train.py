@@ -55,8 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 RUNS = ("mt", "mt-ddp", "mt-resume", "elpv", "mt-readme", "elpv-split", "mt-readme-plain")
 # The magnetic-tile README's "floor to beat": efficientnet-lite0, 224x224 squash, flips, label smoothing 0.1,
 # square-root class weights, batch 32, 8 epochs (all of which are this code's defaults but the size, the
-# flips and the augmentation). Its schedule was AdamW one-cycle at 1e-3; ours is a 1-epoch warm-up to 1e-3,
-# then cosine to 1e-5: the one difference left.
+# flips, the augmentation and, since the sixth round, the epochs). Its schedule was AdamW one-cycle at
+# 1e-3; ours is a 1-epoch warm-up to 1e-3, then cosine to 1e-5: the one difference left.
 PLAIN_RECIPE = ("--img-size", "224", "--hflip", "--vflip", "--brightness", "0", "--gamma", "0", "--affine-p", "0",
                 "--epochs", "8", "--batch-size", "32")
 # Within this of the last epoch's validation macro-F1 counts as having reached it (one image of ~200).

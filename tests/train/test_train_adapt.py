@@ -23,12 +23,12 @@ def _resolve(argv: list[str]) -> TrainConfig:
 
 # (flags, expected resolved values, substrings the adapted notes must hold)
 WORKS = [
-    ([], {"epochs": 8, "freeze_epochs": 0, "img_size": "auto", "select": "last", "refit": True}, []),
+    ([], {"epochs": 12, "freeze_epochs": 0, "img_size": "auto", "select": "last", "refit": True}, []),
     (["--refit", "false"], {"refit": False}, []),
     (["--task", "anomaly"], {"refit": False}, ["refit True -> False: task=anomaly"]),
     (["--epochs", "1"], {"epochs": 1, "freeze_epochs": 0, "warmup_epochs": 0.5}, ["warmup_epochs 1.0 -> 0.5"]),
     (["--epochs", "1", "--freeze-epochs", "0"], {"freeze_epochs": 0}, ["warmup_epochs"]),
-    (["--freeze-epochs", "1"], {"epochs": 8, "freeze_epochs": 1}, []),
+    (["--freeze-epochs", "1"], {"epochs": 12, "freeze_epochs": 1}, []),
     (["--freeze-epochs", "1", "--epochs", "2"], {"freeze_epochs": 1, "warmup_epochs": 1.0}, []),
     (["--epochs", "2", "--warmup-epochs", "2"], {"warmup_epochs": 2.0}, []),
     (["--val-fraction", "0.8"], {"val_fraction": 0.8, "test_fraction": 0.05}, ["test_fraction 0.15 -> 0.05"]),
@@ -58,7 +58,7 @@ def test_combinations_that_resolve(argv: list[str], expected: dict[str, object],
 # (flags, the field the error names, a flag the message tells the user to change)
 FAILS = [
     (["--freeze-epochs", "5", "--epochs", "5"], "freeze_epochs", "--freeze-epochs"),
-    (["--freeze-epochs", "9"], "freeze_epochs", "--epochs"),
+    (["--freeze-epochs", "12"], "freeze_epochs", "--epochs"),
     (["--warmup-epochs", "3", "--epochs", "2"], "warmup_epochs", "--warmup-epochs"),
     (["--val-fraction", "0.5", "--test-fraction", "0.45"], "val_fraction+test_fraction", "--val-fraction"),
     (["--good-classes", "ok", "--defect-classes", "scratch"], "defect_classes", "--good-classes"),

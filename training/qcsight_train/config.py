@@ -164,7 +164,7 @@ class TrainConfig:
     checkpoint_dir: str = ""
     arch: str = "efficientnet_lite0"
     weights: str = "auto"
-    epochs: int = 8
+    epochs: int = 12
     freeze_epochs: int = 0
     batch_size: int = 32
     lr: float = 1e-3
