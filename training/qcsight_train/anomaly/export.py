@@ -41,6 +41,7 @@ import torch
 
 from qcsight_core import anomaly
 from qcsight_core.bundle import Bundle, DecisionPolicy, Manifest, ModelFile, load_bundle, pack_bundle, write_bundle
+from qcsight_core.checks import check_number
 from qcsight_core.drift import histogram, input_statistics
 from qcsight_core.errors import ConfigError, PreprocessError
 from qcsight_core.imageio import read_image
@@ -130,8 +131,7 @@ class AnomalyExportOptions:
             raise ConfigError("threshold_rule", self.threshold_rule, f"one of {', '.join(RULES)}")
         if not 0.0 <= self.false_reject_rate < 1.0:
             raise ConfigError("false_reject_rate", self.false_reject_rate, "a fraction from 0 to below 1")
-        if not 0.0 <= self.max_false_reject <= 1.0:
-            raise ConfigError("max_false_reject", self.max_false_reject, "a number from 0.0 to 1.0")
+        check_number("export.max_false_reject", self.max_false_reject, 0.0, 1.0)
         for name in ("parity_images", "calibration_images", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"export.{name}", getattr(self, name), "at least 1")
