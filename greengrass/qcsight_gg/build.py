@@ -219,6 +219,22 @@ def _pip(args: Sequence[str], env: dict[str, str], what: str) -> None:
         raise BuildError(f"pip could not {what} (exit {result.returncode}):\n{result.stderr[-3000:]}")
 
 
+def pip_environment(wheels: Path | None) -> dict[str, str]:
+    """The environment pip runs in: this one, or, when the wheels come from a folder, one that adds no source.
+
+    ``--no-index --find-links FOLDER`` alone does not mean "from FOLDER only": pip appends the
+    command line's find-links to those of pip.conf and PIP_FIND_LINKS, and keeps their constraints.
+    A machine whose configuration lists a wheel folder (a mirror, a build cache) would then build a
+    wheelhouse from it, and the same source would give other bytes on another machine. So no pip
+    configuration file (PIP_CONFIG_FILE=/dev/null, pip's documented switch) and no PIP_* variable.
+    """
+    if wheels is None:
+        return dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    return env
+
+
 def download_wheels(own_wheel: Path, dest: Path, target: DeviceTarget, wheels: Path | None = None) -> None:
     """Every wheel the edge extra needs on the device, into dest.
 
@@ -236,7 +252,7 @@ def download_wheels(own_wheel: Path, dest: Path, target: DeviceTarget, wheels: P
     if wheels is not None:
         args += ["--no-index", "--find-links", str(wheels)]
     args.append(f"{own_wheel}[edge]")
-    _pip(args, dict(os.environ), f"download the edge wheels for CPython {target.python_version} "
+    _pip(args, pip_environment(wheels), f"download the edge wheels for CPython {target.python_version} "
          f"{', '.join(target.platforms)}")
 
 
@@ -256,7 +272,7 @@ def download_installer(dest: Path, wheels: Path | None = None) -> Path:
     args = ["download", "--dest", str(dest), "--only-binary=:all:", "--no-deps", f"pip=={pip_version}"]
     if wheels is not None:
         args += ["--no-index", "--find-links", str(wheels)]
-    _pip(args, dict(os.environ), f"download pip {pip_version} (the installer)")
+    _pip(args, pip_environment(wheels), f"download pip {pip_version} (the installer)")
     (wheel,) = dest.glob(f"pip-{pip_version}-*.whl")
     (dest / INSTALLER_SUMS).write_text(f"{sha256_file(wheel).hex()}  {wheel.name}\n", encoding="utf-8")
     return wheel

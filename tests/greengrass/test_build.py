@@ -73,19 +73,24 @@ def test_the_wheelhouse_installs_offline_into_a_fresh_venv_and_runs_the_agent(
     assert where.stdout.startswith(str(venv)) and where.stdout.split()[1:] == ["None", "None"], where
 
 
-def _tiny_wheel(folder: Path) -> Path:
+def _tiny_wheel(folder: Path, name: str = "tinypkg", version: str = "1.0") -> Path:
     """A one-module wheel, written by hand (a real wheelhouse's are too big to tamper with quickly)."""
-    wheel = folder / "tinypkg-1.0-py3-none-any.whl"
-    files = {"tinypkg/__init__.py": b"VALUE = 1\n",
-             "tinypkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n",
-             "tinypkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                                            b"Tag: py3-none-any\n"}
-    record = "".join(f"{name},,\n" for name in files) + "tinypkg-1.0.dist-info/RECORD,,\n"
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": b"VALUE = 1\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
     with zipfile.ZipFile(wheel, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-        archive.writestr("tinypkg-1.0.dist-info/RECORD", record)
+        for path, data in files.items():
+            archive.writestr(path, data)
+        archive.writestr(f"{info}/RECORD", record)
     return wheel
+
+
+def _lock(artifact: Path) -> str:
+    with zipfile.ZipFile(artifact) as archive:
+        return archive.read("requirements.lock").decode()
 
 
 def test_install_refuses_a_wheel_that_does_not_match_the_lock(wheelhouse: Path, tmp_path: Path) -> None:
@@ -112,8 +117,28 @@ def test_the_agent_build_is_reproducible(agent_build: tuple[Path, Built], wheelh
     ignore = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "runs", "demo_out")
     shutil.copytree(find_source(REPO), source, ignore=ignore, copy_function=shutil.copy)  # new mtimes
     again = build_agent(source, tmp_path / "out", "s3://qcsight-test-bucket/qcsight", wheels=wheelhouse)
+    assert _lock(again.artifacts[0]) == _lock(first.artifacts[0])  # the same wheels, named if not
     assert artifact_digest(again.artifacts[0]) == artifact_digest(first.artifacts[0])
     assert again.recipe.read_text() == first.recipe.read_text()
+
+
+def test_a_build_from_a_wheels_folder_takes_nothing_from_the_machines_pip_configuration(
+        agent_build: tuple[Path, Built], wheelhouse: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip adds pip.conf's and PIP_FIND_LINKS's folders to --find-links; a newer wheel there must not get in."""
+    _, first = agent_build
+    by_variable, by_config = tmp_path / "by-variable", tmp_path / "by-config"
+    by_variable.mkdir()
+    by_config.mkdir()
+    _tiny_wheel(by_variable, "cryptography", "999.0")  # both satisfy the edge extra (cryptography>=42,
+    _tiny_wheel(by_config, "awsiotsdk", "999.0")       # awsiotsdk>=1.22) and outrank the wheelhouse's
+    config = tmp_path / "pip.conf"
+    config.write_text(f"[global]\nfind-links = {by_config}\n")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(by_variable))
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    again = build_agent(find_source(REPO), tmp_path / "out", "s3://qcsight-test-bucket/qcsight", wheels=wheelhouse)
+    lock = _lock(again.artifacts[0])
+    assert "999.0" not in lock
+    assert lock == _lock(first.artifacts[0])
 
 
 def test_a_device_target_names_one_architecture() -> None:
