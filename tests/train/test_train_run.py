@@ -94,15 +94,19 @@ def test_two_epochs_on_cpu_write_a_bundle_that_onnx_runtime_runs(dataset: Path, 
     assert training["refit"] is True and training["trained_on"] == "train+validation" and training["train_images"] == 21
 
 
+@pytest.mark.parametrize("ema_epochs", [0.0, 1.0])
 def test_resumed_run_continues_exactly_where_the_interrupted_one_stopped(dataset: Path, tmp_path: Path,  # noqa: F811
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         ema_epochs: float) -> None:
     """Interrupted in epoch 2 and resumed, training ends with the same numbers as an uninterrupted run.
 
     Epoch 1 trains the head only and epoch 2 the whole network, so the resumed run must also
-    restore the phase, the optimizer's state for the backbone, the schedule and the RNG.
+    restore the phase, the optimizer's state for the backbone, the schedule and the RNG (and,
+    with --ema-epochs, the weight average, which is what best.pt keeps).
     """
     base = {"data": str(dataset), "output": str(tmp_path), "epochs": 2, "freeze_epochs": 1, "img_size": 64,
-            "batch_size": 8, "arch": "mobilenet_v3_small", "weights": "none", "workers": 0}
+            "batch_size": 8, "arch": "mobilenet_v3_small", "weights": "none", "workers": 0,
+            "ema_epochs": ema_epochs}
     cfg = build_config(base)
     splits = load_data(cfg, tmp_path / "cache")
     uninterrupted = trainer.fit(cfg, splits, DistInfo(), tmp_path / "a")
@@ -130,6 +134,11 @@ def test_resumed_run_continues_exactly_where_the_interrupted_one_stopped(dataset
     last_a = checkpoint.load(tmp_path / "a" / checkpoint.LAST)["model"]  # type: ignore[index]
     last_b = checkpoint.load(tmp_path / "b" / checkpoint.LAST)["model"]  # type: ignore[index]
     assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+    best_a = checkpoint.load(tmp_path / "a" / checkpoint.BEST)["model"]  # type: ignore[index]
+    best_b = checkpoint.load(tmp_path / "b" / checkpoint.BEST)["model"]  # type: ignore[index]
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    # The average is what best.pt keeps (select last: the last epoch's), not the trained weights themselves.
+    assert any(not torch.equal(best_a[k], last_a[k]) for k in best_a) == (ema_epochs > 0)
 
     with pytest.raises(checkpoint.CheckpointError, match="img_size: checkpoint '64', now '96'"):
         trainer.fit(build_config({**base, "img_size": 96}), splits, DistInfo(), tmp_path / "b")

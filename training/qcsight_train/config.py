@@ -103,6 +103,8 @@ class TrainConfig:
         weight_decay: AdamW decoupled weight decay (not applied to norms and biases).
         warmup_epochs: linear warm-up length, then cosine decay to min_lr_ratio * lr.
         min_lr_ratio: the final learning rate as a fraction of lr.
+        ema_epochs: keep an exponential moving average of the weights (and BatchNorm statistics) over about
+            this many epochs of steps, and validate, select and export the average; 0 trains without one.
         label_smoothing: cross-entropy label smoothing.
         balance: class-imbalance handling: loss (class-weighted loss), sampler, or none.
         balance_power: class weight = (median count / class count) ** balance_power.
@@ -172,6 +174,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
+    ema_epochs: float = 0.0
     label_smoothing: float = 0.1
     balance: str = "loss"
     balance_power: float = 0.5
@@ -234,6 +237,7 @@ class TrainConfig:
             raise ConfigError("warmup_epochs", self.warmup_epochs,
                               f"at most epochs={self.epochs} (lower --warmup-epochs or raise --epochs)")
         _store(self, check_number, "min_lr_ratio", 0.0, 1.0)
+        _store(self, check_number, "ema_epochs", 0.0, 10_000.0)
         _store(self, check_number, "label_smoothing", 0.0, 0.5)
         _store(self, check_number, "balance_power", 0.0, 2.0)
         object.__setattr__(self, "img_size", str(self.img_size).strip().lower())  # 160 from code or YAML is "160"

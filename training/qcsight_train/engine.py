@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,8 +112,8 @@ def _to_device(batch: Batch, device: torch.device, precision: Precision) -> tupl
 def train_one_epoch(model: nn.Module, loader: Iterable[Batch], criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, *,
                     info: DistInfo, precision: Precision, scaler: torch.amp.GradScaler | None,
-                    log_every: int = 50) -> EpochStats:
-    """One pass over the rank's shard; the scheduler steps per batch.
+                    log_every: int = 50, after_step: Callable[[], None] | None = None) -> EpochStats:
+    """One pass over the rank's shard; the scheduler steps per batch, then after_step runs (the weight average).
 
     Raises:
         FloatingPointError: the loss became NaN or infinite (diverged; lower --lr).
@@ -137,6 +137,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[Batch], criterion: nn.Mod
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step()
         loss_sum += loss.detach().double() * images.shape[0]
         seen += images.shape[0]
         if log_every and step % log_every == 0 and info.is_main:

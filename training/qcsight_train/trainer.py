@@ -1,11 +1,13 @@
 """One training run: model, loaders, optimiser and schedule, the epoch loop with checkpoints and resumption.
 
 Head-only epochs first (the pretrained backbone frozen, its BatchNorm statistics kept), then
-the whole network. AdamW with linear warm-up and cosine decay, stepped per batch.
+the whole network. AdamW with linear warm-up and cosine decay, stepped per batch. With ema_epochs,
+an exponential moving average of the weights is what validation scores and best.pt keeps.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import logging
@@ -62,6 +64,43 @@ class TrainResult:
     resumed_from: int
     world_size: int
     epochs: int = field(default=0)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics, updated after every step.
+
+    The decay is 1 - 1 / (ema_epochs * steps_per_epoch), so the average spans about ema_epochs epochs of
+    steps whatever the dataset's size. At the start it is min(decay, (1 + t) / (10 + t)) after t updates
+    (as timm's ModelEma warms up), so the first steps' freshly initialised head does not linger in it.
+    Integer buffers (BatchNorm's batch count) are copied. Every rank holds the same weights under DDP,
+    so every rank's average is the same too.
+    """
+
+    def __init__(self, model: nn.Module, ema_epochs: float, steps_per_epoch: int) -> None:
+        self.model = copy.deepcopy(model).eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.decay = 1.0 - 1.0 / max(1.0, ema_epochs * steps_per_epoch)
+        self.updates = 0
+        # state_dict tensors share storage with the parameters and buffers: updating them updates the models.
+        self._pairs = list(zip(self.model.state_dict().values(), model.state_dict().values(), strict=True))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for average, current in self._pairs:
+            if average.is_floating_point():
+                average.lerp_(current, 1.0 - decay)
+            else:
+                average.copy_(current)
+
+    def state(self) -> dict[str, Any]:
+        return {"model": _cpu_state(self.model), "updates": self.updates}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
 
 
 def seed_everything(seed: int) -> None:
@@ -144,6 +183,12 @@ class _Loop:
     scaler: torch.amp.GradScaler | None
     precision: Precision
     num_classes: int
+    average: WeightAverage | None = None
+
+    @property
+    def scored(self) -> nn.Module:
+        """The weights validation scores and best.pt keeps: the average when there is one."""
+        return self.average.model if self.average is not None else self.model
 
 
 def _build(cfg: TrainConfig, splits: Splits, info: DistInfo) -> _Loop:
@@ -183,10 +228,11 @@ def _build(cfg: TrainConfig, splits: Splits, info: DistInfo) -> _Loop:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
     scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
+    average = WeightAverage(model, cfg.ema_epochs, len(train_loader)) if cfg.ema_epochs > 0 else None
     torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout differs per rank from here on
     return _Loop(cfg, info, model, train_set, sampler, train_loader, val_loader,
                  nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=cfg.label_smoothing), nn.CrossEntropyLoss(),
-                 optimizer, scheduler, scaler, precision, num_classes)
+                 optimizer, scheduler, scaler, precision, num_classes, average)
 
 
 def identity(cfg: TrainConfig, splits: Splits, info: DistInfo) -> dict[str, Any]:
@@ -200,8 +246,8 @@ def identity(cfg: TrainConfig, splits: Splits, info: DistInfo) -> dict[str, Any]
             "balance": cfg.balance, "data_fingerprint": splits.fingerprint,
             "weights": cfg.weights, "lr": cfg.lr, "backbone_lr_scale": cfg.backbone_lr_scale,
             "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs, "min_lr_ratio": cfg.min_lr_ratio,
-            "label_smoothing": cfg.label_smoothing, "balance_power": cfg.balance_power, "seed": cfg.seed,
-            "augment": dataclasses.asdict(cfg.augment), "train_images": len(splits.train),
+            "ema_epochs": cfg.ema_epochs, "label_smoothing": cfg.label_smoothing, "balance_power": cfg.balance_power,
+            "seed": cfg.seed, "augment": dataclasses.asdict(cfg.augment), "train_images": len(splits.train),
             "resize": cfg.resize}
 
 
@@ -217,6 +263,8 @@ def _resume(loop: _Loop, directory: Path, ident: dict[str, Any]) -> tuple[int, l
     loop.scheduler.load_state_dict(payload["scheduler"])
     if loop.scaler is not None and payload.get("scaler"):
         loop.scaler.load_state_dict(payload["scaler"])
+    if loop.average is not None:
+        loop.average.restore(payload["average"])
     states = payload.get("rng", [])
     if len(states) == loop.info.world_size:
         checkpoint.set_rng_state(states[loop.info.rank])
@@ -259,8 +307,9 @@ def fit(cfg: TrainConfig, splits: Splits, info: DistInfo, checkpoint_dir: Path, 
         loop.train_sampler.set_epoch(epoch)
         loop.train_set.set_epoch(epoch)
         stats = train_one_epoch(runner, loop.train_loader, loop.criterion, loop.optimizer, loop.scheduler,
-                                info=info, precision=loop.precision, scaler=loop.scaler)
-        result = evaluate(loop.model, loop.val_loader, loop.val_criterion, loop.num_classes, info=info,
+                                info=info, precision=loop.precision, scaler=loop.scaler,
+                                after_step=loop.average.update if loop.average is not None else None)
+        result = evaluate(loop.scored, loop.val_loader, loop.val_criterion, loop.num_classes, info=info,
                           precision=loop.precision)
         lr = _head_lr(loop.optimizer)
         history.append(_record(epoch + 1, phase, stats, result, lr))
@@ -270,7 +319,7 @@ def fit(cfg: TrainConfig, splits: Splits, info: DistInfo, checkpoint_dir: Path, 
         if cfg.select == "last" or result.macro_f1 > best_f1:
             best_f1, best_epoch = result.macro_f1, epoch + 1
             if info.is_main:
-                checkpoint.save_atomic({"format": checkpoint.FORMAT, "model": _cpu_state(loop.model),
+                checkpoint.save_atomic({"format": checkpoint.FORMAT, "model": _cpu_state(loop.scored),
                                         "epoch": best_epoch, "macro_f1": best_f1, "identity": ident},
                                        checkpoint_dir / checkpoint.BEST)
         _save_last(loop, checkpoint_dir, ident, epoch + 1, history, best_f1, best_epoch)
@@ -305,6 +354,7 @@ def _save_last(loop: _Loop, directory: Path, ident: dict[str, Any], epochs_done:
         "model": _cpu_state(loop.model), "optimizer": loop.optimizer.state_dict(),
         "scheduler": loop.scheduler.state_dict(),
         "scaler": loop.scaler.state_dict() if loop.scaler is not None else {},
+        "average": loop.average.state() if loop.average is not None else {},
         "rng": states, "sampler_epoch": epochs_done, "history": history,
         "best_macro_f1": best_f1, "best_epoch": best_epoch,
     }, directory / checkpoint.LAST)
