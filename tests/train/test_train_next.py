@@ -148,3 +148,33 @@ def test_explicit_defect_classes_covering_every_class_point_to_good_classes_none
     none = build_config({"data": str(defect_types), "output": str(tmp_path), "good_classes": "none"})
     assert defect_classes(none, ("crack", "scratch", "spot")) == ("crack", "scratch", "spot")
     np.testing.assert_equal(none.no_good_class, True)
+
+
+class _Sized(Exception):
+    """Raised by the stand-in for sizing.measure: the test needs the images it was given, not a training run."""
+
+
+def test_img_size_auto_measures_train_and_validation_whatever_the_seed_and_never_the_test(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed moves the validation cut; the input size must not move with it (it chose 288 or 320 px)."""
+    from qcsight_data import sizing
+
+    data = tmp_path / "data"
+    generate(data, 30, seed=5, size=64, classes=("good", "scratch", "spot"))
+    measured: list[list[str]] = []
+
+    def measure(samples: list[tuple[str, str]], root: object, **_: object) -> None:
+        measured.append(sorted(path for path, _ in samples))
+        raise _Sized
+
+    monkeypatch.setattr(sizing, "measure", measure)
+    test = tmp_path / "test"
+    generate(test, 6, seed=6, size=64, classes=("good", "scratch", "spot"))
+    for seed in ("0", "1"):
+        argv = ["--data", str(data), "--test", str(test), "--output", str(tmp_path / seed), "--seed", seed,
+                "--img-size", "auto", "--workers", "0", *MOBILENET, *FAST_EXPORT]
+        with pytest.raises(_Sized):
+            cli.main(argv, "qcsight train")
+    everything = sorted(str(p) for p in data.rglob("*.png") if "masks" not in p.parts)
+    assert measured[0] == measured[1] == everything
+    assert not any(str(test) in path for path in measured[0])

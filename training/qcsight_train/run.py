@@ -128,7 +128,10 @@ def run(cfg: TrainConfig, sm: SageMakerEnv, info: DistInfo | None = None) -> dic
         paths = RunPaths.for_run(cfg, sm)
         run_id = broadcast(info, run_id_for(cfg, paths.checkpoints))
         splits = _load_splits(cfg, info, paths)
-        cfg, sizing = broadcast(info, resolve_input_size(cfg, splits.train) if info.is_main else None)
+        # Sized on train and validation (the refit learns from both; the test never counts): the seed's
+        # validation cut no longer moves the size. A test share cut from --data still does; --test fixes it.
+        cfg, sizing = broadcast(info, resolve_input_size(cfg, (*splits.train, *splits.val))
+                                if info.is_main else None)
         defects = defect_classes(cfg, splits.classes)
         if info.is_main:
             paths.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -163,8 +166,8 @@ def resolve_input_size(cfg: TrainConfig, train: Sequence[Sample],
     """--img-size auto: measure the training images (and masks) and take qcsight_data.sizing's recommendation.
 
     Args:
-        train: the images the model is fitted on (an anomaly run's are good parts: no masks, so
-            the size comes from their shape alone).
+        train: the images the model learns from (a classifier's train and validation images; an anomaly
+            run's good parts, which have no masks, so the size comes from their shape alone).
         base: colour and normalisation the recommendation's spec assumes (only its geometry is chosen).
     """
     if cfg.input_size is not None:
@@ -172,7 +175,7 @@ def resolve_input_size(cfg: TrainConfig, train: Sequence[Sample],
     from qcsight_data import sizing
 
     root = _dataset_root(cfg.data)
-    sizes = sizing.measure([(s.path, s.label) for s in train], root, seed=cfg.seed)
+    sizes = sizing.measure([(s.path, s.label) for s in train], root)  # its sample, beyond 2,000, is not the run's seed
     choice = sizing.recommend(sizes, base or preprocess_spec(cfg.arch, 224, cfg.resize))
     resize = choice.resize if cfg.resize == "stretch" else cfg.resize  # an explicit rule is kept
     note = f"img_size auto -> {choice.size_text}, resize {resize}: " + "; ".join(choice.reasons)
