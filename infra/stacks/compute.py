@@ -40,6 +40,7 @@ from stacks.iot import IotStack
 from stacks.nag import acknowledge, allow, kms_via
 from stacks.storage import StorageStack
 from stacks.tables import store_url
+from stacks.training_source import TrainingSource
 
 # CloudWatch Logs retention periods by day count, as CDK names them.
 _RETENTION = {1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS", 30: "ONE_MONTH",
@@ -77,7 +78,7 @@ def load_pipeline_definition(hook: str = names.PIPELINE_DEFINITION_HOOK) -> Pipe
 
 
 class ComputeStack(Stack):
-    """Functions (ingest, policy, deploy), IoT rules, SageMaker pipeline and registry, EventBridge, Batch Transform."""
+    """Functions (ingest, policy, deploy), IoT rules, the SageMaker pipeline with its code, registry, events, batch."""
 
     def __init__(self, scope: Construct, construct_id: str, *, config: AppConfig, storage: StorageStack,
                  iot_stack: IotStack, pipeline_definition: PipelineDefinition | None, **kwargs: object) -> None:
@@ -118,6 +119,9 @@ class ComputeStack(Stack):
         allow(self.execution_role, "PullScoringImage",
               ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
               [self.scoring_image.repository.repository_arn])
+        self.training_source = TrainingSource(
+            self, "TrainingSource", bucket_name=config.bucket_name("pipeline"), prefix=TRAINING_SOURCE_PREFIX,
+            key_arn=self.key_arn, log_retention=retention_days(config.log_retention_days))
         self.pipeline = self._pipeline(pipeline_definition)
         self._events()
         self._batch_transform()
@@ -126,7 +130,7 @@ class ComputeStack(Stack):
         CfnOutput(self, "SageMakerRoleArn", value=self.execution_role.role_arn)
         CfnOutput(self, "TrainingSourceUri",
                   value=f"s3://{config.bucket_name('pipeline')}/{TRAINING_SOURCE_PREFIX}{SOURCE_TARBALL}",
-                  description="upload the checkout's training source here before the first pipeline run")
+                  description="the pipeline's training code: deploy copies this checkout's here when it changes")
 
     # ------------------------------------------------------------ functions
 
@@ -370,6 +374,7 @@ class ComputeStack(Stack):
             pipeline_definition={"PipelineDefinitionBody": json.dumps(body, sort_keys=True)},
         )
         pipeline.node.add_dependency(self.model_package_group)
+        pipeline.node.add_dependency(self.training_source.deployment)  # no run before its code is in place
         return pipeline
 
     # ------------------------------------------------------------ events and batch
@@ -395,8 +400,8 @@ class ComputeStack(Stack):
     def training_request(self) -> dict[str, Any]:
         """The pipeline's training job, as `qcsight train launch` builds it (multi-GPU through its node script).
 
-        Its code channel is the pipeline bucket's source/ prefix: upload the checkout's sourcedir.tar.gz
-        there (the TrainingSourceUri output) before the first run.
+        Its code channel is the pipeline bucket's source/ prefix, where TrainingSource deploys the checkout's
+        sourcedir.tar.gz (the TrainingSourceUri output).
         """
         c = self.config
         job = TrainingJobSpec(

@@ -192,13 +192,28 @@ def test_kms_use_is_tied_to_the_calling_service(templates: Templates) -> None:
             assert "kms:ViaService" in statement["Condition"]["StringEquals"], f"{stack}/{logical_id}"
 
 
+# CDK's own custom-resource handlers, by stack and logical id: the one that strips the review VPC's default
+# security group, and the one that copies the training source to the pipeline bucket (stacks/training_source.py).
+CDK_HANDLERS = (("review", "CustomVpcRestrictDefaultSG"), ("compute", "CustomCDKBucketDeployment"))
+
+
+def _is_cdk_handler(stack: str, logical_id: str) -> bool:
+    return any(stack == owner and logical_id.startswith(prefix) for owner, prefix in CDK_HANDLERS)
+
+
+def _functions(templates: Templates) -> list[tuple[str, str, dict[str, Any]]]:
+    """The app's own functions, CDK's custom-resource handlers left out."""
+    return [(stack, logical_id, props) for stack, logical_id, props in resources(templates, "AWS::Lambda::Function")
+            if not _is_cdk_handler(stack, logical_id)]
+
+
 def test_one_role_per_function_and_each_function_is_bounded(templates: Templates) -> None:
-    functions = list(resources({"compute": templates["compute"]}, "AWS::Lambda::Function"))
-    # The only other function is CDK's own custom resource that strips the review VPC's default security group.
-    others = [logical_id for stack, logical_id, _ in resources(templates, "AWS::Lambda::Function")
-              if stack != "compute"]
-    assert len(others) == 1 and others[0].startswith("CustomVpcRestrictDefaultSG")
-    assert {props["FunctionName"] for _, _, props in functions} == {
+    functions = _functions(templates)
+    handlers = [(stack, logical_id) for stack, logical_id, _ in resources(templates, "AWS::Lambda::Function")
+                if _is_cdk_handler(stack, logical_id)]
+    assert sorted(stack for stack, _ in handlers) == sorted(owner for owner, _ in CDK_HANDLERS), handlers
+    assert {stack for stack, _, _ in functions} == {"compute"}
+    assert {props.get("FunctionName") for _, _, props in functions} == {
         "qcsight-ingest", "qcsight-policy", "qcsight-deploy"}
     roles = [json.dumps(props["Role"]) for _, _, props in functions]
     assert len(set(roles)) == 3
@@ -244,8 +259,7 @@ def test_the_deploy_function_reads_every_variable_it_is_given_and_may_do_only_it
             self.asked.add(key)
             return super().__getitem__(key)
 
-    (props,) = [props for _, _, props in resources({"compute": templates["compute"]}, "AWS::Lambda::Function")
-                if props["FunctionName"] == "qcsight-deploy"]
+    (props,) = [props for _, _, props in _functions(templates) if props["FunctionName"] == "qcsight-deploy"]
     env = Reading(resolve(props["Environment"]["Variables"]))
     settings = DeploySettings.from_env(env).check(*TICK_NEEDS, *APPROVAL_NEEDS)
     assert set(env) <= env.asked, "set but never read: " + ", ".join(sorted(set(env) - env.asked))
@@ -298,8 +312,7 @@ def test_model_approval_event_and_the_canary_check_go_to_the_deploy_function(tem
         "Targets": [Match.object_like({"DeadLetterConfig": Match.any_value(), "RetryPolicy": Match.any_value()})],
     })
     # The schedule sends EventBridge's own "Scheduled Event" (no Input), which the function dispatches on.
-    functions = {logical_id: props["FunctionName"]
-                 for _, logical_id, props in resources({"compute": templates["compute"]}, "AWS::Lambda::Function")}
+    functions = {logical_id: props["FunctionName"] for _, logical_id, props in _functions(templates)}
     (check,) = [props for _, logical_id, props in resources(templates, "AWS::Events::Rule")
                 if logical_id.startswith("CanaryCheck")]
     assert check["ScheduleExpression"] == "rate(10 minutes)"
