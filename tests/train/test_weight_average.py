@@ -42,19 +42,19 @@ def test_the_average_follows_the_weights_with_the_decay_one_epoch_of_steps_gives
 def test_a_restored_average_carries_on_as_if_never_stopped() -> None:
     net, twin = _net(), _net()
     first, second = WeightAverage(net, 0.5, 10), WeightAverage(twin, 0.5, 10)
-    for _ in range(7):
-        with torch.no_grad():
-            net[0].weight.mul_(0.9)
-            twin[0].weight.mul_(0.9)
-        first.update()
-        second.update()
+
+    def train(steps: int, change: str, value: float, averages: tuple[WeightAverage, WeightAverage]) -> None:
+        """The same steps on both nets (in-place `change` of the first layer's weight), each average updated."""
+        for _ in range(steps):
+            with torch.no_grad():
+                for model in (net, twin):
+                    getattr(model[0].weight, change)(value)
+            for average in averages:
+                average.update()
+
+    train(7, "mul_", 0.9, (first, second))
     restored = WeightAverage(twin, 0.5, 10)
     restored.restore(second.state())
-    for _ in range(5):
-        with torch.no_grad():
-            net[0].weight.add_(1.0)
-            twin[0].weight.add_(1.0)
-        first.update()
-        restored.update()
+    train(5, "add_", 1.0, (first, restored))
     assert restored.updates == first.updates == 12
     torch.testing.assert_close(restored.model[0].weight, first.model[0].weight)
