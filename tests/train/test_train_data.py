@@ -66,7 +66,9 @@ def test_augmentation_is_seeded_by_image_and_epoch_and_changes_between_epochs(da
     path = sorted(dataset.glob("scratch/*.png"))[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # albumentations 2.x API only: no deprecated arguments
-        augment = AlbumentationsAugment(AugmentConfig(hflip=True, vflip=True, rot90=True))
+        # Every transform on, the opt-in ones too, so each one's arguments are checked.
+        augment = AlbumentationsAugment(AugmentConfig(hflip=True, vflip=True, rot90=True, brightness=0.2, gamma=0.2,
+                                                      blur_p=0.5, noise_p=0.5, dropout_p=0.5))
     items = ImageDataset([Sample(str(path), "scratch", "g")] * 2, CLASSES, spec, augment, seed=5)
     first = items[0][0]
     assert torch.equal(first, items[0][0])  # same (seed, epoch, index): same picture
