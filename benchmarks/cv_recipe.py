@@ -10,8 +10,9 @@ that did not train on it, and every variant sees the same folds, so the comparis
   settings `qcsight train` would resolve from the variant's flags (`--img-size auto` measured
   once on all the images, so every variant gets the same input size);
 - the out-of-fold probabilities are pooled: accuracy, macro-F1, defect-vs-good AUROC, per-class F1;
-- each variant against the first: the macro-F1 difference with a 95 % interval from a paired
-  bootstrap over near-duplicate groups, and the images only one of the two got right.
+- each variant against the first: the macro-F1, accuracy and defect AUROC differences, each with a
+  95 % interval from one paired bootstrap over near-duplicate groups (the same draws for all three),
+  and the images only one of the two got right.
 
 Each fold's probabilities are saved as it ends; running the same command again skips finished
 folds (and `fit` resumes a fold killed mid-way).
@@ -78,25 +79,56 @@ def macro_f1(labels: np.ndarray, pred: np.ndarray, k: int) -> float:
 
 
 def paired_difference(labels: np.ndarray, base: np.ndarray, other: np.ndarray, groups: list[str], k: int,
-                      rounds: int, seed: int) -> dict[str, Any]:
-    """other - base macro-F1, with a 95 % interval from resampling near-duplicate groups (both variants together)."""
+                      rounds: int, seed: int, *, base_score: np.ndarray | None = None,
+                      other_score: np.ndarray | None = None, is_defect: np.ndarray | None = None) -> dict[str, Any]:
+    """other - base macro-F1 and accuracy, with 95 % intervals from resampling near-duplicate groups.
+
+    Both variants are resampled together, and every figure's interval comes from the same draws. With
+    defect scores and the defect truth given, the defect-vs-good AUROC difference is added the same way
+    (a draw holding one kind only adds no AUROC difference).
+    """
+    from qcsight_train.metrics import binary_curves
+
+    def auroc(rows: np.ndarray, score: np.ndarray) -> float | None:
+        assert is_defect is not None
+        area = binary_curves(is_defect[rows], score[rows])["roc_auc"]
+        return None if area is None else float(area)
+
     names = sorted(set(groups))
     members = {g: [] for g in names}
     for i, g in enumerate(groups):
         members[g].append(i)
     index = [np.array(members[g]) for g in names]
+    with_auroc = base_score is not None and other_score is not None and is_defect is not None
     rng = np.random.default_rng(seed)
-    diffs = []
+    diffs, acc_diffs, auroc_diffs = [], [], []
     for _ in range(rounds):
         rows = np.concatenate([index[j] for j in rng.integers(0, len(names), len(names))])
         diffs.append(macro_f1(labels[rows], other[rows], k) - macro_f1(labels[rows], base[rows], k))
+        acc_diffs.append(float(np.mean(other[rows] == labels[rows]) - np.mean(base[rows] == labels[rows])))
+        if with_auroc:
+            assert base_score is not None and other_score is not None
+            pair = auroc(rows, other_score), auroc(rows, base_score)
+            if pair[0] is not None and pair[1] is not None:
+                auroc_diffs.append(pair[0] - pair[1])
     base_right, other_right = base == labels, other == labels
-    return {"macro_f1_difference": macro_f1(labels, other, k) - macro_f1(labels, base, k),
-            "interval_95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
-            "share_of_bootstrap_above_0": float(np.mean(np.array(diffs) > 0)),
-            "only_this_right": int((other_right & ~base_right).sum()),
-            "only_first_right": int((base_right & ~other_right).sum()),
-            "bootstrap_rounds": rounds, "groups": len(names)}
+    result = {"macro_f1_difference": macro_f1(labels, other, k) - macro_f1(labels, base, k),
+              "interval_95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
+              "share_of_bootstrap_above_0": float(np.mean(np.array(diffs) > 0)),
+              "accuracy_difference": float(np.mean(other_right) - np.mean(base_right)),
+              "accuracy_interval_95": [float(np.percentile(acc_diffs, 2.5)), float(np.percentile(acc_diffs, 97.5))],
+              "only_this_right": int((other_right & ~base_right).sum()),
+              "only_first_right": int((base_right & ~other_right).sum()),
+              "bootstrap_rounds": rounds, "groups": len(names)}
+    everything = np.arange(len(labels))
+    if with_auroc and auroc_diffs:
+        assert base_score is not None and other_score is not None
+        whole = auroc(everything, other_score), auroc(everything, base_score)
+        if whole[0] is not None and whole[1] is not None:
+            result["auroc_difference"] = whole[0] - whole[1]
+            result["auroc_interval_95"] = [float(np.percentile(auroc_diffs, 2.5)),
+                                           float(np.percentile(auroc_diffs, 97.5))]
+    return result
 
 
 def run_variant(name: str, flags: list[str], args: argparse.Namespace, pool: tuple[Any, ...], folds: list[int],
@@ -181,12 +213,16 @@ def main(argv: list[str]) -> int:
     report: dict[str, Any] = {"data": args.data, "images": len(pool), "folds": args.folds, "seed": args.seed,
                               "classes": list(classes), "variants": {}}
     preds = {name: result["probs"].argmax(axis=1) for name, result in results.items()}
+    defect_idx = [classes.index(c) for c in defects]
+    is_defect = np.isin(labels, defect_idx)
+    scores = {name: result["probs"][:, defect_idx].sum(axis=1) for name, result in results.items()}
     for name, result in results.items():
         probs = result.pop("probs")
         entry = {**result, "pooled": pooled_figures(labels, probs, classes, defects), "pred": preds[name].tolist()}
         if name != first:
-            entry["against_" + first] = paired_difference(labels, preds[first], preds[name], [s.group for s in pool],
-                                                          len(classes), args.bootstrap, args.seed)
+            entry["against_" + first] = paired_difference(
+                labels, preds[first], preds[name], [s.group for s in pool], len(classes), args.bootstrap, args.seed,
+                base_score=scores[first], other_score=scores[name], is_defect=is_defect)
         report["variants"][name] = entry
         pooled = entry["pooled"]
         print(f"{name:>12}  out-of-fold accuracy {pooled['accuracy']:.3f}  macro-F1 {pooled['macro_f1']:.3f}  "
@@ -197,6 +233,10 @@ def main(argv: list[str]) -> int:
             print(f"{'':>12}  macro-F1 - {first}: {diff['macro_f1_difference']:+.3f} "
                   f"(95 % {diff['interval_95'][0]:+.3f} to {diff['interval_95'][1]:+.3f}, group bootstrap); "
                   f"only this right {diff['only_this_right']}, only {first} right {diff['only_first_right']}")
+            print(f"{'':>12}  accuracy - {first}: {diff['accuracy_difference']:+.4f} "
+                  f"(95 % {diff['accuracy_interval_95'][0]:+.4f} to {diff['accuracy_interval_95'][1]:+.4f})"
+                  + (f"; AUROC: {diff['auroc_difference']:+.4f} (95 % {diff['auroc_interval_95'][0]:+.4f} to "
+                     f"{diff['auroc_interval_95'][1]:+.4f})" if "auroc_difference" in diff else ""))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0

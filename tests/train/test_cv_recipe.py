@@ -1,0 +1,79 @@
+"""benchmarks/cv_recipe.py's paired comparison: the figures a pre-registered rule reads, with their intervals."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from qcsight_train.metrics import binary_curves
+
+
+def load_cv_recipe() -> ModuleType:
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "cv_recipe.py"
+    spec = importlib.util.spec_from_file_location("cv_recipe", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cv_recipe() -> ModuleType:
+    return load_cv_recipe()
+
+
+def case(seed: int = 3) -> dict[str, np.ndarray | list[str]]:
+    """60 images of 3 classes (0 = good) in 20 groups of 3; two variants' predictions and defect scores."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), 20)
+    groups = [f"g{i // 3}" for i in range(60)]
+    base = np.where(rng.random(60) < 0.7, labels, (labels + 1) % 3)
+    other = np.where(rng.random(60) < 0.85, labels, (labels + 2) % 3)
+    is_defect = labels != 0
+    base_score = is_defect * 0.4 + rng.random(60)
+    other_score = is_defect * 0.7 + rng.random(60)
+    return {"labels": labels, "groups": groups, "base": base, "other": other, "is_defect": is_defect,
+            "base_score": base_score, "other_score": other_score}
+
+
+def test_accuracy_and_auroc_differences_are_the_whole_sets_figures(cv_recipe: ModuleType) -> None:
+    c = case()
+    diff = cv_recipe.paired_difference(c["labels"], c["base"], c["other"], c["groups"], 3, 300, 0,
+                                       base_score=c["base_score"], other_score=c["other_score"],
+                                       is_defect=c["is_defect"])
+    labels = c["labels"]
+    assert diff["accuracy_difference"] == pytest.approx(np.mean(c["other"] == labels) - np.mean(c["base"] == labels))
+    by_hand = (binary_curves(c["is_defect"], c["other_score"])["roc_auc"]
+               - binary_curves(c["is_defect"], c["base_score"])["roc_auc"])
+    assert diff["auroc_difference"] == pytest.approx(by_hand)
+    for name in ("interval_95", "accuracy_interval_95", "auroc_interval_95"):
+        low, high = diff[name]
+        assert low < high, name
+    assert diff["accuracy_interval_95"][0] <= diff["accuracy_difference"] <= diff["accuracy_interval_95"][1]
+    assert diff["auroc_interval_95"][0] <= diff["auroc_difference"] <= diff["auroc_interval_95"][1]
+
+
+def test_the_macro_f1_interval_is_the_same_with_or_without_scores(cv_recipe: ModuleType) -> None:
+    # The AUROC rides on the macro-F1's draws: adding it must not change a figure a rule already read.
+    c = case()
+    plain = cv_recipe.paired_difference(c["labels"], c["base"], c["other"], c["groups"], 3, 300, 0)
+    scored = cv_recipe.paired_difference(c["labels"], c["base"], c["other"], c["groups"], 3, 300, 0,
+                                         base_score=c["base_score"], other_score=c["other_score"],
+                                         is_defect=c["is_defect"])
+    assert scored["interval_95"] == plain["interval_95"]
+    assert scored["accuracy_interval_95"] == plain["accuracy_interval_95"]
+    assert "auroc_difference" not in plain and "auroc_difference" in scored
+
+
+def test_a_variant_against_itself_differs_by_nothing(cv_recipe: ModuleType) -> None:
+    c = case()
+    diff = cv_recipe.paired_difference(c["labels"], c["base"], c["base"], c["groups"], 3, 200, 0,
+                                       base_score=c["base_score"], other_score=c["base_score"],
+                                       is_defect=c["is_defect"])
+    assert diff["macro_f1_difference"] == diff["accuracy_difference"] == diff["auroc_difference"] == 0
+    assert diff["interval_95"] == diff["accuracy_interval_95"] == diff["auroc_interval_95"] == [0.0, 0.0]
+    assert diff["only_this_right"] == diff["only_first_right"] == 0
