@@ -19,7 +19,7 @@ from qcsight_core.runner import OnnxRunner, RunnerOptions
 from qcsight_core.verdict import Decider
 from qcsight_data.dataset import Sample
 from qcsight_train.errors import ExportError, ParityError
-from qcsight_train.export import ExportOptions, export_bundle
+from qcsight_train.export import ExportOptions, export_bundle, staged_bundle
 from qcsight_train.metrics import threshold_for_recall
 from tests.helpers.images import truncate
 from tests.helpers.models import make_tiny_bundle
@@ -279,6 +279,27 @@ def _letterbox_preprocess(image: np.ndarray) -> torch.Tensor:
     """A training pipeline that letterboxed while the bundle stretches."""
     spec = PreprocessSpec(height=32, width=32, color="RGB", resize="letterbox")
     return torch.from_numpy(normalize(prepare_pixels(image, spec), spec))
+
+
+def test_a_staged_bundle_replaces_the_earlier_one_only_when_its_block_ends_without_an_error(tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    with staged_bundle(out) as staging:
+        (staging / "manifest.json").write_text("first", encoding="utf-8")
+    assert (out / "manifest.json").read_text(encoding="utf-8") == "first"
+    assert oct(out.stat().st_mode & 0o777) == "0o755"  # the device's service user can read it
+    with pytest.raises(KeyboardInterrupt), staged_bundle(out) as staging:
+        (staging / "manifest.json").write_text("second", encoding="utf-8")
+        raise KeyboardInterrupt
+    assert (out / "manifest.json").read_text(encoding="utf-8") == "first"
+    with staged_bundle(out) as staging:
+        (staging / "manifest.json").write_text("third", encoding="utf-8")
+    assert (out / "manifest.json").read_text(encoding="utf-8") == "third"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging or old copy left behind
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(ExportError, match="not a qcsight bundle"), staged_bundle(tmp_path / "notes"):
+        pass
+    assert (tmp_path / "notes" / "a.txt").read_text(encoding="utf-8") == "mine"
 
 
 @pytest.mark.parametrize("mismatch", [_bgr_preprocess, _letterbox_preprocess], ids=["bgr", "letterbox"])

@@ -241,23 +241,14 @@ def export_bundle(
         check_labels(pairs, base.classes, "validation")
     except EvaluationError as exc:
         raise ExportError(str(exc)) from exc
-    check_output_dir(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would follow the rename and lock out the device's service user
-        with tempfile.TemporaryDirectory(prefix="qcsight-export-") as scratch:
-            job = _Export(model, staging, Path(scratch), base, pairs, options,
-                          torch_preprocess or default_torch_preprocess(spec), threshold_scores)
-            manifest = job.run(calibration_paths, target_defect_recall, int8=int8, torchscript=torchscript,
-                               neo_onnx=neo_onnx)
+    with staged_bundle(output_dir) as staging, tempfile.TemporaryDirectory(prefix="qcsight-export-") as scratch:
+        job = _Export(model, staging, Path(scratch), base, pairs, options,
+                      torch_preprocess or default_torch_preprocess(spec), threshold_scores)
+        manifest = job.run(calibration_paths, target_defect_recall, int8=int8, torchscript=torchscript,
+                           neo_onnx=neo_onnx)
         if config is not None:
-            _write_config(staging / CONFIG_FILE, config)
+            write_config(staging / CONFIG_FILE, config)
         write_bundle(staging, manifest)
-        move_into_place(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if options.pack:
         tarball = pack_bundle(output_dir, options.tar_path or output_dir.parent / TARBALL_NAME)
         log.info("packed %s", tarball)
@@ -782,7 +773,8 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _write_config(path: Path, config: Mapping[str, Any]) -> None:
+def write_config(path: Path, config: Mapping[str, Any]) -> None:
+    """The run's resolved settings as sorted JSON, beside the manifest (`config.json`)."""
     path.write_text(json.dumps(json_safe(json.loads(json.dumps(dict(config), default=_json_default))), indent=2,
                                sort_keys=True) + "\n", encoding="utf-8")
 
@@ -794,6 +786,25 @@ def check_output_dir(output_dir: Path) -> None:
         raise ExportError(f"{output_dir}: exists and is not a directory")
     if any(output_dir.iterdir()) and not (output_dir / MANIFEST_NAME).is_file():
         raise ExportError(f"{output_dir}: not empty and not a qcsight bundle; refusing to replace it")
+
+
+@contextmanager
+def staged_bundle(output_dir: Path) -> Iterator[Path]:
+    """A staging directory beside output_dir, moved into its place only if the block ends without an error.
+
+    A failed or interrupted export leaves output_dir as it was (an earlier bundle stays whole) and no
+    partial directory behind.
+    """
+    check_output_dir(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp's 0700 would follow the rename and lock out the device's service user
+        yield staging
+        move_into_place(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def move_into_place(staging: Path, output_dir: Path) -> None:

@@ -24,10 +24,8 @@ export_anomaly_bundle, into a hidden staging directory beside output_dir:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -65,10 +63,10 @@ from qcsight_train.export import (
     NEO_PARITY_IMAGES,
     ONNX_FILE,
     TARBALL_NAME,
-    check_output_dir,
     export_neo_onnx,
-    move_into_place,
     quiet_loggers,
+    staged_bundle,
+    write_config,
 )
 from qcsight_train.metrics import json_safe
 
@@ -243,29 +241,19 @@ def export_anomaly_bundle(
     output_dir = Path(output_dir)
     if not any(not defect for _, defect in validation):
         raise ExportError("validation holds no good image: the threshold is chosen on held-out good images")
-    check_output_dir(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would follow the rename and lock out the device's service user
-        with tempfile.TemporaryDirectory(prefix="qcsight-export-") as scratch:
-            job = _AnomalyExport(embedding, fit, staging, Path(scratch), spec, options)
-            manifest = job.run(validation, calibration_paths, int8=int8, neo_onnx=neo_onnx, base=Manifest(
-                name=name, version=version, architecture=architecture, classes=(GOOD, ANOMALY),
-                defect_classes=(ANOMALY,), input=spec, task="anomaly", output=anomaly.OUTPUT_KIND,
-                models=(ModelFile(ONNX_FILE),), data_fingerprint=data_fingerprint, run_id=run_id,
-                extra={"anomaly": dict(describe or {})}))
+    with staged_bundle(output_dir) as staging, tempfile.TemporaryDirectory(prefix="qcsight-export-") as scratch:
+        job = _AnomalyExport(embedding, fit, staging, Path(scratch), spec, options)
+        manifest = job.run(validation, calibration_paths, int8=int8, neo_onnx=neo_onnx, base=Manifest(
+            name=name, version=version, architecture=architecture, classes=(GOOD, ANOMALY),
+            defect_classes=(ANOMALY,), input=spec, task="anomaly", output=anomaly.OUTPUT_KIND,
+            models=(ModelFile(ONNX_FILE),), data_fingerprint=data_fingerprint, run_id=run_id,
+            extra={"anomaly": dict(describe or {})}))
         if config is not None:
-            (staging / CONFIG_FILE).write_text(json.dumps(json_safe(dict(config)), indent=2, sort_keys=True,
-                                                          default=str) + "\n", encoding="utf-8")
+            write_config(staging / CONFIG_FILE, config)
         write_bundle(staging, manifest)
         total = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
         if total > options.max_bundle_mb * _MB:
             raise ExportError(f"the bundle is {total / _MB:.1f} MiB, over the bound of {options.max_bundle_mb:g} MiB")
-        move_into_place(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if options.pack:
         log.info("packed %s", pack_bundle(output_dir, output_dir.parent / TARBALL_NAME))
     bundle = load_bundle(output_dir)
