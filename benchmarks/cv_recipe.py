@@ -12,7 +12,10 @@ that did not train on it, and every variant sees the same folds, so the comparis
 - the out-of-fold probabilities are pooled: accuracy, macro-F1, defect-vs-good AUROC, per-class F1;
 - each variant against the first: the macro-F1, accuracy and defect AUROC differences, each with a
   95 % interval from one paired bootstrap over near-duplicate groups (the same draws for all three),
-  and the images only one of the two got right.
+  and the images only one of the two got right;
+- each variant's validation macro-F1 per epoch averaged over the folds (every image scored each
+  epoch), and the first epoch within 0.01 of its last: the time-to-accuracy figure of
+  bench_train.py, on the whole pool instead of one small validation split.
 
 Each fold's probabilities are saved as it ends; running the same command again skips finished
 folds (and `fit` resumes a fold killed mid-way).
@@ -27,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import shlex
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -131,6 +136,39 @@ def paired_difference(labels: np.ndarray, base: np.ndarray, other: np.ndarray, g
     return result
 
 
+def bench_train() -> ModuleType:
+    """benchmarks/bench_train.py, for the one definition of "reached its final validation figure"."""
+    if "bench_train" in sys.modules:
+        return sys.modules["bench_train"]
+    path = Path(__file__).with_name("bench_train.py")
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    if spec is None or spec.loader is None:  # pragma: no cover - the file ships beside this one
+        raise ImportError(f"{path}: not importable")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def fold_mean_curve(per_fold: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The validation macro-F1 per epoch averaged over the folds, and the epoch it reaches its final figure.
+
+    One 267-image validation split moves by 0.02 between late epochs, more than the recipes being
+    compared; each epoch's fold mean is over every image of the pool. "Reached" is bench_train's
+    definition (within REACHED of the last epoch's figure). None when the folds ran different epochs.
+    """
+    curves = [f["val_macro_f1_per_epoch"] for f in per_fold]
+    if not curves or len({len(c) for c in curves}) != 1 or not curves[0]:
+        return None
+    seconds = [f.get("seconds_per_epoch") or [0.0] * len(curves[0]) for f in per_fold]
+    history = [{"epoch": e + 1, "val_macro_f1": float(np.mean([c[e] for c in curves])),
+                "seconds": float(np.mean([s[e] for s in seconds]))} for e in range(len(curves[0]))]
+    bench = bench_train()
+    epoch, to_final = bench.epochs_to_final(history)
+    return {"val_macro_f1_per_epoch": [round(h["val_macro_f1"], 4) for h in history], "epochs": len(history),
+            "epochs_to_final": epoch, "seconds_to_final_per_fold": to_final, "within": bench.REACHED}
+
+
 def run_variant(name: str, flags: list[str], args: argparse.Namespace, pool: tuple[Any, ...], folds: list[int],
                 classes: tuple[str, ...], sized: Any) -> dict[str, Any]:
     from qcsight_train import folds as folds_mod
@@ -174,10 +212,11 @@ def run_variant(name: str, flags: list[str], args: argparse.Namespace, pool: tup
         per_fold.append({"fold": k + 1, "train_images": len(rest), "held_images": len(held),
                          "macro_f1": macro_f1(labels, probs[rows].argmax(axis=1), len(classes)),
                          "val_macro_f1_per_epoch": [round(h["val_macro_f1"], 4) for h in history],
+                         "seconds_per_epoch": [round(h["seconds"], 1) for h in history],
                          "seconds": round(time.perf_counter() - start, 1)})
         log.info("%s fold %d/%d: held-out macro-F1 %.3f", name, k + 1, args.folds, per_fold[-1]["macro_f1"])
     return {"flags": flags, "img_size": cfg.img_size, "resize": cfg.resize, "epochs": cfg.epochs,
-            "folds": per_fold, "probs": probs}
+            "folds": per_fold, "fold_mean": fold_mean_curve(per_fold), "probs": probs}
 
 
 def main(argv: list[str]) -> int:
@@ -228,6 +267,12 @@ def main(argv: list[str]) -> int:
         print(f"{name:>12}  out-of-fold accuracy {pooled['accuracy']:.3f}  macro-F1 {pooled['macro_f1']:.3f}  "
               f"AUROC {pooled.get('defect_auroc', float('nan')):.3f}  per fold "
               + " ".join(f"{f['macro_f1']:.3f}" for f in entry["folds"]))
+        curve = entry["fold_mean"]
+        if curve is not None:
+            print(f"{'':>12}  validation macro-F1 per epoch, mean of the folds: "
+                  + " ".join(f"{v:.3f}" for v in curve["val_macro_f1_per_epoch"])
+                  + f"; within {curve['within']} of its last from epoch {curve['epochs_to_final']} "
+                  f"of {curve['epochs']}")
         if name != first:
             diff = entry["against_" + first]
             print(f"{'':>12}  macro-F1 - {first}: {diff['macro_f1_difference']:+.3f} "

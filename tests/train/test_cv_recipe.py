@@ -77,3 +77,15 @@ def test_a_variant_against_itself_differs_by_nothing(cv_recipe: ModuleType) -> N
     assert diff["macro_f1_difference"] == diff["accuracy_difference"] == diff["auroc_difference"] == 0
     assert diff["interval_95"] == diff["accuracy_interval_95"] == diff["auroc_interval_95"] == [0.0, 0.0]
     assert diff["only_this_right"] == diff["only_first_right"] == 0
+
+
+def test_the_fold_mean_curve_reaches_its_final_figure_where_the_mean_does(cv_recipe: ModuleType) -> None:
+    # Fold 1 reaches its own last figure (0.90) at epoch 2, fold 2 its own (0.70) only at epoch 4;
+    # the mean (0.80 at the end) is within 0.01 of it from epoch 3, where neither fold alone says so.
+    folds = [{"val_macro_f1_per_epoch": [0.50, 0.90, 0.90, 0.90], "seconds_per_epoch": [10, 10, 10, 10]},
+             {"val_macro_f1_per_epoch": [0.40, 0.60, 0.69, 0.70], "seconds_per_epoch": [20, 20, 20, 20]}]
+    curve = cv_recipe.fold_mean_curve(folds)
+    assert curve["val_macro_f1_per_epoch"] == [0.45, 0.75, 0.795, 0.8]
+    assert (curve["epochs_to_final"], curve["epochs"], curve["within"]) == (3, 4, 0.01)
+    assert curve["seconds_to_final_per_fold"] == 45.0  # three epochs at the folds' mean 15 s
+    assert cv_recipe.fold_mean_curve([folds[0], {"val_macro_f1_per_epoch": [0.5, 0.6]}]) is None
