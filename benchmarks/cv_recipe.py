@@ -160,9 +160,9 @@ def fold_mean_curve(per_fold: list[dict[str, Any]]) -> dict[str, Any] | None:
     curves = [f["val_macro_f1_per_epoch"] for f in per_fold]
     if not curves or len({len(c) for c in curves}) != 1 or not curves[0]:
         return None
-    seconds = [f.get("seconds_per_epoch") or [0.0] * len(curves[0]) for f in per_fold]
     history = [{"epoch": e + 1, "val_macro_f1": float(np.mean([c[e] for c in curves])),
-                "seconds": float(np.mean([s[e] for s in seconds]))} for e in range(len(curves[0]))]
+                "seconds": float(np.mean([f["seconds_per_epoch"][e] for f in per_fold]))}
+               for e in range(len(curves[0]))]
     bench = bench_train()
     epoch, to_final = bench.epochs_to_final(history)
     return {"val_macro_f1_per_epoch": [round(h["val_macro_f1"], 4) for h in history], "epochs": len(history),
