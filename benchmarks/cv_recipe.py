@@ -18,7 +18,9 @@ that did not train on it, and every variant sees the same folds, so the comparis
   bench_train.py, on the whole pool instead of one small validation split.
 
 Each fold's probabilities are saved as it ends; running the same command again skips finished
-folds (and `fit` resumes a fold killed mid-way).
+folds (and `fit` resumes a fold killed mid-way). `--fold K` trains only fold K (repeat it for
+several), so the folds can run in separate processes or machines on one shared workdir; the
+report is printed by a run that finds every fold done.
 
 Example (the magnetic-tile README split's 1,087 training images; bench_train.py writes them):
   nice -n 10 .venv/bin/python benchmarks/cv_recipe.py --data /tmp/t2/a/mt-readme-data/train \\
@@ -170,7 +172,8 @@ def fold_mean_curve(per_fold: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def run_variant(name: str, flags: list[str], args: argparse.Namespace, pool: tuple[Any, ...], folds: list[int],
-                classes: tuple[str, ...], sized: Any) -> dict[str, Any]:
+                classes: tuple[str, ...], sized: Any) -> dict[str, Any] | None:
+    """One variant's folds: trained (or read back), pooled. None when `--fold` left a fold not done."""
     from qcsight_train import folds as folds_mod
     from qcsight_train.data import Splits
     from qcsight_train.distributed import init_distributed
@@ -186,11 +189,15 @@ def run_variant(name: str, flags: list[str], args: argparse.Namespace, pool: tup
     info = init_distributed()
     probs = np.zeros((len(pool), len(classes)))
     per_fold = []
+    missing = []
     for k in range(args.folds):
+        saved = workdir / f"fold{k + 1}.npz"
+        if args.fold and k + 1 not in args.fold and not saved.exists():
+            missing.append(k + 1)
+            continue
         held = tuple(s for s, f in zip(pool, folds, strict=True) if f == k)
         rest = tuple(s for s, f in zip(pool, folds, strict=True) if f != k)
         rows = [i for i, f in enumerate(folds) if f == k]
-        saved = workdir / f"fold{k + 1}.npz"
         start = time.perf_counter()
         if saved.exists():
             data = np.load(saved, allow_pickle=False)
@@ -215,6 +222,10 @@ def run_variant(name: str, flags: list[str], args: argparse.Namespace, pool: tup
                          "seconds_per_epoch": [round(h["seconds"], 1) for h in history],
                          "seconds": round(time.perf_counter() - start, 1)})
         log.info("%s fold %d/%d: held-out macro-F1 %.3f", name, k + 1, args.folds, per_fold[-1]["macro_f1"])
+    if missing:
+        log.info("%s: fold(s) %s not done yet (--fold %s); the report waits for every fold", name,
+                 ", ".join(map(str, missing)), " ".join(map(str, args.fold)))
+        return None
     return {"flags": flags, "img_size": cfg.img_size, "resize": cfg.resize, "epochs": cfg.epochs,
             "folds": per_fold, "fold_mean": fold_mean_curve(per_fold), "probs": probs}
 
@@ -226,11 +237,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--variant", action="append", type=parse_variant, required=True,
                         help="NAME=FLAGS: `qcsight train` flags of one recipe (the first is the baseline)")
+    parser.add_argument("--fold", type=int, action="append", default=[],
+                        help="train only fold K (1..--folds; repeatable); the others are read if done, else skipped")
     parser.add_argument("--seed", type=int, default=0, help="fold assignment and bootstrap seed")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if bad := [k for k in args.fold if not 1 <= k <= args.folds]:
+        parser.error(f"--fold {bad[0]}: a fold from 1 to --folds {args.folds}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
 
     from qcsight_train import folds as folds_mod
@@ -247,7 +262,11 @@ def main(argv: list[str]) -> int:
     log.info("%d images, %d classes, %d folds of %s images; input %s (%s)", len(pool), len(classes), args.folds,
              [folds.count(k) for k in range(args.folds)], sized.img_size, sized.resize)
 
-    results = {name: run_variant(name, flags, args, pool, folds, classes, sized) for name, flags in args.variant}
+    ran = {name: run_variant(name, flags, args, pool, folds, classes, sized) for name, flags in args.variant}
+    results = {name: result for name, result in ran.items() if result is not None}
+    if len(results) < len(ran):
+        print("not every fold is done: run again without --fold (finished folds are read back) for the report")
+        return 0
     first = args.variant[0][0]
     report: dict[str, Any] = {"data": args.data, "images": len(pool), "folds": args.folds, "seed": args.seed,
                               "classes": list(classes), "variants": {}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from qcsight_train.metrics import binary_curves
+from tests.train.synth_data import MOBILENET, make_dataset
 
 
 def load_cv_recipe() -> ModuleType:
@@ -89,3 +91,31 @@ def test_the_fold_mean_curve_reaches_its_final_figure_where_the_mean_does(cv_rec
     assert (curve["epochs_to_final"], curve["epochs"], curve["within"]) == (3, 4, 0.01)
     assert curve["seconds_to_final_per_fold"] == 45.0  # three epochs at the folds' mean 15 s
     assert cv_recipe.fold_mean_curve([folds[0], {"val_macro_f1_per_epoch": [0.5, 0.6]}]) is None
+
+
+def test_folds_run_one_at_a_time_share_the_workdir_and_report_once_all_are_done(
+        cv_recipe: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--fold K` trains fold K only, so folds can run in separate processes; the report waits for all."""
+    data = make_dataset(tmp_path / "data", count=18)
+    flags = " ".join(["--img-size", "32", "--batch-size", "4", "--epochs", "1", "--workers", "0", *MOBILENET])
+    argv = ["--data", str(data), "--folds", "2", "--variant", f"tiny={flags}", "--workdir", str(tmp_path / "cv"),
+            "--json", str(tmp_path / "cv.json"), "--bootstrap", "10"]
+    saved = [tmp_path / "cv" / "tiny" / f"fold{k}.npz" for k in (1, 2)]
+
+    assert cv_recipe.main([*argv, "--fold", "2"]) == 0
+    assert [p.exists() for p in saved] == [False, True]
+    assert "not every fold is done" in capsys.readouterr().out
+    assert not (tmp_path / "cv.json").exists()
+    fold2 = saved[1].read_bytes()
+
+    assert cv_recipe.main(argv) == 0  # trains fold 1, reads fold 2 back, reports both
+    assert all(p.exists() for p in saved) and saved[1].read_bytes() == fold2
+    report = json.loads((tmp_path / "cv.json").read_text())
+    assert [f["fold"] for f in report["variants"]["tiny"]["folds"]] == [1, 2]
+    assert len(report["variants"]["tiny"]["pred"]) == 18
+    assert "out-of-fold accuracy" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as bad:
+        cv_recipe.main([*argv, "--fold", "3"])
+    assert bad.value.code == 2
+    assert "--fold 3: a fold from 1 to --folds 2" in capsys.readouterr().err
