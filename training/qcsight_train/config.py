@@ -103,6 +103,8 @@ class TrainConfig:
         weight_decay: AdamW decoupled weight decay (not applied to norms and biases).
         warmup_epochs: linear warm-up length, then cosine decay to min_lr_ratio * lr.
         min_lr_ratio: the final learning rate as a fraction of lr.
+        decay_fraction: the share of the steps after warm-up over which the cosine decays to min_lr_ratio * lr;
+            the rate then holds there to the end (1.0: the decay ends at the last step).
         ema_epochs: keep an exponential moving average of the weights (and BatchNorm statistics) over about
             this many epochs of steps, and validate, select and export the average; 0 trains without one.
         label_smoothing: cross-entropy label smoothing.
@@ -174,6 +176,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
+    decay_fraction: float = 1.0
     ema_epochs: float = 0.0
     label_smoothing: float = 0.1
     balance: str = "loss"
@@ -237,6 +240,7 @@ class TrainConfig:
             raise ConfigError("warmup_epochs", self.warmup_epochs,
                               f"at most epochs={self.epochs} (lower --warmup-epochs or raise --epochs)")
         _store(self, check_number, "min_lr_ratio", 0.0, 1.0)
+        _store(self, check_number, "decay_fraction", 0.01, 1.0)
         _store(self, check_number, "ema_epochs", 0.0, 10_000.0)
         _store(self, check_number, "label_smoothing", 0.0, 0.5)
         _store(self, check_number, "balance_power", 0.0, 2.0)

@@ -125,14 +125,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step linear warm-up to each group's lr, then cosine decay to min_lr_ratio of it."""
+    """Per-step linear warm-up to each group's lr, then cosine decay to min_lr_ratio of it.
+
+    The decay spans decay_fraction of the steps after warm-up; the rate then holds at min_lr_ratio.
+    """
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
+    decay = max(1, round(cfg.decay_fraction * (total - warmup)))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
+        progress = (step - warmup) / decay
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -246,6 +250,7 @@ def identity(cfg: TrainConfig, splits: Splits, info: DistInfo) -> dict[str, Any]
             "balance": cfg.balance, "data_fingerprint": splits.fingerprint,
             "weights": cfg.weights, "lr": cfg.lr, "backbone_lr_scale": cfg.backbone_lr_scale,
             "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs, "min_lr_ratio": cfg.min_lr_ratio,
+            "decay_fraction": cfg.decay_fraction,
             "ema_epochs": cfg.ema_epochs, "label_smoothing": cfg.label_smoothing, "balance_power": cfg.balance_power,
             "seed": cfg.seed, "augment": dataclasses.asdict(cfg.augment), "train_images": len(splits.train),
             "resize": cfg.resize}
